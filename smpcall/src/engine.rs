@@ -1,0 +1,862 @@
+//! The engine: per-CPU state, the sending side (the call API), the receiving side (the IPI
+//! handler's queue flush).
+//!
+//! The story, in the order of this file:
+//!
+//! 1. **Data.** Every CPU has a [`PerCpu`]: its [`CallQueue`], its polling flag, its handler
+//!    depth and counters. Every *sender* has one [`Csd`] slot per target for no-wait calls and
+//!    many-calls (`slots[sender * n + target]`): a sender has at most one such call in flight per
+//!    target, and never allocates. Waiting single calls put their `Csd` on the caller's stack.
+//! 2. **Sending.** Check (target, context), claim call data, fill it, push it; if the push found
+//!    the queue empty and the target is not idle-polling, send an IPI (C6). A waiting caller
+//!    spins until the target releases the call data, serving its *own* queue meanwhile (C7).
+//! 3. **Receiving.** The platform's IPI handler calls [`Engine::handle_ipi`], which masks
+//!    interrupts and flushes the queue (see [`crate::queue`]).
+
+use core::marker::PhantomData;
+use core::pin::Pin;
+use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use crate::cpumask::{AtomicCpuMask, CpuId, CpuMask, MAX_CPUS};
+use crate::csd::{run_inline, run_once, run_shared, Csd, OnceCall, Payload};
+use crate::error::{DeadlockReason, Error};
+use crate::platform::Platform;
+use crate::queue::CallQueue;
+
+/// Counters of one CPU, as returned by [`Engine::stats`]. "To" counters are counted by the
+/// senders, "by" counters by the CPU itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuStats {
+    /// IPIs sent to this CPU (its queue went from empty to non-empty and it was not polling).
+    pub ipi_sent: u64,
+    /// IPIs not sent to this CPU because it was idle-polling its queue.
+    pub ipi_elided: u64,
+    /// IPIs this CPU handled ([`Engine::handle_ipi`] calls).
+    pub ipi_received: u64,
+    /// Calls queued to this CPU.
+    pub calls_queued: u64,
+    /// Queued calls this CPU ran.
+    pub calls_run: u64,
+    /// Queue flushes this CPU performed (from IPIs, polling or waiting).
+    pub flushes: u64,
+}
+
+impl core::ops::Add for CpuStats {
+    type Output = CpuStats;
+    fn add(self, o: CpuStats) -> CpuStats {
+        CpuStats {
+            ipi_sent: self.ipi_sent + o.ipi_sent,
+            ipi_elided: self.ipi_elided + o.ipi_elided,
+            ipi_received: self.ipi_received + o.ipi_received,
+            calls_queued: self.calls_queued + o.calls_queued,
+            calls_run: self.calls_run + o.calls_run,
+            flushes: self.flushes + o.flushes,
+        }
+    }
+}
+
+/// One CPU's engine state. Opaque: create them through a [`Storage`].
+#[repr(align(128))]
+#[derive(Debug)]
+pub struct PerCpu {
+    queue: CallQueue,
+    /// The CPU is idle and polling its queue: senders need not send an IPI.
+    polling: AtomicBool,
+    /// How many queue flushes are running on this CPU (nested through waits). Non-zero means
+    /// "in a call handler".
+    handler_depth: AtomicU32,
+    ipi_sent: AtomicU64,
+    ipi_elided: AtomicU64,
+    ipi_received: AtomicU64,
+    calls_queued: AtomicU64,
+    calls_run: AtomicU64,
+    flushes: AtomicU64,
+}
+
+macro_rules! per_cpu_init {
+    () => {
+        PerCpu {
+            queue: CallQueue::new(),
+            polling: AtomicBool::new(false),
+            handler_depth: AtomicU32::new(0),
+            ipi_sent: AtomicU64::new(0),
+            ipi_elided: AtomicU64::new(0),
+            ipi_received: AtomicU64::new(0),
+            calls_queued: AtomicU64::new(0),
+            calls_run: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        }
+    };
+}
+
+impl PerCpu {
+    /// Fresh state: empty queue, zero counters.
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        per_cpu_init!()
+    }
+
+    /// Fresh state: empty queue, zero counters.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        per_cpu_init!()
+    }
+}
+
+impl Default for PerCpu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where the engine keeps its per-CPU state and call-data slots.
+///
+/// # Safety
+/// `cpus()` and `slots()` must always return the same memory, which must neither move nor be
+/// freed while the storage value exists — even if the storage value itself is moved (call data
+/// in flight points into it). `slots().len()` must be `cpus().len()²`.
+pub unsafe trait Storage: Sync {
+    /// One [`PerCpu`] per CPU.
+    fn cpus(&self) -> &[PerCpu];
+    /// `cpus().len()²` call-data slots, indexed `sender * n + target`.
+    fn slots(&self) -> &[Csd];
+}
+
+/// Storage with no allocator at all, for a `static`: `N` CPUs, `N²` slots.
+///
+/// ```
+/// use smpcall::StaticStorage;
+/// static STORAGE: StaticStorage<4> = StaticStorage::new();
+/// // Engine::new(my_platform, &STORAGE)
+/// # let _ = &STORAGE;
+/// ```
+#[cfg(not(loom))]
+#[derive(Debug)]
+pub struct StaticStorage<const N: usize> {
+    cpus: [PerCpu; N],
+    slots: [[Csd; N]; N],
+}
+
+#[cfg(not(loom))]
+impl<const N: usize> StaticStorage<N> {
+    /// Storage for `N` CPUs (`const`, so it can be a `static`).
+    pub const fn new() -> Self {
+        StaticStorage {
+            cpus: [const { PerCpu::new() }; N],
+            slots: [const { [const { Csd::new() }; N] }; N],
+        }
+    }
+}
+
+#[cfg(not(loom))]
+impl<const N: usize> Default for StaticStorage<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// SAFETY: a `'static` reference never moves or frees its target; N² slots by construction.
+#[cfg(not(loom))]
+unsafe impl<const N: usize> Storage for &'static StaticStorage<N> {
+    fn cpus(&self) -> &[PerCpu] {
+        &self.cpus
+    }
+    fn slots(&self) -> &[Csd] {
+        self.slots.as_flattened()
+    }
+}
+
+/// Storage allocated once, when the engine is built (hosted use). Nothing is allocated after.
+#[cfg(all(feature = "std", not(loom)))]
+#[derive(Debug)]
+pub struct HeapStorage {
+    cpus: Box<[PerCpu]>,
+    slots: Box<[Csd]>,
+}
+
+#[cfg(all(feature = "std", not(loom)))]
+impl HeapStorage {
+    /// Storage for `n` CPUs.
+    pub fn new(n: usize) -> Self {
+        HeapStorage {
+            cpus: (0..n).map(|_| PerCpu::new()).collect(),
+            slots: (0..n * n).map(|_| Csd::new()).collect(),
+        }
+    }
+}
+
+// SAFETY: boxed slices do not move when the `HeapStorage` moves and live as long as it does;
+// `new` makes n² slots.
+#[cfg(all(feature = "std", not(loom)))]
+unsafe impl Storage for HeapStorage {
+    fn cpus(&self) -> &[PerCpu] {
+        &self.cpus
+    }
+    fn slots(&self) -> &[Csd] {
+        &self.slots
+    }
+}
+
+/// Interrupts masked on the current CPU until this guard is dropped (see [`Engine::irq_save`]).
+#[must_use = "interrupts are unmasked again when the guard is dropped"]
+pub struct IrqGuard<'a, P: Platform> {
+    platform: &'a P,
+    state: P::IrqState,
+    /// Must be dropped on the CPU that made it.
+    _not_send: PhantomData<*const ()>,
+}
+
+impl<P: Platform> Drop for IrqGuard<'_, P> {
+    fn drop(&mut self) {
+        self.platform.irq_restore(self.state);
+    }
+}
+
+/// Aborts the process (panic while panicking) if a panic unwinds through a region where call
+/// data is in flight: unwinding would free or abandon call data another CPU may still use.
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        panic!(
+            "smpcall: panic while a cross-CPU call was in flight; aborting to protect call data"
+        );
+    }
+}
+
+/// The cross-CPU call engine.
+///
+/// All calls are made *from* one of the engine's CPUs (the platform's
+/// [`current_cpu`](Platform::current_cpu)); elsewhere they return [`Error::NotOnCpu`].
+///
+/// | call | waits | closure |
+/// |---|---|---|
+/// | [`call_single`](Engine::call_single) | yes, returns `f`'s result | `FnOnce(CpuId) -> R + Send`, may borrow |
+/// | [`call_single_async`](Engine::call_single_async) | no | `FnOnce(CpuId) + Send + 'static`, ≤ [`INLINE_CLOSURE_BYTES`](crate::INLINE_CLOSURE_BYTES) |
+/// | [`call_async_csd`](Engine::call_async_csd) | no, caller-owned call data | as above |
+/// | [`call_many`](Engine::call_many), [`call_all`](Engine::call_all), [`call_others`](Engine::call_others), [`call_cond`](Engine::call_cond) | yes | `Fn(CpuId) + Sync`, may borrow |
+/// | `*_async` variants of those | no | `Fn(CpuId) + Clone + Send + 'static`, ≤ [`INLINE_CLOSURE_BYTES`](crate::INLINE_CLOSURE_BYTES) |
+///
+/// Closures receive the id of the CPU they run on. A call to the calling CPU itself runs
+/// right away, locally, with interrupts masked.
+pub struct Engine<P: Platform, S: Storage> {
+    platform: P,
+    storage: S,
+    nr_cpus: usize,
+    online: AtomicCpuMask,
+    shut_down: AtomicBool,
+}
+
+impl<P: Platform, S: Storage> core::fmt::Debug for Engine<P, S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Engine")
+            .field("nr_cpus", &self.nr_cpus)
+            .field("online", &self.online)
+            .field("shut_down", &self.is_shut_down())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Platform, S: Storage> Engine<P, S> {
+    /// An engine over `storage` (which fixes the CPU count). No CPU is online yet: the platform
+    /// marks each one with [`mark_online`](Engine::mark_online) once it can take IPIs.
+    pub fn new(platform: P, storage: S) -> Result<Self, Error> {
+        let n = storage.cpus().len();
+        if n == 0 {
+            return Err(Error::InvalidConfig("storage holds no CPU"));
+        }
+        if n > MAX_CPUS {
+            return Err(Error::InvalidConfig("more CPUs than MAX_CPUS"));
+        }
+        if storage.slots().len() != n * n {
+            return Err(Error::InvalidConfig(
+                "storage must hold one call-data slot per sender and target (n² slots)",
+            ));
+        }
+        Ok(Engine {
+            platform,
+            storage,
+            nr_cpus: n,
+            online: AtomicCpuMask::new(),
+            shut_down: AtomicBool::new(false),
+        })
+    }
+
+    /// The platform.
+    pub fn platform(&self) -> &P {
+        &self.platform
+    }
+
+    /// Number of CPUs (online or not).
+    pub fn nr_cpus(&self) -> usize {
+        self.nr_cpus
+    }
+
+    /// The CPU running this code, if it is one of ours.
+    pub fn current_cpu(&self) -> Option<CpuId> {
+        self.platform.current_cpu()
+    }
+
+    /// Snapshot of the online CPUs.
+    pub fn online_mask(&self) -> CpuMask {
+        self.online.load()
+    }
+
+    /// Whether `cpu` is online.
+    pub fn is_online(&self, cpu: CpuId) -> bool {
+        self.online.test(cpu)
+    }
+
+    /// Marks `cpu` online: it takes IPIs now. For platform bring-up.
+    pub fn mark_online(&self, cpu: CpuId) -> Result<(), Error> {
+        if cpu >= self.nr_cpus {
+            return Err(Error::UnknownCpu(cpu));
+        }
+        self.online.set(cpu);
+        Ok(())
+    }
+
+    /// Refuses every new call from now on ([`Error::ShutDown`]). Calls already accepted still
+    /// complete.
+    pub fn shut_down(&self) {
+        self.shut_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`shut_down`](Engine::shut_down) was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::SeqCst)
+    }
+
+    /// Counters of `cpu` (zeros for an unknown CPU).
+    pub fn stats(&self, cpu: CpuId) -> CpuStats {
+        let Some(pc) = self.storage.cpus().get(cpu) else {
+            return CpuStats::default();
+        };
+        // Relaxed: statistics, read without ordering requirements.
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CpuStats {
+            ipi_sent: r(&pc.ipi_sent),
+            ipi_elided: r(&pc.ipi_elided),
+            ipi_received: r(&pc.ipi_received),
+            calls_queued: r(&pc.calls_queued),
+            calls_run: r(&pc.calls_run),
+            flushes: r(&pc.flushes),
+        }
+    }
+
+    /// Counters summed over all CPUs.
+    pub fn total_stats(&self) -> CpuStats {
+        (0..self.nr_cpus).fold(CpuStats::default(), |acc, c| acc + self.stats(c))
+    }
+
+    /// Whether `cpu` has calls queued and not yet taken.
+    pub fn has_queued(&self, cpu: CpuId) -> bool {
+        self.storage
+            .cpus()
+            .get(cpu)
+            .is_some_and(|pc| !pc.queue.is_empty())
+    }
+
+    /// Whether no call is queued, taken-but-not-run, or running on any CPU, judged by two
+    /// scans with no call queued in between. Useful to drain before shutdown or a check.
+    pub fn is_quiescent(&self) -> bool {
+        // Relaxed: a monotonic event count; any queueing during the scan changes it.
+        let queued = || -> u64 {
+            self.storage
+                .cpus()
+                .iter()
+                .map(|pc| pc.calls_queued.load(Ordering::Relaxed))
+                .sum()
+        };
+        let before = queued();
+        let quiet = self.storage.cpus().iter().all(|pc| {
+            // Relaxed: a snapshot; the queued-count check catches activity in between.
+            pc.queue.is_empty() && pc.handler_depth.load(Ordering::Relaxed) == 0
+        });
+        quiet && queued() == before
+    }
+
+    /// Masks interrupts on the current CPU until the guard drops.
+    pub fn irq_save(&self) -> IrqGuard<'_, P> {
+        IrqGuard {
+            platform: &self.platform,
+            state: self.platform.irq_save(),
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Whether interrupts are masked on the current CPU.
+    pub fn irqs_masked(&self) -> bool {
+        self.platform.irqs_masked()
+    }
+
+    /// Whether the current CPU is running a cross-CPU call handler.
+    pub fn in_handler(&self) -> bool {
+        self.current_cpu()
+            .is_some_and(|me| self.per_cpu(me).handler_depth.load(Ordering::Relaxed) > 0)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Sending side.
+    // ---------------------------------------------------------------------------------------
+
+    /// Runs `f` on `cpu` and waits for it to return there; returns its result (C1).
+    ///
+    /// Refused with [`Error::WouldDeadlock`] when interrupts are masked or inside a call
+    /// handler (C7). While waiting, this CPU keeps serving calls made to it.
+    ///
+    /// ```
+    /// # use smpcall::hosted::Machine;
+    /// # let m = Machine::builder().cpus(2).build()?;
+    /// let value = 7;
+    /// let doubled = m.run_on(0, move |e| e.call_single(1, |_cpu| value * 2)).join()??;
+    /// assert_eq!(doubled, 14);
+    /// # m.shutdown()?; Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn call_single<F, R>(&self, cpu: CpuId, f: F) -> Result<R, Error>
+    where
+        F: FnOnce(CpuId) -> R + Send,
+        R: Send,
+    {
+        let me = self.enter()?;
+        self.check_target(cpu)?;
+        self.check_can_wait(me)?;
+        if cpu == me {
+            let _masked = self.irq_save();
+            return Ok(f(me));
+        }
+        let mut call = OnceCall {
+            f: Some(f),
+            ret: None,
+        };
+        let csd = Csd::new();
+        let claimed = csd.try_lock();
+        debug_assert!(claimed, "a fresh Csd is free");
+        // SAFETY: we hold the fresh csd; `call` outlives the wait below, and nothing else
+        // touches it until the target released the csd.
+        unsafe {
+            csd.set_call(
+                run_once::<F, R>,
+                Payload::from_ptr(&mut call as *mut _),
+                true,
+            )
+        };
+        let in_flight = AbortOnUnwind;
+        // SAFETY: `csd` is locked, filled, and lives on this frame until `wait_csd` saw it
+        // released (unwinding out of here aborts: `in_flight`).
+        if unsafe { self.enqueue(cpu, &csd) } {
+            self.platform.send_ipi(cpu);
+        }
+        self.wait_csd(me, &csd);
+        core::mem::forget(in_flight);
+        // `call.ret` is set: a synchronous csd is released only after its function returned
+        // (a panicking function aborts the process instead).
+        Ok(call
+            .ret
+            .take()
+            .expect("smpcall: waiting call released before it ran"))
+    }
+
+    /// Queues `f` to run on `cpu` and returns without waiting for it (C1, C3).
+    ///
+    /// Uses this CPU's call-data slot for `cpu`; if the previous no-wait call to `cpu` has not
+    /// yet been *taken* by `cpu`, this waits for that (not for any function to run or finish),
+    /// serving this CPU's own queue meanwhile. Allowed with interrupts masked and from handlers.
+    pub fn call_single_async<F>(&self, cpu: CpuId, f: F) -> Result<(), Error>
+    where
+        F: FnOnce(CpuId) + Send + 'static,
+    {
+        let me = self.enter()?;
+        self.check_target(cpu)?;
+        if cpu == me {
+            let _masked = self.irq_save();
+            f(me);
+            return Ok(());
+        }
+        let mut f = Some(f);
+        let mut ipis = CpuMask::new();
+        self.queue_on_slot(me, cpu, &mut ipis, |slot| {
+            let f = f.take().expect("filled once");
+            // SAFETY: `queue_on_slot` hands us a slot we hold; inline payload matches
+            // `run_inline::<F>`.
+            unsafe { slot.set_call(run_inline::<F>, Payload::inline(f), false) };
+        });
+        self.send_ipis(&ipis);
+        Ok(())
+    }
+
+    /// Queues `f` to run on `cpu` using call data the caller owns (C4), and returns at once.
+    ///
+    /// If `csd` is still in flight from an earlier call, returns [`Error::Busy`] and does
+    /// nothing. The call data is free again once `cpu` has taken the call (before `f` runs).
+    ///
+    /// ```
+    /// # use smpcall::hosted::Machine;
+    /// use std::sync::Arc;
+    /// use smpcall::Csd;
+    /// # let m = Machine::builder().cpus(2).build()?;
+    /// let csd = Arc::pin(Csd::new());
+    /// m.run_on(0, move |e| e.call_async_csd(csd.as_ref(), 1, |_cpu| { /* ... */ }))
+    ///     .join()??;
+    /// # m.shutdown()?; Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn call_async_csd<F>(&self, csd: Pin<&Csd>, cpu: CpuId, f: F) -> Result<(), Error>
+    where
+        F: FnOnce(CpuId) + Send + 'static,
+    {
+        let me = self.enter()?;
+        self.check_target(cpu)?;
+        let csd = csd.get_ref();
+        if !csd.try_lock() {
+            return Err(Error::Busy);
+        }
+        if cpu == me {
+            // Run locally; the call data was only claimed to keep "busy" semantics uniform.
+            // SAFETY: we hold it; nothing was written.
+            unsafe { Csd::take_async_and_release(csd) };
+            let _masked = self.irq_save();
+            f(me);
+            return Ok(());
+        }
+        // SAFETY: we hold `csd`; inline payload matches `run_inline::<F>`.
+        unsafe { csd.set_call(run_inline::<F>, Payload::inline(f), false) };
+        // SAFETY: locked and filled; pinned, and its `Drop` waits while it is busy, so it
+        // outlives the call.
+        if unsafe { self.enqueue(cpu, csd) } {
+            self.platform.send_ipi(cpu);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on every online CPU in `mask` (the caller too, locally, if it is in `mask`) and
+    /// waits until all have returned (C2). Offline and unknown CPUs are skipped. Returns the
+    /// CPUs `f` ran on.
+    pub fn call_many<F>(&self, mask: &CpuMask, f: F) -> Result<CpuMask, Error>
+    where
+        F: Fn(CpuId) + Sync,
+    {
+        let me = self.enter()?;
+        self.check_can_wait(me)?;
+        let targets = mask.and(&self.online.load());
+        let mut others = targets;
+        others.clear(me);
+
+        let in_flight = AbortOnUnwind;
+        let mut ipis = CpuMask::new();
+        for t in &others {
+            self.queue_on_slot(me, t, &mut ipis, |slot| {
+                // SAFETY: we hold the slot; `f` outlives the waits below.
+                unsafe { slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true) };
+            });
+        }
+        self.send_ipis(&ipis);
+        if targets.test(me) {
+            let _masked = self.irq_save();
+            f(me);
+        }
+        for t in &others {
+            self.wait_csd(me, self.slot(me, t));
+        }
+        core::mem::forget(in_flight);
+        Ok(targets)
+    }
+
+    /// Queues `f` on every online CPU in `mask` (running it locally, masked, if the caller is in
+    /// `mask`) without waiting (C2, C3). Each target gets its own clone of `f`. Returns the CPUs
+    /// it was queued to or ran on.
+    pub fn call_many_async<F>(&self, mask: &CpuMask, f: F) -> Result<CpuMask, Error>
+    where
+        F: Fn(CpuId) + Clone + Send + 'static,
+    {
+        let me = self.enter()?;
+        let targets = mask.and(&self.online.load());
+        let mut others = targets;
+        others.clear(me);
+
+        let mut ipis = CpuMask::new();
+        for t in &others {
+            self.queue_on_slot(me, t, &mut ipis, |slot| {
+                // SAFETY: we hold the slot; inline payload matches `run_inline::<F>`.
+                unsafe { slot.set_call(run_inline::<F>, Payload::inline(f.clone()), false) };
+            });
+        }
+        self.send_ipis(&ipis);
+        if targets.test(me) {
+            let _masked = self.irq_save();
+            f(me);
+        }
+        Ok(targets)
+    }
+
+    /// [`call_many`](Engine::call_many) on every online CPU, the caller included.
+    pub fn call_all<F: Fn(CpuId) + Sync>(&self, f: F) -> Result<CpuMask, Error> {
+        self.call_many(&CpuMask::first_n(self.nr_cpus), f)
+    }
+
+    /// [`call_many_async`](Engine::call_many_async) on every online CPU, the caller included.
+    pub fn call_all_async<F>(&self, f: F) -> Result<CpuMask, Error>
+    where
+        F: Fn(CpuId) + Clone + Send + 'static,
+    {
+        self.call_many_async(&CpuMask::first_n(self.nr_cpus), f)
+    }
+
+    /// [`call_many`](Engine::call_many) on every online CPU except the caller.
+    pub fn call_others<F: Fn(CpuId) + Sync>(&self, f: F) -> Result<CpuMask, Error> {
+        self.call_many(&self.all_but_me()?, f)
+    }
+
+    /// [`call_many_async`](Engine::call_many_async) on every online CPU except the caller.
+    pub fn call_others_async<F>(&self, f: F) -> Result<CpuMask, Error>
+    where
+        F: Fn(CpuId) + Clone + Send + 'static,
+    {
+        self.call_many_async(&self.all_but_me()?, f)
+    }
+
+    /// [`call_many`](Engine::call_many) restricted to the CPUs of `mask` for which `cond(cpu)`
+    /// holds (evaluated on the caller, once per online CPU of `mask`).
+    pub fn call_cond<C, F>(&self, mask: &CpuMask, cond: C, f: F) -> Result<CpuMask, Error>
+    where
+        C: Fn(CpuId) -> bool,
+        F: Fn(CpuId) + Sync,
+    {
+        self.call_many(&self.filter(mask, cond), f)
+    }
+
+    /// [`call_many_async`](Engine::call_many_async) restricted to the CPUs of `mask` for which
+    /// `cond(cpu)` holds.
+    pub fn call_cond_async<C, F>(&self, mask: &CpuMask, cond: C, f: F) -> Result<CpuMask, Error>
+    where
+        C: Fn(CpuId) -> bool,
+        F: Fn(CpuId) + Clone + Send + 'static,
+    {
+        self.call_many_async(&self.filter(mask, cond), f)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Receiving side: entry points for the platform.
+    // ---------------------------------------------------------------------------------------
+
+    /// The IPI handler: serves the current CPU's queue. The platform calls this from its
+    /// cross-CPU call interrupt (it masks interrupts itself if they are not masked already).
+    pub fn handle_ipi(&self) {
+        let Some(me) = self.current_cpu() else {
+            return;
+        };
+        let pc = self.per_cpu(me);
+        // Relaxed: statistics.
+        pc.ipi_received.fetch_add(1, Ordering::Relaxed);
+        let _masked = self.irq_save();
+        // SAFETY: on `me`, interrupts masked.
+        unsafe { self.flush(me) };
+    }
+
+    /// Serves the current CPU's queue if anything is queued (a safe point, or an idle loop that
+    /// was woken without an IPI). Returns how many calls ran.
+    pub fn serve_queue(&self) -> usize {
+        match self.current_cpu() {
+            Some(me) => self.serve_own(me),
+            None => 0,
+        }
+    }
+
+    /// Idle-polls: the current CPU announces that it watches its queue (so senders elide the
+    /// IPI, C6) and serves it until `stop()` returns true.
+    pub fn idle_poll(&self, mut stop: impl FnMut() -> bool) {
+        let Some(me) = self.current_cpu() else {
+            return;
+        };
+        let pc = self.per_cpu(me);
+        // Relaxed: a sender that does not see it yet sends an IPI, which is merely redundant.
+        pc.polling.store(true, Ordering::Relaxed);
+        loop {
+            if !pc.queue.is_empty() {
+                self.serve_own(me);
+            }
+            if stop() {
+                break;
+            }
+            self.platform.relax();
+        }
+        // Relaxed store, then SeqCst fence, then queue check: the Dekker pair of `enqueue`'s
+        // push / fence / polling check. Either the sender sees `false` and sends an IPI, or we
+        // see its call here.
+        pc.polling.store(false, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if !pc.queue.is_empty() {
+            self.serve_own(me);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Internals.
+    // ---------------------------------------------------------------------------------------
+
+    fn per_cpu(&self, cpu: CpuId) -> &PerCpu {
+        &self.storage.cpus()[cpu]
+    }
+
+    fn slot(&self, sender: CpuId, target: CpuId) -> &Csd {
+        &self.storage.slots()[sender * self.nr_cpus + target]
+    }
+
+    /// Common entry: accepting calls, and from one of our CPUs.
+    fn enter(&self) -> Result<CpuId, Error> {
+        // Relaxed: a call racing with shutdown may be accepted; shutdown drains accepted calls.
+        if self.shut_down.load(Ordering::Relaxed) {
+            return Err(Error::ShutDown);
+        }
+        match self.platform.current_cpu() {
+            Some(me) if me < self.nr_cpus => Ok(me),
+            _ => Err(Error::NotOnCpu),
+        }
+    }
+
+    fn check_target(&self, cpu: CpuId) -> Result<(), Error> {
+        if cpu >= self.nr_cpus {
+            Err(Error::UnknownCpu(cpu))
+        } else if !self.online.test(cpu) {
+            Err(Error::Offline(cpu))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// C7: a caller that cannot serve its own queue while waiting must not wait.
+    fn check_can_wait(&self, me: CpuId) -> Result<(), Error> {
+        // Relaxed: only this CPU (and its nested handlers, which restore it) writes it.
+        if self.per_cpu(me).handler_depth.load(Ordering::Relaxed) > 0 {
+            Err(Error::WouldDeadlock(DeadlockReason::InHandler))
+        } else if self.platform.irqs_masked() {
+            Err(Error::WouldDeadlock(DeadlockReason::InterruptsMasked))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn all_but_me(&self) -> Result<CpuMask, Error> {
+        let me = self.enter()?;
+        let mut mask = CpuMask::first_n(self.nr_cpus);
+        mask.clear(me);
+        Ok(mask)
+    }
+
+    fn filter(&self, mask: &CpuMask, cond: impl Fn(CpuId) -> bool) -> CpuMask {
+        mask.and(&self.online.load())
+            .iter()
+            .filter(|&c| cond(c))
+            .collect()
+    }
+
+    /// Claims this CPU's slot for `target` (waiting, while serving our own queue, if the
+    /// previous call through it has not been taken yet), fills it with `fill` and queues it.
+    /// Adds `target` to `ipis` if it needs an IPI; sends the collected IPIs before any wait.
+    fn queue_on_slot(
+        &self,
+        me: CpuId,
+        target: CpuId,
+        ipis: &mut CpuMask,
+        mut fill: impl FnMut(&Csd),
+    ) {
+        let slot = self.slot(me, target);
+        loop {
+            {
+                // Masked from claim to push: a nested handler on this CPU using the same slot
+                // would otherwise wait for a call that is claimed but never queued.
+                let _masked = self.irq_save();
+                if slot.try_lock() {
+                    fill(slot);
+                    // SAFETY: claimed and filled; slots live as long as the engine.
+                    if unsafe { self.enqueue(target, slot) } {
+                        ipis.set(target);
+                    }
+                    return;
+                }
+            }
+            // Busy: make sure what we queued so far is signalled before we wait on anyone.
+            self.send_ipis(ipis);
+            *ipis = CpuMask::new();
+            self.wait_csd(me, slot);
+        }
+    }
+
+    fn send_ipis(&self, ipis: &CpuMask) {
+        if !ipis.is_empty() {
+            self.platform.send_ipi_mask(ipis);
+        }
+    }
+
+    /// Pushes a claimed, filled `csd` on `target`'s queue. Returns whether an IPI must be sent.
+    ///
+    /// # Safety
+    /// `csd` must be locked by this CPU, filled, and alive until `target` releases it.
+    unsafe fn enqueue(&self, target: CpuId, csd: &Csd) -> bool {
+        let pc = self.per_cpu(target);
+        // Relaxed: statistics.
+        pc.calls_queued.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded from this function's contract.
+        if !unsafe { pc.queue.push(csd) } {
+            // Not the first entry: an IPI (or a flush that will find it) is already under way.
+            return false;
+        }
+        // SeqCst fence between the push and the polling check: pairs with `idle_poll`'s
+        // store / fence / queue check, so a polling CPU that stops polling sees our call.
+        fence(Ordering::SeqCst);
+        // Relaxed: ordered by the fences above.
+        if pc.polling.load(Ordering::Relaxed) {
+            pc.ipi_elided.fetch_add(1, Ordering::Relaxed);
+            false
+        } else {
+            pc.ipi_sent.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+    }
+
+    /// Waits until `csd` is released, serving this CPU's own queue meanwhile (C7): a CPU that
+    /// waits for another never stops answering it.
+    fn wait_csd(&self, me: CpuId, csd: &Csd) {
+        while csd.is_busy() {
+            self.serve_own(me);
+            self.platform.relax();
+        }
+    }
+
+    /// Serves our own queue if there is anything to serve, including entries an outer flush on
+    /// this CPU already took (when we wait from inside a handler).
+    fn serve_own(&self, me: CpuId) -> usize {
+        let pc = self.per_cpu(me);
+        // Relaxed: our own CPU's depth.
+        if pc.queue.is_empty() && pc.handler_depth.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        let _masked = self.irq_save();
+        // SAFETY: on `me`, interrupts masked.
+        unsafe {
+            if pc.queue.is_empty() && !pc.queue.has_pending() {
+                return 0;
+            }
+            self.flush(me)
+        }
+    }
+
+    /// Flushes `me`'s queue.
+    ///
+    /// # Safety
+    /// Must run on `me` with interrupts masked.
+    unsafe fn flush(&self, me: CpuId) -> usize {
+        let pc = self.per_cpu(me);
+        let depth = &pc.handler_depth;
+        // Relaxed: only this CPU touches its depth.
+        depth.fetch_add(1, Ordering::Relaxed);
+        let in_flight = AbortOnUnwind;
+        // SAFETY: forwarded (owner, masked).
+        let ran = unsafe { pc.queue.flush(me) };
+        core::mem::forget(in_flight);
+        depth.fetch_sub(1, Ordering::Relaxed);
+        // Relaxed: statistics.
+        pc.calls_run.fetch_add(ran as u64, Ordering::Relaxed);
+        pc.flushes.fetch_add(1, Ordering::Relaxed);
+        ran
+    }
+}

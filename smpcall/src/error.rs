@@ -1,0 +1,64 @@
+//! The one error type of the crate.
+
+use core::fmt;
+
+use crate::cpumask::CpuId;
+
+/// Why a synchronous call would risk a deadlock from here (see [`Error::WouldDeadlock`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeadlockReason {
+    /// The calling CPU has interrupts masked: it could not serve a call another CPU makes to it
+    /// while it waits, so two such CPUs would wait for each other forever.
+    InterruptsMasked,
+    /// The caller is itself a cross-CPU call handler (or stop/idle context that runs with
+    /// interrupts masked).
+    InHandler,
+}
+
+/// Every refusal the engine can make. A call either runs, or returns one of these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Error {
+    /// The CPU id is not one of this machine's CPUs.
+    UnknownCpu(CpuId),
+    /// The CPU exists but is offline (not started, or taken down).
+    Offline(CpuId),
+    /// A waiting call was made from a context that must not wait.
+    WouldDeadlock(DeadlockReason),
+    /// Caller-owned call data is still in flight from an earlier call.
+    Busy,
+    /// The machine is shutting down or shut down; no new calls are accepted.
+    ShutDown,
+    /// The calling thread is not one of the machine's CPUs.
+    NotOnCpu,
+    /// The engine or machine was configured wrongly (the message says how).
+    InvalidConfig(&'static str),
+    /// A bounded wait of the hosted backend expired (the message says for what).
+    TimedOut(&'static str),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::UnknownCpu(cpu) => write!(f, "CPU {cpu} does not exist on this machine"),
+            Error::Offline(cpu) => write!(f, "CPU {cpu} is offline"),
+            Error::WouldDeadlock(DeadlockReason::InterruptsMasked) => f.write_str(
+                "a waiting call with interrupts masked would risk deadlock; \
+                 use a no-wait call or unmask first",
+            ),
+            Error::WouldDeadlock(DeadlockReason::InHandler) => f.write_str(
+                "a waiting call from inside a cross-CPU call handler would risk deadlock; \
+                 use a no-wait call",
+            ),
+            Error::Busy => f.write_str("call data is busy: its previous call is still in flight"),
+            Error::ShutDown => f.write_str("the machine is shut down"),
+            Error::NotOnCpu => f.write_str(
+                "the calling thread is not a CPU of this machine; submit work to a CPU instead",
+            ),
+            Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
+            Error::TimedOut(what) => write!(f, "timed out waiting for {what}"),
+        }
+    }
+}
+
+impl core::error::Error for Error {}

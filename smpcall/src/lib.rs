@@ -1,0 +1,54 @@
+//! # smpcall — cross-CPU function calls
+//!
+//! Run a function on another CPU, or on a set of CPUs, synchronously or asynchronously,
+//! delivered by inter-processor interrupts: the "generic IPI" system of an SMP kernel.
+//!
+//! * The **engine** ([`Engine`]) is `no_std` and allocates nothing on any call, delivery or
+//!   completion path. An architecture supplies a [`Platform`] (send an IPI, mask interrupts,
+//!   current CPU) and storage ([`StaticStorage`] needs no allocator at all).
+//! * The **hosted backend** ([`hosted::Machine`], feature `std`, on by default) makes each CPU an
+//!   OS thread and each IPI a real-time signal sent with `tgkill`.
+//!
+//! ```
+//! use smpcall::hosted::Machine;
+//!
+//! let machine = Machine::builder().cpus(4).build()?;
+//! let sum = machine
+//!     .run_on(0, |engine| {
+//!         // Runs on CPU 0; ask CPU 3 to compute something and wait for the answer.
+//!         engine.call_single(3, |cpu| cpu * 10)
+//!     })
+//!     .join()??;
+//! assert_eq!(sum, 30);
+//! machine.shutdown()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! See the README for the guarantees (C1–C8), the signal-context rules and the limits.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![warn(missing_docs)]
+
+pub mod cpumask;
+mod csd;
+mod engine;
+mod error;
+mod platform;
+mod queue;
+mod sync;
+
+#[cfg(all(feature = "std", not(loom)))]
+pub mod hosted;
+
+pub use cpumask::{CpuId, CpuMask, MAX_CPUS};
+pub use csd::{Csd, INLINE_CLOSURE_BYTES, INLINE_CLOSURE_WORDS};
+#[cfg(all(feature = "std", not(loom)))]
+pub use engine::HeapStorage;
+#[cfg(not(loom))]
+pub use engine::StaticStorage;
+pub use engine::{CpuStats, Engine, IrqGuard, PerCpu, Storage};
+pub use error::{DeadlockReason, Error};
+pub use platform::Platform;
+pub use queue::CallQueue;
+
+#[cfg(all(test, loom))]
+mod loom_tests;

@@ -1,0 +1,65 @@
+//! The platform trait: everything an architecture supplies to the engine.
+
+use crate::cpumask::{CpuId, CpuMask};
+
+/// What the engine needs from the machine it runs on: who am I, send an IPI, mask interrupts,
+/// relax, tell the time.
+///
+/// The engine is safe to use; implementing this trait is not, because the engine's memory
+/// safety rests on it (the `lock_api` pattern).
+///
+/// # Safety
+///
+/// An implementation must guarantee:
+///
+/// 1. **Identity.** [`current_cpu`](Platform::current_cpu) returns `Some(c)` only on the thread
+///    of execution that *is* CPU `c` of this engine, and the same value for as long as that code
+///    runs (a CPU never migrates); two CPUs never report the same id.
+/// 2. **Delivery.** After [`send_ipi`](Platform::send_ipi)`(c)`, CPU `c` eventually calls
+///    [`Engine::handle_ipi`](crate::Engine::handle_ipi), or serves its queue another way
+///    ([`Engine::serve_queue`](crate::Engine::serve_queue)), *after* the send — unless the engine
+///    reported `c` as polling (then the engine does not call `send_ipi`). `send_ipi` must be
+///    callable with interrupts masked and from the IPI handler itself, and must not block.
+/// 3. **Masking.** Between [`irq_save`](Platform::irq_save) and the matching
+///    [`irq_restore`](Platform::irq_restore) the current CPU does not run `handle_ipi`
+///    (nested in the masked code); an IPI arriving meanwhile is delivered after the restore that
+///    unmasks. `handle_ipi` itself runs with interrupts masked.
+///    [`irqs_masked`](Platform::irqs_masked) tells the truth about the current CPU.
+pub unsafe trait Platform: Sync {
+    /// Saved interrupt state, returned by [`irq_save`](Platform::irq_save).
+    type IrqState: Copy;
+
+    /// The CPU executing this code, or `None` if the caller is not one of the engine's CPUs.
+    fn current_cpu(&self) -> Option<CpuId>;
+
+    /// Sends the cross-CPU call interrupt to `cpu`.
+    fn send_ipi(&self, cpu: CpuId);
+
+    /// Sends the cross-CPU call interrupt to every CPU in `mask` (never the caller). Override
+    /// where the hardware has a broadcast form.
+    fn send_ipi_mask(&self, mask: &CpuMask) {
+        for cpu in mask {
+            self.send_ipi(cpu);
+        }
+    }
+
+    /// Masks interrupts on the current CPU, returning the previous state.
+    fn irq_save(&self) -> Self::IrqState;
+
+    /// Restores the state returned by [`irq_save`](Platform::irq_save). If this unmasks and an
+    /// IPI arrived meanwhile, it is delivered now.
+    fn irq_restore(&self, state: Self::IrqState);
+
+    /// Whether interrupts are masked on the current CPU.
+    fn irqs_masked(&self) -> bool;
+
+    /// Called in every busy-wait loop (`pause` on x86, a yield where CPUs share cores).
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
+
+    /// A monotonic clock in nanoseconds, for diagnostics. Defaults to "no clock" (0).
+    fn now_ns(&self) -> u64 {
+        0
+    }
+}
