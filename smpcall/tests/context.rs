@@ -286,3 +286,50 @@ fn errors_name_the_problem() {
     assert_eq!(after, (Err(Error::ShutDown), Err(Error::ShutDown)));
     m.shutdown().unwrap();
 }
+
+#[test]
+fn safe_point_delivery_runs_calls_only_at_safe_points() {
+    use smpcall::hosted::{safe_point, Delivery};
+    let m = Machine::builder()
+        .cpus(2)
+        .idle(IdlePolicy::Sleep)
+        .delivery(Delivery::SafePoint)
+        .build()
+        .unwrap();
+    let busy = Arc::new(AtomicBool::new(false));
+    let go = Arc::new(AtomicBool::new(false));
+    let (b2, g2) = (Arc::clone(&busy), Arc::clone(&go));
+    // CPU 1 is busy in a task that reaches a safe point only when told to.
+    let worker = m.run_on(1, move |_| {
+        b2.store(true, Ordering::SeqCst);
+        wait_until(LIMIT, "the test to allow a safe point", || {
+            g2.load(Ordering::SeqCst)
+        });
+        safe_point()
+    });
+    wait_until(LIMIT, "CPU 1 to be busy", || busy.load(Ordering::SeqCst));
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r2 = Arc::clone(&ran);
+    m.run_on(0, move |e| {
+        e.call_single_async(1, move |_| {
+            // Safe-point context: allocating and locking are fine here.
+            let v = vec![1usize; 4];
+            r2.fetch_add(v.len(), Ordering::SeqCst);
+        })
+    })
+    .join_timeout(LIMIT)
+    .unwrap()
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "no signal: nothing runs before a safe point"
+    );
+    assert_eq!(m.engine().platform().signals_sent(), 0);
+    go.store(true, Ordering::SeqCst);
+    let served = worker.join_timeout(LIMIT).unwrap();
+    assert_eq!(served, 1, "the safe point served the queued call");
+    assert_eq!(ran.load(Ordering::SeqCst), 4);
+    m.shutdown().unwrap();
+}
