@@ -350,8 +350,15 @@ unsafe impl Platform for HostPlatform {
     }
 
     fn now_ns(&self) -> u64 {
-        static START: OnceLock<Instant> = OnceLock::new();
-        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+        // clock_gettime is async-signal-safe (an `Instant` behind a lazily initialised static
+        // would not be, from a handler interrupting that initialisation).
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid out pointer; CLOCK_MONOTONIC always exists on Linux.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
     }
 }
 
