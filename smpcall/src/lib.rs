@@ -52,3 +52,8 @@ pub use queue::CallQueue;
 
 #[cfg(all(test, loom))]
 mod loom_tests;
+
+/// The README's examples are compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
