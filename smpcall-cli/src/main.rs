@@ -1,1 +1,129 @@
-fn main() {}
+//! The `smpcall` command.
+//!
+//! ```text
+//! smpcall torture [--cpus N] [--duration 5s] [--idle poll|sleep|mixed] [--seed S]
+//! ```
+//!
+//! Exit status: 0 on success, 1 when the torture run found a violation, 2 when it could not
+//! be set up (bad arguments, the machine would not start).
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use smpcall::hosted::IdlePolicy;
+use smpcall_cli::duration::parse_duration;
+use smpcall_cli::torture::{self, Config};
+
+/// Cross-CPU function calls on a hosted machine: stress and inspect the engine.
+#[derive(Debug, Parser)]
+#[command(name = "smpcall", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the exactly-once workload on every CPU and verify every call ran exactly once on
+    /// the CPU it was meant for.
+    Torture(TortureArgs),
+    // Later: Bench(BenchArgs), Dump(DumpArgs).
+}
+
+/// What an idle CPU does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Idle {
+    /// Spin on the queue (IPIs to idle CPUs are elided).
+    Poll,
+    /// Sleep on a futex (IPIs to idle CPUs are futex wakes).
+    Sleep,
+    /// Poll 50 µs after each piece of work, then sleep.
+    Mixed,
+}
+
+impl From<Idle> for IdlePolicy {
+    fn from(idle: Idle) -> IdlePolicy {
+        match idle {
+            Idle::Poll => IdlePolicy::Poll,
+            Idle::Sleep => IdlePolicy::Sleep,
+            Idle::Mixed => IdlePolicy::PollThenSleep(Duration::from_micros(50)),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct TortureArgs {
+    /// CPUs of the hosted machine (1-64; may exceed the host's cores).
+    #[arg(long, default_value_t = 4)]
+    cpus: usize,
+    /// How long to issue calls: 3s, 500ms, 2 (seconds), 1m.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// What idle CPUs do.
+    #[arg(long, value_enum, default_value_t = Idle::Mixed)]
+    idle: Idle,
+    /// Seed of the per-CPU random streams (decimal or 0x-hex); random when absent, and
+    /// printed either way so a run can be repeated.
+    #[arg(long, value_parser = parse_seed)]
+    seed: Option<u64>,
+    /// Call records per CPU (a CPU that uses them up stops early).
+    #[arg(long, default_value_t = Config::default().max_calls_per_cpu)]
+    max_calls_per_cpu: u64,
+    /// Bound on each wait after the deadline (a task to finish, calls to drain, shutdown).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("invalid seed `{s}`: expected a decimal or 0x-hex u64"))
+}
+
+/// A seed for runs that did not ask for one: the clock and the process id.
+fn fresh_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+fn torture(args: TortureArgs) -> ExitCode {
+    let cfg = Config {
+        cpus: args.cpus,
+        duration: args.duration,
+        idle: args.idle.into(),
+        seed: args.seed.unwrap_or_else(fresh_seed),
+        max_calls_per_cpu: args.max_calls_per_cpu,
+        timeout: args.timeout,
+        ..Config::default()
+    };
+    // Printed first, so that a run that hangs can still be repeated.
+    eprintln!(
+        "smpcall torture: running {} CPUs for {:?}, seed {:#x}",
+        cfg.cpus, cfg.duration, cfg.seed
+    );
+    match torture::run(&cfg) {
+        Ok(report) => {
+            println!("{report}");
+            if report.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("smpcall torture: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Torture(args) => torture(args),
+    }
+}
