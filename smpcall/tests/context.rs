@@ -334,3 +334,39 @@ fn safe_point_delivery_runs_calls_only_at_safe_points() {
     assert_eq!(ran.load(Ordering::SeqCst), 4);
     m.shutdown().unwrap();
 }
+
+#[test]
+fn hosted_sleep_finishes_while_ipis_keep_arriving() {
+    // A CPU sleeping in its task while another CPU sends it a stream of IPIs: the absolute
+    // deadline sleep finishes (std's relative sleep may be restarted forever).
+    let m = machine(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = Arc::clone(&stop);
+    let sender = m.run_on(1, move |e| {
+        let mut sent = 0u64;
+        while !s2.load(Ordering::SeqCst) {
+            if e.call_single_async(0, |_| ()).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    });
+    let slept = m
+        .run_on(0, |_| {
+            let t = std::time::Instant::now();
+            for _ in 0..20 {
+                smpcall::hosted::sleep(std::time::Duration::from_micros(200));
+            }
+            t.elapsed()
+        })
+        .join_timeout(LIMIT);
+    stop.store(true, Ordering::SeqCst);
+    let sent = sender.join_timeout(LIMIT).unwrap();
+    let slept = slept.expect("sleeps finished despite the IPI stream");
+    assert!(
+        slept >= std::time::Duration::from_millis(4),
+        "slept {slept:?}"
+    );
+    assert!(sent > 0);
+    m.shutdown().unwrap();
+}

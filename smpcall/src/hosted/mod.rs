@@ -31,6 +31,8 @@
 //! [`MachineBuilder::signal`]), installs its handler once per process and never removes it;
 //! the handler does nothing on threads that are not CPUs of a live machine. System calls
 //! interrupted by it are restarted (`SA_RESTART`); code that sees `EINTR` anyway must retry.
+//! `std::thread::sleep` in a CPU's task may never return while IPIs keep arriving (each
+//! restart adds timer slack): use [`sleep`], which sleeps to an absolute deadline.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -705,6 +707,40 @@ impl<R> Task<R> {
                 Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::TimedOut("a task to finish")),
                 Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::ShutDown),
             },
+        }
+    }
+}
+
+/// Sleeps for `d` in a CPU's task context, however often IPIs arrive.
+///
+/// `std::thread::sleep` restarts `nanosleep` with the *remaining* time after every signal, and
+/// each restart adds the kernel's timer slack: on a CPU that receives IPIs more often than the
+/// slack (~50 µs), it may never finish. This sleeps until an absolute deadline instead
+/// (`clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME)`), so interruptions cost nothing.
+pub fn sleep(d: Duration) {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let total = now.tv_nsec as u128 + d.as_nanos();
+    let deadline = libc::timespec {
+        tv_sec: now.tv_sec + (total / 1_000_000_000) as libc::time_t,
+        tv_nsec: (total % 1_000_000_000) as libc::c_long,
+    };
+    loop {
+        // SAFETY: valid deadline pointer; a null remainder is allowed with TIMER_ABSTIME.
+        let r = unsafe {
+            libc::clock_nanosleep(
+                libc::CLOCK_MONOTONIC,
+                libc::TIMER_ABSTIME,
+                &deadline,
+                ptr::null_mut(),
+            )
+        };
+        if r != libc::EINTR {
+            return;
         }
     }
 }
