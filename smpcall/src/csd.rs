@@ -116,6 +116,11 @@ pub(crate) unsafe fn run_shared<F: Fn(CpuId) + Sync>(payload: *mut Payload, cpu:
     f(cpu)
 }
 
+/// The entry point and payload of a waiting call that shares `f` (see [`run_shared`]).
+pub(crate) fn shared_call<F: Fn(CpuId) + Sync>(f: &F) -> (RunFn, Payload) {
+    (run_shared::<F>, Payload::from_ptr(f))
+}
+
 /// Runs (and consumes) an `F` stored inline in the payload (no-wait calls).
 ///
 /// # Safety

@@ -39,6 +39,9 @@ pub struct CpuStats {
     pub calls_run: u64,
     /// Queue flushes this CPU performed (from IPIs, polling or waiting).
     pub flushes: u64,
+    /// Calls this CPU found and ran while it was offline — an "IPI to an offline CPU". They
+    /// are run, never dropped, and counted here; in normal use this stays 0.
+    pub offline_runs: u64,
 }
 
 impl core::ops::Add for CpuStats {
@@ -51,6 +54,7 @@ impl core::ops::Add for CpuStats {
             calls_queued: self.calls_queued + o.calls_queued,
             calls_run: self.calls_run + o.calls_run,
             flushes: self.flushes + o.flushes,
+            offline_runs: self.offline_runs + o.offline_runs,
         }
     }
 }
@@ -71,6 +75,14 @@ pub struct PerCpu {
     calls_queued: AtomicU64,
     calls_run: AtomicU64,
     flushes: AtomicU64,
+    /// Calls this CPU ran while offline (an "IPI to an offline CPU"; should stay 0).
+    offline_runs: AtomicU64,
+    /// Running its own going-down work (its final flush is not an offline delivery).
+    pub(crate) dying: AtomicBool,
+    /// The stop_machine stage this CPU last acknowledged (0 = not in stop_machine).
+    pub(crate) stop_stage: AtomicU32,
+    /// Order in which this CPU masked interrupts in the last stop_machine (global sequence).
+    pub(crate) stop_mask_seq: AtomicU64,
 }
 
 macro_rules! per_cpu_init {
@@ -85,6 +97,10 @@ macro_rules! per_cpu_init {
             calls_queued: AtomicU64::new(0),
             calls_run: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            offline_runs: AtomicU64::new(0),
+            dying: AtomicBool::new(false),
+            stop_stage: AtomicU32::new(0),
+            stop_mask_seq: AtomicU64::new(0),
         }
     };
 }
@@ -212,9 +228,23 @@ impl<P: Platform> Drop for IrqGuard<'_, P> {
     }
 }
 
+/// What [`Engine::queue_call`] does with a target that is not accepting calls, or busy call
+/// data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// Offline target: `Error::Offline`. Busy call data: wait.
+    Refuse,
+    /// Offline target: `Error::Offline`. Busy call data: `Error::Busy`.
+    RefuseBusy,
+    /// Offline target: skip it (many-calls prune offline CPUs).
+    Prune,
+    /// No online checks (stop_machine reaching a CPU that is going down). Busy: wait.
+    Force,
+}
+
 /// Aborts the process (panic while panicking) if a panic unwinds through a region where call
 /// data is in flight: unwinding would free or abandon call data another CPU may still use.
-struct AbortOnUnwind;
+pub(crate) struct AbortOnUnwind;
 
 impl Drop for AbortOnUnwind {
     fn drop(&mut self) {
@@ -240,11 +270,21 @@ impl Drop for AbortOnUnwind {
 /// Closures receive the id of the CPU they run on. A call to the calling CPU itself runs
 /// right away, locally, with interrupts masked.
 pub struct Engine<P: Platform, S: Storage> {
-    platform: P,
+    pub(crate) platform: P,
     storage: S,
     nr_cpus: usize,
-    online: AtomicCpuMask,
+    /// CPUs that take part in the machine (serve IPIs, join stop_machine).
+    pub(crate) online: AtomicCpuMask,
+    /// Online CPUs that accept new calls: `online` minus a CPU that is going down.
+    pub(crate) accepting: AtomicCpuMask,
     shut_down: AtomicBool,
+    /// Serialises stop_machine and hotplug.
+    pub(crate) stop_lock: AtomicBool,
+    /// Global sequence for the order in which CPUs mask in stop_machine.
+    pub(crate) stop_seq: AtomicU64,
+    /// A wait longer than this is reported (0: never).
+    pub(crate) stall_threshold_ns: AtomicU64,
+    pub(crate) hotplug: crate::stop::HotplugCounters,
 }
 
 impl<P: Platform, S: Storage> core::fmt::Debug for Engine<P, S> {
@@ -278,7 +318,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             storage,
             nr_cpus: n,
             online: AtomicCpuMask::new(),
+            accepting: AtomicCpuMask::new(),
             shut_down: AtomicBool::new(false),
+            stop_lock: AtomicBool::new(false),
+            stop_seq: AtomicU64::new(0),
+            stall_threshold_ns: AtomicU64::new(crate::stop::DEFAULT_STALL_NS),
+            hotplug: crate::stop::HotplugCounters::new(),
         })
     }
 
@@ -297,7 +342,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.platform.current_cpu()
     }
 
-    /// Snapshot of the online CPUs.
+    /// Snapshot of the online CPUs (a CPU going down stays online until it has left).
     pub fn online_mask(&self) -> CpuMask {
         self.online.load()
     }
@@ -313,7 +358,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             return Err(Error::UnknownCpu(cpu));
         }
         self.online.set(cpu);
+        self.accepting.set(cpu);
         Ok(())
+    }
+
+    /// Whether `cpu` accepts new calls (online and not going down).
+    pub fn is_accepting(&self, cpu: CpuId) -> bool {
+        self.accepting.test(cpu)
     }
 
     /// Refuses every new call from now on ([`Error::ShutDown`]). Calls already accepted still
@@ -341,12 +392,21 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             calls_queued: r(&pc.calls_queued),
             calls_run: r(&pc.calls_run),
             flushes: r(&pc.flushes),
+            offline_runs: r(&pc.offline_runs),
         }
     }
 
     /// Counters summed over all CPUs.
     pub fn total_stats(&self) -> CpuStats {
         (0..self.nr_cpus).fold(CpuStats::default(), |acc, c| acc + self.stats(c))
+    }
+
+    /// Whether `cpu` is idle-polling its queue (IPIs to it are elided).
+    pub fn is_polling(&self, cpu: CpuId) -> bool {
+        self.storage
+            .cpus()
+            .get(cpu)
+            .is_some_and(|pc| pc.polling.load(Ordering::Relaxed))
     }
 
     /// Whether `cpu` has calls queued and not yet taken.
@@ -430,23 +490,17 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             ret: None,
         };
         let csd = Csd::new();
-        let claimed = csd.try_lock();
-        debug_assert!(claimed, "a fresh Csd is free");
-        // SAFETY: we hold the fresh csd; `call` outlives the wait below, and nothing else
-        // touches it until the target released the csd.
-        unsafe {
-            csd.set_call(
-                run_once::<F, R>,
-                Payload::from_ptr(&mut call as *mut _),
-                true,
-            )
-        };
+        let payload = Payload::from_ptr(&mut call as *mut OnceCall<F, R>);
         let in_flight = AbortOnUnwind;
-        // SAFETY: `csd` is locked, filled, and lives on this frame until `wait_csd` saw it
-        // released (unwinding out of here aborts: `in_flight`).
-        if unsafe { self.enqueue(cpu, &csd) } {
-            self.platform.send_ipi(cpu);
-        }
+        let mut ipis = CpuMask::new();
+        // The fresh csd is never busy; it lives on this frame until `wait_csd` saw it released
+        // (unwinding out of here aborts: `in_flight`).
+        self.queue_call(me, cpu, &csd, Target::Refuse, &mut ipis, |csd| {
+            // SAFETY: `queue_call` hands us the csd claimed; `call` outlives the wait below and
+            // nothing else touches it until the target released the csd.
+            unsafe { csd.set_call(run_once::<F, R>, payload, true) };
+        })?;
+        self.send_ipis(&ipis);
         self.wait_csd(me, &csd);
         core::mem::forget(in_flight);
         // `call.ret` is set: a synchronous csd is released only after its function returned
@@ -475,14 +529,21 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
         let mut f = Some(f);
         let mut ipis = CpuMask::new();
-        self.queue_on_slot(me, cpu, &mut ipis, |slot| {
-            let f = f.take().expect("filled once");
-            // SAFETY: `queue_on_slot` hands us a slot we hold; inline payload matches
-            // `run_inline::<F>`.
-            unsafe { slot.set_call(run_inline::<F>, Payload::inline(f), false) };
-        });
+        let result = self.queue_call(
+            me,
+            cpu,
+            self.slot(me, cpu),
+            Target::Refuse,
+            &mut ipis,
+            |slot| {
+                let f = f.take().expect("filled once");
+                // SAFETY: `queue_call` hands us the slot claimed; inline payload matches
+                // `run_inline::<F>`.
+                unsafe { slot.set_call(run_inline::<F>, Payload::inline(f), false) };
+            },
+        );
         self.send_ipis(&ipis);
-        Ok(())
+        result.map(|_| ())
     }
 
     /// Queues `f` to run on `cpu` using call data the caller owns (C4), and returns at once.
@@ -507,25 +568,27 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let me = self.enter()?;
         self.check_target(cpu)?;
         let csd = csd.get_ref();
-        if !csd.try_lock() {
-            return Err(Error::Busy);
-        }
         if cpu == me {
-            // Run locally; the call data was only claimed to keep "busy" semantics uniform.
+            // Run locally. "Busy" semantics stay uniform: a busy csd is refused here too.
+            if !csd.try_lock() {
+                return Err(Error::Busy);
+            }
             // SAFETY: we hold it; nothing was written.
             unsafe { Csd::take_async_and_release(csd) };
             let _masked = self.irq_save();
             f(me);
             return Ok(());
         }
-        // SAFETY: we hold `csd`; inline payload matches `run_inline::<F>`.
-        unsafe { csd.set_call(run_inline::<F>, Payload::inline(f), false) };
-        // SAFETY: locked and filled; pinned, and its `Drop` waits while it is busy, so it
-        // outlives the call.
-        if unsafe { self.enqueue(cpu, csd) } {
-            self.platform.send_ipi(cpu);
-        }
-        Ok(())
+        let mut f = Some(f);
+        let mut ipis = CpuMask::new();
+        // Pinned, and its `Drop` waits while it is busy, so it outlives the call.
+        let result = self.queue_call(me, cpu, csd, Target::RefuseBusy, &mut ipis, |csd| {
+            let f = f.take().expect("filled once");
+            // SAFETY: claimed by `queue_call`; inline payload matches `run_inline::<F>`.
+            unsafe { csd.set_call(run_inline::<F>, Payload::inline(f), false) };
+        });
+        self.send_ipis(&ipis);
+        result.map(|_| ())
     }
 
     /// Runs `f` on every online CPU in `mask` (the caller too, locally, if it is in `mask`) and
@@ -537,28 +600,35 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     {
         let me = self.enter()?;
         self.check_can_wait(me)?;
-        let targets = mask.and(&self.online.load());
-        let mut others = targets;
+        let mut others = mask.and(&self.accepting.load());
         others.clear(me);
 
         let in_flight = AbortOnUnwind;
         let mut ipis = CpuMask::new();
+        let mut queued = CpuMask::new();
         for t in &others {
-            self.queue_on_slot(me, t, &mut ipis, |slot| {
-                // SAFETY: we hold the slot; `f` outlives the waits below.
-                unsafe { slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true) };
-            });
+            let pushed =
+                self.queue_call(me, t, self.slot(me, t), Target::Prune, &mut ipis, |slot| {
+                    // SAFETY: we hold the slot; `f` outlives the waits below.
+                    unsafe { slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true) };
+                })?;
+            if pushed {
+                queued.set(t);
+            }
         }
         self.send_ipis(&ipis);
-        if targets.test(me) {
+        if mask.test(me) {
             let _masked = self.irq_save();
             f(me);
+            queued.set(me);
         }
-        for t in &others {
-            self.wait_csd(me, self.slot(me, t));
+        for t in &queued {
+            if t != me {
+                self.wait_csd(me, self.slot(me, t));
+            }
         }
         core::mem::forget(in_flight);
-        Ok(targets)
+        Ok(queued)
     }
 
     /// Queues `f` on every online CPU in `mask` (running it locally, masked, if the caller is in
@@ -569,23 +639,35 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         F: Fn(CpuId) + Clone + Send + 'static,
     {
         let me = self.enter()?;
-        let targets = mask.and(&self.online.load());
-        let mut others = targets;
+        let mut others = mask.and(&self.accepting.load());
         others.clear(me);
 
         let mut ipis = CpuMask::new();
+        let mut queued = CpuMask::new();
+        let mut result = Ok(());
         for t in &others {
-            self.queue_on_slot(me, t, &mut ipis, |slot| {
-                // SAFETY: we hold the slot; inline payload matches `run_inline::<F>`.
-                unsafe { slot.set_call(run_inline::<F>, Payload::inline(f.clone()), false) };
-            });
+            let pushed =
+                self.queue_call(me, t, self.slot(me, t), Target::Prune, &mut ipis, |slot| {
+                    // SAFETY: we hold the slot; inline payload matches `run_inline::<F>`.
+                    unsafe { slot.set_call(run_inline::<F>, Payload::inline(f.clone()), false) };
+                });
+            match pushed {
+                Ok(true) => queued.set(t),
+                Ok(false) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
         }
         self.send_ipis(&ipis);
-        if targets.test(me) {
+        result?;
+        if mask.test(me) {
             let _masked = self.irq_save();
             f(me);
+            queued.set(me);
         }
-        Ok(targets)
+        Ok(queued)
     }
 
     /// [`call_many`](Engine::call_many) on every online CPU, the caller included.
@@ -693,22 +775,28 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     // Internals.
     // ---------------------------------------------------------------------------------------
 
-    fn per_cpu(&self, cpu: CpuId) -> &PerCpu {
+    pub(crate) fn per_cpu(&self, cpu: CpuId) -> &PerCpu {
         &self.storage.cpus()[cpu]
     }
 
-    fn slot(&self, sender: CpuId, target: CpuId) -> &Csd {
+    pub(crate) fn slot(&self, sender: CpuId, target: CpuId) -> &Csd {
         &self.storage.slots()[sender * self.nr_cpus + target]
     }
 
     /// Common entry: accepting calls, and from one of our CPUs.
-    fn enter(&self) -> Result<CpuId, Error> {
+    pub(crate) fn enter(&self) -> Result<CpuId, Error> {
         // Relaxed: a call racing with shutdown may be accepted; shutdown drains accepted calls.
         if self.shut_down.load(Ordering::Relaxed) {
             return Err(Error::ShutDown);
         }
         match self.platform.current_cpu() {
-            Some(me) if me < self.nr_cpus => Ok(me),
+            Some(me) if me < self.nr_cpus => {
+                if self.online.test(me) {
+                    Ok(me)
+                } else {
+                    Err(Error::Offline(me))
+                }
+            }
             _ => Err(Error::NotOnCpu),
         }
     }
@@ -716,7 +804,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     fn check_target(&self, cpu: CpuId) -> Result<(), Error> {
         if cpu >= self.nr_cpus {
             Err(Error::UnknownCpu(cpu))
-        } else if !self.online.test(cpu) {
+        } else if !self.accepting.test(cpu) {
             Err(Error::Offline(cpu))
         } else {
             Ok(())
@@ -724,7 +812,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// C7: a caller that cannot serve its own queue while waiting must not wait.
-    fn check_can_wait(&self, me: CpuId) -> Result<(), Error> {
+    pub(crate) fn check_can_wait(&self, me: CpuId) -> Result<(), Error> {
         // Relaxed: only this CPU (and its nested handlers, which restore it) writes it.
         if self.per_cpu(me).handler_depth.load(Ordering::Relaxed) > 0 {
             Err(Error::WouldDeadlock(DeadlockReason::InHandler))
@@ -743,45 +831,69 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     fn filter(&self, mask: &CpuMask, cond: impl Fn(CpuId) -> bool) -> CpuMask {
-        mask.and(&self.online.load())
+        mask.and(&self.accepting.load())
             .iter()
             .filter(|&c| cond(c))
             .collect()
     }
 
-    /// Claims this CPU's slot for `target` (waiting, while serving our own queue, if the
-    /// previous call through it has not been taken yet), fills it with `fill` and queues it.
-    /// Adds `target` to `ipis` if it needs an IPI; sends the collected IPIs before any wait.
-    fn queue_on_slot(
+    /// Claims `csd`, fills it with `fill` and pushes it on `target`'s queue, adding `target`
+    /// to `ipis` if it needs an IPI. Returns `Ok(true)` if queued, `Ok(false)` if `target` is
+    /// not accepting calls and the policy is to prune it.
+    ///
+    /// The online checks and the push happen in one region masked against this CPU's
+    /// interrupts. `stop_machine` (hence `cpu_down`) needs every online CPU to take its IPI, so
+    /// it cannot run between the check and the push: a call that passed the check is on the
+    /// target's queue before the target can start going down, and the dying CPU's final flush
+    /// runs it (seed 003's window, closed).
+    ///
+    /// A busy `csd` is waited for (serving our own queue, after sending the IPIs collected so
+    /// far), except with [`Target::RefuseBusy`].
+    pub(crate) fn queue_call(
         &self,
         me: CpuId,
         target: CpuId,
+        csd: &Csd,
+        policy: Target,
         ipis: &mut CpuMask,
         mut fill: impl FnMut(&Csd),
-    ) {
-        let slot = self.slot(me, target);
+    ) -> Result<bool, Error> {
         loop {
             {
-                // Masked from claim to push: a nested handler on this CPU using the same slot
-                // would otherwise wait for a call that is claimed but never queued.
                 let _masked = self.irq_save();
-                if slot.try_lock() {
-                    fill(slot);
-                    // SAFETY: claimed and filled; slots live as long as the engine.
-                    if unsafe { self.enqueue(target, slot) } {
+                if policy != Target::Force {
+                    if !self.online.test(me) {
+                        return Err(Error::Offline(me));
+                    }
+                    if !self.accepting.test(target) {
+                        return match policy {
+                            Target::Prune => Ok(false),
+                            _ => Err(Error::Offline(target)),
+                        };
+                    }
+                }
+                if csd.try_lock() {
+                    fill(csd);
+                    // SAFETY: claimed and filled; the caller guarantees `csd` outlives the
+                    // call (engine slots live as long as the engine; stack csds are waited
+                    // for; caller-owned csds are pinned and wait in `Drop`).
+                    if unsafe { self.enqueue(target, csd) } {
                         ipis.set(target);
                     }
-                    return;
+                    return Ok(true);
+                }
+                if policy == Target::RefuseBusy {
+                    return Err(Error::Busy);
                 }
             }
             // Busy: make sure what we queued so far is signalled before we wait on anyone.
             self.send_ipis(ipis);
             *ipis = CpuMask::new();
-            self.wait_csd(me, slot);
+            self.wait_csd(me, csd);
         }
     }
 
-    fn send_ipis(&self, ipis: &CpuMask) {
+    pub(crate) fn send_ipis(&self, ipis: &CpuMask) {
         if !ipis.is_empty() {
             self.platform.send_ipi_mask(ipis);
         }
@@ -815,7 +927,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Waits until `csd` is released, serving this CPU's own queue meanwhile (C7): a CPU that
     /// waits for another never stops answering it.
-    fn wait_csd(&self, me: CpuId, csd: &Csd) {
+    pub(crate) fn wait_csd(&self, me: CpuId, csd: &Csd) {
         while csd.is_busy() {
             self.serve_own(me);
             self.platform.relax();
@@ -824,7 +936,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Serves our own queue if there is anything to serve, including entries an outer flush on
     /// this CPU already took (when we wait from inside a handler).
-    fn serve_own(&self, me: CpuId) -> usize {
+    pub(crate) fn serve_own(&self, me: CpuId) -> usize {
         let pc = self.per_cpu(me);
         // Relaxed: our own CPU's depth.
         if pc.queue.is_empty() && pc.handler_depth.load(Ordering::Relaxed) == 0 {
@@ -857,6 +969,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // Relaxed: statistics.
         pc.calls_run.fetch_add(ran as u64, Ordering::Relaxed);
         pc.flushes.fetch_add(1, Ordering::Relaxed);
+        // Relaxed: our own flag; `online` is SeqCst.
+        if ran > 0 && !self.online.test(me) && !pc.dying.load(Ordering::Relaxed) {
+            // Calls reached an offline CPU: run (never drop) and count them (C10).
+            pc.offline_runs.fetch_add(ran as u64, Ordering::Relaxed);
+        }
         ran
     }
 }

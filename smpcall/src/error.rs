@@ -33,6 +33,8 @@ pub enum Error {
     NotOnCpu,
     /// The engine or machine was configured wrongly (the message says how).
     InvalidConfig(&'static str),
+    /// A CPU hotplug request that cannot be carried out (the message says why).
+    Hotplug(&'static str),
     /// A bounded wait of the hosted backend expired (the message says for what).
     TimedOut(&'static str),
 }
@@ -56,6 +58,7 @@ impl fmt::Display for Error {
                 "the calling thread is not a CPU of this machine; submit work to a CPU instead",
             ),
             Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
+            Error::Hotplug(why) => write!(f, "CPU hotplug refused: {why}"),
             Error::TimedOut(what) => write!(f, "timed out waiting for {what}"),
         }
     }

@@ -34,6 +34,7 @@ mod engine;
 mod error;
 mod platform;
 mod queue;
+mod stop;
 mod sync;
 
 #[cfg(all(feature = "std", not(loom)))]
@@ -49,6 +50,7 @@ pub use engine::{CpuStats, Engine, IrqGuard, PerCpu, Storage};
 pub use error::{DeadlockReason, Error};
 pub use platform::Platform;
 pub use queue::CallQueue;
+pub use stop::{HotplugStats, StopStage};
 
 #[cfg(all(test, loom))]
 mod loom_tests;

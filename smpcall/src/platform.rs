@@ -58,8 +58,17 @@ pub unsafe trait Platform: Sync {
         core::hint::spin_loop();
     }
 
-    /// A monotonic clock in nanoseconds, for diagnostics. Defaults to "no clock" (0).
+    /// A monotonic clock in nanoseconds, for diagnostics. Defaults to "no clock" (0), which
+    /// disables stall reports.
     fn now_ns(&self) -> u64 {
         0
+    }
+
+    /// Where the engine's reports go (a stuck stop_machine participant, and later the
+    /// lost-IPI diagnostics). Called from any context, including with interrupts masked and
+    /// from call handlers: an implementation must not allocate or take locks. Defaults to
+    /// dropping the report.
+    fn report(&self, message: core::fmt::Arguments<'_>) {
+        let _ = message;
     }
 }

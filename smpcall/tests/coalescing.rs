@@ -86,6 +86,9 @@ fn calls_to_an_idle_polling_cpu_send_no_ipi() {
         .idle(IdlePolicy::Poll)
         .build()
         .unwrap();
+    wait_until(LIMIT, "CPU 1 to start idle-polling", || {
+        m.engine().is_polling(1)
+    });
     let before = m.engine().stats(1);
     let signals_before = m.engine().platform().signals_sent();
     let runs = Arc::new(AtomicUsize::new(0));

@@ -331,7 +331,7 @@ unsafe impl Platform for HostPlatform {
         compiler_fence(Ordering::SeqCst);
         // A signal that arrived while masked is delivered now. (One arriving after the store
         // above runs its handler directly.)
-        while hc.pending.swap(false, Ordering::Relaxed) {
+        while hc.pending.load(Ordering::Relaxed) && hc.pending.swap(false, Ordering::Relaxed) {
             // SAFETY: `engine` is this machine's engine, alive while this CPU thread runs.
             unsafe { (*c.engine).handle_ipi() };
         }
@@ -351,6 +351,10 @@ unsafe impl Platform for HostPlatform {
         }
     }
 
+    fn report(&self, message: std::fmt::Arguments<'_>) {
+        write_stderr(message);
+    }
+
     fn now_ns(&self) -> u64 {
         // clock_gettime is async-signal-safe (an `Instant` behind a lazily initialised static
         // would not be, from a handler interrupting that initialisation).
@@ -362,6 +366,32 @@ unsafe impl Platform for HostPlatform {
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
     }
+}
+
+/// Writes one line to stderr without allocating or locking (usable in signal context):
+/// formats into a stack buffer (truncating at 1 KiB) and issues one `write(2)`.
+fn write_stderr(message: std::fmt::Arguments<'_>) {
+    struct Buf {
+        bytes: [u8; 1024],
+        len: usize,
+    }
+    impl std::fmt::Write for Buf {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let room = self.bytes.len() - 1 - self.len;
+            let n = s.len().min(room);
+            self.bytes[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+            self.len += n;
+            Ok(())
+        }
+    }
+    let mut buf = Buf {
+        bytes: [0; 1024],
+        len: 0,
+    };
+    let _ = std::fmt::Write::write_fmt(&mut buf, message);
+    buf.bytes[buf.len] = b'\n';
+    // SAFETY: writes initialised bytes from a live buffer to fd 2; async-signal-safe.
+    unsafe { libc::write(2, buf.bytes.as_ptr().cast(), buf.len + 1) };
 }
 
 /// The IPI signal handler.
@@ -571,6 +601,8 @@ impl Machine {
                 thread::sleep(Duration::from_micros(100));
             }
             machine.inner.engine.mark_online(cpu)?;
+            // It may have parked as offline before we marked it: kick it.
+            machine.inner.engine.platform().wake_if_sleeping(cpu);
         }
         Ok(machine)
     }
@@ -600,6 +632,11 @@ impl Machine {
                 state: TaskState::Refused(Error::UnknownCpu(cpu)),
             };
         }
+        if !self.inner.engine.is_online(cpu) {
+            return Task {
+                state: TaskState::Refused(Error::Offline(cpu)),
+            };
+        }
         let (tx, rx) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |engine| {
             let r = panic::catch_unwind(AssertUnwindSafe(|| f(engine)));
@@ -615,6 +652,33 @@ impl Machine {
         Task {
             state: TaskState::Pending(rx, cpu),
         }
+    }
+
+    /// Takes `cpu` offline (see [`Engine::cpu_down`]), driven from another online CPU.
+    /// Tasks already queued to `cpu` still run there, but calls they make are refused with
+    /// [`Error::Offline`]; new tasks are refused.
+    pub fn cpu_down(&self, cpu: CpuId) -> Result<(), Error> {
+        let via = self.other_online(cpu)?;
+        self.run_on(via, move |e| e.cpu_down(cpu))
+            .join_timeout(self.timeout)?
+    }
+
+    /// Brings `cpu` back online (see [`Engine::cpu_up`]), driven from an online CPU.
+    pub fn cpu_up(&self, cpu: CpuId) -> Result<(), Error> {
+        let via = self.other_online(cpu)?;
+        self.run_on(via, move |e| e.cpu_up(cpu))
+            .join_timeout(self.timeout)?
+    }
+
+    fn other_online(&self, cpu: CpuId) -> Result<CpuId, Error> {
+        if cpu >= self.nr_cpus() {
+            return Err(Error::UnknownCpu(cpu));
+        }
+        let mut online = self.inner.engine.online_mask();
+        online.clear(cpu);
+        online
+            .first()
+            .ok_or(Error::Hotplug("cannot take down the last online CPU"))
     }
 
     /// Shuts down: refuses new calls, lets every task finish, drains every queue, stops and
@@ -820,9 +884,14 @@ fn wants_attention(hc: &HostCpu) -> bool {
 
 fn idle(inner: &Inner, cpu: CpuId, hc: &HostCpu) {
     let engine = &inner.engine;
+    if !engine.is_online(cpu) {
+        // Offline: park until brought up (cpu_up kicks us), a task, or exit.
+        sleep_once(engine, cpu, hc, false);
+        return;
+    }
     match inner.idle {
         IdlePolicy::Poll => engine.idle_poll(|| wants_attention(hc)),
-        IdlePolicy::Sleep => sleep_once(engine, cpu, hc),
+        IdlePolicy::Sleep => sleep_once(engine, cpu, hc, true),
         IdlePolicy::PollThenSleep(limit) => {
             let start = Instant::now();
             let mut spins = 0u32;
@@ -835,19 +904,20 @@ fn idle(inner: &Inner, cpu: CpuId, hc: &HostCpu) {
                 expired || wants_attention(hc)
             });
             if expired && !wants_attention(hc) {
-                sleep_once(engine, cpu, hc);
+                sleep_once(engine, cpu, hc, true);
             }
         }
     }
 }
 
 /// Sleeps on the CPU's futex word until a call, a task or a stop request wakes it.
-fn sleep_once(engine: &HostEngine, cpu: CpuId, hc: &HostCpu) {
+fn sleep_once(engine: &HostEngine, cpu: CpuId, hc: &HostCpu, was_online: bool) {
     hc.state.store(SLEEPING, Ordering::SeqCst);
     // SeqCst fence: pairs with the sender's push / fence / `wake_if_sleeping` CAS: either it
     // sees SLEEPING and wakes us, or we see its call here.
     fence(Ordering::SeqCst);
-    if !engine.has_queued(cpu) && !wants_attention(hc) {
+    // An offline CPU sleeps until it is brought up; an online one until a call or a task.
+    if !engine.has_queued(cpu) && !wants_attention(hc) && engine.is_online(cpu) == was_online {
         atomic_wait::wait(&hc.state, SLEEPING);
     }
     hc.state.store(AWAKE, Ordering::SeqCst);
