@@ -961,6 +961,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let depth = &pc.handler_depth;
         // Relaxed: only this CPU touches its depth.
         depth.fetch_add(1, Ordering::Relaxed);
+        // A flush that *starts* on an offline CPU (not its own going-down flush) serves calls
+        // that reached it while offline. (One that started while online may see the CPU leave
+        // under it: the stop_machine call of its own cpu_down.)
+        // Relaxed: our own flag; `online` is SeqCst.
+        let offline = !self.online.test(me) && !pc.dying.load(Ordering::Relaxed);
         let in_flight = AbortOnUnwind;
         // SAFETY: forwarded (owner, masked).
         let ran = unsafe { pc.queue.flush(me) };
@@ -969,8 +974,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // Relaxed: statistics.
         pc.calls_run.fetch_add(ran as u64, Ordering::Relaxed);
         pc.flushes.fetch_add(1, Ordering::Relaxed);
-        // Relaxed: our own flag; `online` is SeqCst.
-        if ran > 0 && !self.online.test(me) && !pc.dying.load(Ordering::Relaxed) {
+        if ran > 0 && offline {
             // Calls reached an offline CPU: run (never drop) and count them (C10).
             pc.offline_runs.fetch_add(ran as u64, Ordering::Relaxed);
         }

@@ -236,6 +236,14 @@ impl HostPlatform {
             .sum()
     }
 
+    /// Whether `cpu` has interrupts (soft-)masked right now (an observation from any thread).
+    pub fn cpu_masked(&self, cpu: CpuId) -> bool {
+        // Relaxed: an observation; its owner may change it at any time.
+        self.cpus
+            .get(cpu)
+            .is_some_and(|c| c.masked.load(Ordering::Relaxed))
+    }
+
     /// The signal number used for IPIs.
     pub fn signal(&self) -> i32 {
         self.signo
