@@ -37,6 +37,9 @@ pub(crate) const LOCK: u32 = 1 << 0;
 /// The sender waits: the target runs the function, *then* clears `LOCK`.
 pub(crate) const SYNC: u32 = 1 << 1;
 
+/// `route` value meaning "no call recorded yet".
+const NO_ROUTE: u32 = u32::MAX;
+
 /// Number of machine words a no-wait call's closure may occupy inside a [`Csd`].
 pub const INLINE_CLOSURE_WORDS: usize = 4;
 /// Largest closure, in bytes, a no-wait call can carry (its alignment must not exceed `usize`'s).
@@ -153,8 +156,13 @@ pub struct Csd {
     /// it holds the call data.
     pub(crate) next: AtomicPtr<Csd>,
     flags: AtomicU32,
+    /// Diagnostics: `src << 16 | dst` of the current call (written by the sender before the
+    /// push; read racily by dumps and stall reports).
+    route: core::sync::atomic::AtomicU32,
     run: UnsafeCell<Option<RunFn>>,
     payload: UnsafeCell<Payload>,
+    /// Diagnostics: address of a `fn() -> &'static str` naming the call's function (0: none).
+    name_fn: core::sync::atomic::AtomicUsize,
     _pinned: PhantomPinned,
 }
 
@@ -184,8 +192,10 @@ impl Csd {
         Csd {
             next: AtomicPtr::new(ptr::null_mut()),
             flags: AtomicU32::new(0),
+            route: core::sync::atomic::AtomicU32::new(NO_ROUTE),
             run: UnsafeCell::new(None),
             payload: UnsafeCell::new(Payload::empty()),
+            name_fn: core::sync::atomic::AtomicUsize::new(0),
             _pinned: PhantomPinned,
         }
     }
@@ -196,8 +206,10 @@ impl Csd {
         Csd {
             next: AtomicPtr::new(ptr::null_mut()),
             flags: AtomicU32::new(0),
+            route: core::sync::atomic::AtomicU32::new(NO_ROUTE),
             run: UnsafeCell::new(None),
             payload: UnsafeCell::new(Payload::empty()),
+            name_fn: core::sync::atomic::AtomicUsize::new(0),
             _pinned: PhantomPinned,
         }
     }
@@ -238,6 +250,45 @@ impl Csd {
         let flags = if sync { LOCK | SYNC } else { LOCK };
         // Relaxed: we own the call data; the push that publishes it is a Release.
         self.flags.store(flags, Ordering::Relaxed);
+    }
+
+    /// Records who calls whom with what (diagnostics only). The sender calls this while it
+    /// holds the call data, before the push.
+    pub(crate) fn set_meta<F>(&self, src: CpuId, dst: CpuId) {
+        fn name_of<F>() -> &'static str {
+            core::any::type_name::<F>()
+        }
+        let name: fn() -> &'static str = name_of::<F>;
+        // Relaxed: diagnostic fields, read racily by design (dumps, stall reports).
+        self.route
+            .store(((src as u32) << 16) | (dst as u32 & 0xffff), core::sync::atomic::Ordering::Relaxed);
+        self.name_fn
+            .store(name as usize, core::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The (source, target) of the current or last call, if recorded.
+    pub fn route(&self) -> Option<(CpuId, CpuId)> {
+        // Relaxed: diagnostics (see `set_meta`).
+        let r = self.route.load(core::sync::atomic::Ordering::Relaxed);
+        (r != NO_ROUTE).then_some(((r >> 16) as CpuId, (r & 0xffff) as CpuId))
+    }
+
+    /// The type name of the current or last call's function, if recorded.
+    pub fn function_name(&self) -> Option<&'static str> {
+        // Relaxed: diagnostics (see `set_meta`).
+        let f = self.name_fn.load(core::sync::atomic::Ordering::Relaxed);
+        if f == 0 {
+            return None;
+        }
+        // SAFETY: non-zero values are only ever stored by `set_meta`, from a
+        // `fn() -> &'static str`; function pointers round-trip through `usize`.
+        let f: fn() -> &'static str = unsafe { core::mem::transmute::<usize, fn() -> &'static str>(f) };
+        Some(f())
+    }
+
+    /// Whether the current call (if busy) is a waiting one. Diagnostics only: racy.
+    pub fn is_waiting_call(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & SYNC != 0
     }
 
     /// Whether the sender waits for this call (target side, while it holds the call data).

@@ -83,6 +83,8 @@ pub struct PerCpu {
     pub(crate) stop_stage: AtomicU32,
     /// Order in which this CPU masked interrupts in the last stop_machine (global sequence).
     pub(crate) stop_mask_seq: AtomicU64,
+    /// Lost-IPI diagnostics.
+    pub(crate) diag: crate::diag::CpuDiag,
 }
 
 macro_rules! per_cpu_init {
@@ -101,6 +103,7 @@ macro_rules! per_cpu_init {
             dying: AtomicBool::new(false),
             stop_stage: AtomicU32::new(0),
             stop_mask_seq: AtomicU64::new(0),
+            diag: crate::diag::CpuDiag::new(),
         }
     };
 }
@@ -285,6 +288,7 @@ pub struct Engine<P: Platform, S: Storage> {
     /// A wait longer than this is reported (0: never).
     pub(crate) stall_threshold_ns: AtomicU64,
     pub(crate) hotplug: crate::stop::HotplugCounters,
+    pub(crate) diag: crate::diag::DiagCounters,
 }
 
 impl<P: Platform, S: Storage> core::fmt::Debug for Engine<P, S> {
@@ -324,6 +328,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             stop_seq: AtomicU64::new(0),
             stall_threshold_ns: AtomicU64::new(crate::stop::DEFAULT_STALL_NS),
             hotplug: crate::stop::HotplugCounters::new(),
+            diag: crate::diag::DiagCounters::new(),
         })
     }
 
@@ -499,6 +504,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // SAFETY: `queue_call` hands us the csd claimed; `call` outlives the wait below and
             // nothing else touches it until the target released the csd.
             unsafe { csd.set_call(run_once::<F, R>, payload, true) };
+            self.note_call::<F>(csd, me, cpu);
         })?;
         self.send_ipis(&ipis);
         self.wait_csd(me, &csd);
@@ -540,6 +546,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 // SAFETY: `queue_call` hands us the slot claimed; inline payload matches
                 // `run_inline::<F>`.
                 unsafe { slot.set_call(run_inline::<F>, Payload::inline(f), false) };
+                self.note_call::<F>(slot, me, cpu);
             },
         );
         self.send_ipis(&ipis);
@@ -586,6 +593,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             let f = f.take().expect("filled once");
             // SAFETY: claimed by `queue_call`; inline payload matches `run_inline::<F>`.
             unsafe { csd.set_call(run_inline::<F>, Payload::inline(f), false) };
+            self.note_call::<F>(csd, me, cpu);
         });
         self.send_ipis(&ipis);
         result.map(|_| ())
@@ -611,6 +619,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 self.queue_call(me, t, self.slot(me, t), Target::Prune, &mut ipis, |slot| {
                     // SAFETY: we hold the slot; `f` outlives the waits below.
                     unsafe { slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true) };
+                    self.note_call::<F>(slot, me, t);
                 })?;
             if pushed {
                 queued.set(t);
@@ -650,6 +659,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 self.queue_call(me, t, self.slot(me, t), Target::Prune, &mut ipis, |slot| {
                     // SAFETY: we hold the slot; inline payload matches `run_inline::<F>`.
                     unsafe { slot.set_call(run_inline::<F>, Payload::inline(f.clone()), false) };
+                    self.note_call::<F>(slot, me, t);
                 });
             match pushed {
                 Ok(true) => queued.set(t),
@@ -861,6 +871,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         loop {
             {
                 let _masked = self.irq_save();
+                self.platform.preempt_point();
                 if policy != Target::Force {
                     if !self.online.test(me) {
                         return Err(Error::Offline(me));
@@ -874,6 +885,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 }
                 if csd.try_lock() {
                     fill(csd);
+                    self.platform.preempt_point();
                     // SAFETY: claimed and filled; the caller guarantees `csd` outlives the
                     // call (engine slots live as long as the engine; stack csds are waited
                     // for; caller-owned csds are pinned and wait in `Drop`).
@@ -928,10 +940,24 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// Waits until `csd` is released, serving this CPU's own queue meanwhile (C7): a CPU that
     /// waits for another never stops answering it.
     pub(crate) fn wait_csd(&self, me: CpuId, csd: &Csd) {
+        let mut watch = None;
+        let mut spins: u32 = 0;
         while csd.is_busy() {
             self.serve_own(me);
             self.platform.relax();
+            spins = spins.wrapping_add(1);
+            // Look at the clock only now and then: most waits end long before.
+            if spins % 256 == 0 {
+                self.check_wait_stall(me, csd, &mut watch);
+            }
         }
+        self.end_wait(me, watch);
+    }
+
+    /// How many flushes are running on `cpu` (non-zero: it is in a call handler).
+    pub(crate) fn handler_depth(&self, cpu: CpuId) -> u32 {
+        // Relaxed: an observation.
+        self.per_cpu(cpu).handler_depth.load(Ordering::Relaxed)
     }
 
     /// Serves our own queue if there is anything to serve, including entries an outer flush on
@@ -966,6 +992,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // under it: the stop_machine call of its own cpu_down.)
         // Relaxed: our own flag; `online` is SeqCst.
         let offline = !self.online.test(me) && !pc.dying.load(Ordering::Relaxed);
+        pc.diag.queue_taken();
         let in_flight = AbortOnUnwind;
         // SAFETY: forwarded (owner, masked).
         let ran = unsafe { pc.queue.flush(me) };

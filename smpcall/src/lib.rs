@@ -30,6 +30,7 @@
 
 pub mod cpumask;
 mod csd;
+mod diag;
 mod engine;
 mod error;
 mod platform;
@@ -47,6 +48,7 @@ pub use engine::HeapStorage;
 #[cfg(not(loom))]
 pub use engine::StaticStorage;
 pub use engine::{CpuStats, Engine, IrqGuard, PerCpu, Storage};
+pub use diag::DiagStats;
 pub use error::{DeadlockReason, Error};
 pub use platform::Platform;
 pub use queue::CallQueue;

@@ -64,6 +64,18 @@ pub unsafe trait Platform: Sync {
         0
     }
 
+    /// Whether `cpu` (any CPU, observed from elsewhere) has interrupts masked, if the platform
+    /// can tell; used in stall reports. Defaults to `None` (unknown).
+    fn cpu_irqs_masked(&self, cpu: CpuId) -> Option<bool> {
+        let _ = cpu;
+        None
+    }
+
+    /// A point where a simulated platform may switch to another CPU (the deterministic test
+    /// platform explores interleavings there). Real platforms leave it empty.
+    #[inline]
+    fn preempt_point(&self) {}
+
     /// Where the engine's reports go (a stuck stop_machine participant, and later the
     /// lost-IPI diagnostics). Called from any context, including with interrupts masked and
     /// from call handlers: an implementation must not allocate or take locks. Defaults to

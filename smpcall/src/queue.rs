@@ -216,3 +216,219 @@ impl CallQueue {
         ran
     }
 }
+
+/// Plain-threads stress versions of the loom models in `loom_tests.rs` (concurrent pushes and
+/// flush lose nothing; a no-wait call data can be reused as soon as it is not busy), so an
+/// ordinary `cargo test` exercises the queue on real hardware too.
+#[cfg(all(test, not(loom)))]
+mod stress_tests {
+    use super::*;
+    use crate::csd::{run_inline, Payload};
+    use std::mem::ManuallyDrop;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    const PRODUCERS: usize = 4;
+    const PUSHES: usize = 10_000;
+    const CALLS: usize = PRODUCERS * PUSHES;
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    const OWNER_CPU: CpuId = 0;
+
+    /// A `Csd` whose drop does not wait (spin) when the test is already failing: a call left
+    /// queued by a failed test must not turn the failure into a hang.
+    struct TestCsd(ManuallyDrop<Csd>);
+
+    impl TestCsd {
+        fn new() -> Self {
+            TestCsd(ManuallyDrop::new(Csd::new()))
+        }
+    }
+
+    impl core::ops::Deref for TestCsd {
+        type Target = Csd;
+        fn deref(&self) -> &Csd {
+            &self.0
+        }
+    }
+
+    impl Drop for TestCsd {
+        fn drop(&mut self) {
+            if !thread::panicking() {
+                // SAFETY: dropped exactly once, here; never used again.
+                unsafe { ManuallyDrop::drop(&mut self.0) }
+            }
+        }
+    }
+
+    /// Claims `csd` (which must be free), writes a no-wait call running `f`, pushes it, and
+    /// returns whether the queue was empty.
+    ///
+    /// # Safety
+    /// `csd` must stay alive until the target released it.
+    unsafe fn push_async<F: FnOnce(CpuId)>(queue: &CallQueue, csd: &Csd, f: F) -> bool {
+        assert!(csd.try_lock(), "a free call data could not be claimed");
+        // SAFETY: claimed by us and not published; `run_inline::<F>` consumes the inline `F`
+        // once.
+        unsafe { csd.set_call(run_inline::<F>, Payload::inline(f), false) };
+        // SAFETY: locked and filled in; the caller keeps it alive until released.
+        unsafe { queue.push(csd) }
+    }
+
+    /// What the called functions record (they all run on the flushing thread).
+    struct Record {
+        /// Runs per call (`producer * PUSHES + seq`).
+        runs: Vec<AtomicUsize>,
+        /// Per producer: the sequence number of the next call expected to run.
+        next_seq: Vec<AtomicUsize>,
+    }
+
+    impl Record {
+        fn new() -> Arc<Self> {
+            Arc::new(Record {
+                runs: (0..CALLS).map(|_| AtomicUsize::new(0)).collect(),
+                next_seq: (0..PRODUCERS).map(|_| AtomicUsize::new(0)).collect(),
+            })
+        }
+
+        /// Call `seq` of `producer` ran: it must be the next one in that producer's order.
+        fn ran(&self, producer: usize, seq: usize) {
+            // Relaxed everywhere: only the flushing thread writes these; the test thread reads
+            // them after joining.
+            self.runs[producer * PUSHES + seq].fetch_add(1, Ordering::Relaxed);
+            let expected = self.next_seq[producer].fetch_add(1, Ordering::Relaxed);
+            assert_eq!(
+                seq, expected,
+                "producer {producer}'s calls ran out of order"
+            );
+        }
+
+        fn assert_each_ran_once(&self) {
+            for (call, runs) in self.runs.iter().enumerate() {
+                assert_eq!(
+                    runs.load(Ordering::Relaxed),
+                    1,
+                    "call {call} (producer {}, seq {}) ran the wrong number of times",
+                    call / PUSHES,
+                    call % PUSHES
+                );
+            }
+        }
+    }
+
+    /// Flushes as the owner until `calls` calls ran; returns the number of non-empty flushes.
+    ///
+    /// # Safety
+    /// The calling thread must be the queue's only flusher.
+    unsafe fn flush_until(queue: &CallQueue, calls: usize, what: &str) -> usize {
+        let deadline = Instant::now() + TIMEOUT;
+        let (mut ran, mut nonempty) = (0, 0);
+        while ran < calls {
+            // SAFETY: the only flusher (this function's contract).
+            let n = unsafe { queue.flush(OWNER_CPU) };
+            if n > 0 {
+                nonempty += 1;
+                ran += n;
+            } else {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out after {TIMEOUT:?} waiting for {what}: {ran} of {calls} calls ran"
+                );
+                thread::yield_now();
+            }
+        }
+        assert_eq!(ran, calls, "{what}: more calls ran than were pushed");
+        nonempty
+    }
+
+    /// Many producers push distinct call data while the owner flushes: every call runs exactly
+    /// once, each producer's calls in its push order, and exactly one push per flushed batch
+    /// (its first) reports "was empty".
+    #[test]
+    fn stress_concurrent_pushes_and_flush_lose_nothing() {
+        let queue = CallQueue::new();
+        let record = Record::new();
+        let csds: Vec<Vec<TestCsd>> = (0..PRODUCERS)
+            .map(|_| (0..PUSHES).map(|_| TestCsd::new()).collect())
+            .collect();
+
+        let (was_empty, nonempty_flushes) = thread::scope(|s| {
+            let producers: Vec<_> = csds
+                .iter()
+                .enumerate()
+                .map(|(producer, mine)| {
+                    let (queue, record) = (&queue, &record);
+                    s.spawn(move || {
+                        let mut was_empty = 0;
+                        for (seq, csd) in mine.iter().enumerate() {
+                            let record = record.clone();
+                            let f = move |_: CpuId| record.ran(producer, seq);
+                            // SAFETY: the call data outlive the scope, which ends after the
+                            // owner ran every call.
+                            was_empty += unsafe { push_async(queue, csd, f) } as usize;
+                        }
+                        was_empty
+                    })
+                })
+                .collect();
+            // SAFETY: this thread is the queue's only flusher.
+            let nonempty = unsafe { flush_until(&queue, CALLS, "all pushed calls") };
+            let was_empty: usize = producers.into_iter().map(|p| p.join().unwrap()).sum();
+            (was_empty, nonempty)
+        });
+
+        record.assert_each_ran_once();
+        // Every flush that ran something took exactly one chain of pushes, whose first push
+        // (and only that one) found the queue empty.
+        assert_eq!(
+            was_empty, nonempty_flushes,
+            "pushes reporting an empty queue vs non-empty flushes"
+        );
+        for csd in csds.iter().flatten() {
+            assert!(!csd.is_busy());
+        }
+        // SAFETY: the only flusher; nothing may be left.
+        assert_eq!(unsafe { queue.flush(OWNER_CPU) }, 0);
+    }
+
+    /// Each producer reuses one no-wait call data, reclaiming it as soon as it is not busy:
+    /// every call runs exactly once with its own payload, in order.
+    #[test]
+    fn stress_async_csd_reuse() {
+        let queue = CallQueue::new();
+        let record = Record::new();
+        let csds: Vec<TestCsd> = (0..PRODUCERS).map(|_| TestCsd::new()).collect();
+
+        thread::scope(|s| {
+            for (producer, csd) in csds.iter().enumerate() {
+                let (queue, record) = (&queue, &record);
+                s.spawn(move || {
+                    let deadline = Instant::now() + TIMEOUT;
+                    for seq in 0..PUSHES {
+                        while csd.is_busy() {
+                            assert!(
+                                Instant::now() < deadline,
+                                "timed out after {TIMEOUT:?} waiting for producer {producer}'s \
+                                 call data to be free (call {seq})"
+                            );
+                            core::hint::spin_loop();
+                        }
+                        let record = record.clone();
+                        let f = move |_: CpuId| record.ran(producer, seq);
+                        // SAFETY: the call data outlive the scope, which ends after the owner
+                        // ran every call.
+                        unsafe { push_async(queue, csd, f) };
+                    }
+                });
+            }
+            // SAFETY: this thread is the queue's only flusher.
+            unsafe { flush_until(&queue, CALLS, "all reused call data's calls") };
+        });
+
+        record.assert_each_ran_once();
+        for csd in &csds {
+            assert!(!csd.is_busy());
+        }
+    }
+}

@@ -86,7 +86,7 @@ pub enum Pinning {
 
 /// Builds a [`Machine`]. Defaults: as many CPUs as cores, [`Pinning::Auto`],
 /// [`IdlePolicy::PollThenSleep`] for 50 µs, [`Delivery::Signal`], a free real-time signal,
-/// 30 s to start and to shut down.
+/// 30 s to start and to shut down, a 1 s stall threshold with a watchdog thread, no faults.
 #[derive(Clone, Debug)]
 pub struct MachineBuilder {
     cpus: usize,
@@ -95,6 +95,24 @@ pub struct MachineBuilder {
     delivery: Delivery,
     signal: Option<i32>,
     timeout: Duration,
+    stall_threshold: Duration,
+    faults: Faults,
+    sink: Option<ReportSink>,
+}
+
+/// IPI fault injection for the hosted backend (testing the lost-IPI recovery, C9).
+///
+/// Probabilities are per IPI (signal or futex wake). A *dropped* IPI is simply not sent; a
+/// *delayed* one is sent after a random 1–50 µs spin. Calls still complete because stuck waits
+/// and the watchdog re-send IPIs after the stall threshold.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Faults {
+    /// Probability in `[0, 1]` that an IPI is dropped.
+    pub drop_ipi: f64,
+    /// Probability in `[0, 1]` that an IPI is delayed.
+    pub delay_ipi: f64,
+    /// Seed of the fault decisions.
+    pub seed: u64,
 }
 
 impl Default for MachineBuilder {
@@ -106,6 +124,9 @@ impl Default for MachineBuilder {
             delivery: Delivery::Signal,
             signal: None,
             timeout: Duration::from_secs(30),
+            stall_threshold: Duration::from_secs(1),
+            faults: Faults::default(),
+            sink: None,
         }
     }
 }
@@ -139,6 +160,23 @@ impl MachineBuilder {
     /// Bound on start-up and on shutdown's drain.
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
+        self
+    }
+
+    /// Stall threshold of the lost-IPI diagnostics (default 1 s; zero disables reports,
+    /// re-sends and the watchdog thread).
+    pub fn stall_threshold(mut self, d: Duration) -> Self {
+        self.stall_threshold = d;
+        self
+    }
+    /// Send the engine's reports to `sink` instead of stderr.
+    pub fn report_sink(mut self, sink: ReportSink) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+    /// Inject IPI faults (off by default).
+    pub fn faults(mut self, f: Faults) -> Self {
+        self.faults = f;
         self
     }
 
@@ -181,6 +219,13 @@ pub struct HostPlatform {
     delivery: Delivery,
     oversubscribed: bool,
     cpus: Box<[HostCpu]>,
+    /// Fault injection, in parts per 2^32.
+    drop_threshold: AtomicU64,
+    delay_threshold: AtomicU64,
+    sink: Option<ReportSink>,
+    fault_rng: AtomicU64,
+    ipis_dropped: AtomicU64,
+    ipis_delayed: AtomicU64,
 }
 
 impl std::fmt::Debug for HostPlatform {
@@ -249,6 +294,41 @@ impl HostPlatform {
         self.signo
     }
 
+    /// Changes the fault injection at run time (the seed is ignored).
+    pub fn set_faults(&self, f: Faults) -> Result<(), Error> {
+        let drop = probability_threshold(f.drop_ipi)?;
+        let delay = probability_threshold(f.delay_ipi)?;
+        // Relaxed: configuration values.
+        self.drop_threshold.store(drop, Ordering::Relaxed);
+        self.delay_threshold.store(delay, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// IPIs dropped by fault injection.
+    pub fn ipis_dropped(&self) -> u64 {
+        // Relaxed: statistics.
+        self.ipis_dropped.load(Ordering::Relaxed)
+    }
+
+    /// IPIs delayed by fault injection.
+    pub fn ipis_delayed(&self) -> u64 {
+        // Relaxed: statistics.
+        self.ipis_delayed.load(Ordering::Relaxed)
+    }
+
+    /// A pseudo-random 32-bit roll (splitmix64 over an atomic counter: lock-free and
+    /// async-signal-safe).
+    fn fault_roll(&self) -> u64 {
+        // Relaxed: only uniqueness of the counter value matters.
+        let mut z = self
+            .fault_rng
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) >> 32
+    }
+
     /// Wakes `cpu` if it sleeps idle. Returns whether it was sleeping.
     fn wake_if_sleeping(&self, cpu: CpuId) -> bool {
         let hc = &self.cpus[cpu];
@@ -303,6 +383,25 @@ unsafe impl Platform for HostPlatform {
     }
 
     fn send_ipi(&self, cpu: CpuId) {
+        // Relaxed: configuration values; a stale read only applies the old probability.
+        let drop = self.drop_threshold.load(Ordering::Relaxed);
+        let delay = self.delay_threshold.load(Ordering::Relaxed);
+        if drop != 0 || delay != 0 {
+            let r = self.fault_roll();
+            if r < drop {
+                // Relaxed: statistics.
+                self.ipis_dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if r < drop + delay {
+                self.ipis_delayed.fetch_add(1, Ordering::Relaxed);
+                let spin_ns = 1_000 + (r % 49_000);
+                let start = self.now_ns();
+                while self.now_ns() < start + spin_ns {
+                    std::hint::spin_loop();
+                }
+            }
+        }
         if self.wake_if_sleeping(cpu) {
             self.cpus[cpu].futex_wakes.fetch_add(1, Ordering::Relaxed);
             return;
@@ -360,7 +459,14 @@ unsafe impl Platform for HostPlatform {
     }
 
     fn report(&self, message: std::fmt::Arguments<'_>) {
-        write_stderr(message);
+        match self.sink {
+            Some(sink) => with_formatted(message, |line| sink(line)),
+            None => write_stderr(message),
+        }
+    }
+
+    fn cpu_irqs_masked(&self, cpu: CpuId) -> Option<bool> {
+        (cpu < self.cpus.len()).then(|| self.cpu_masked(cpu))
     }
 
     fn now_ns(&self) -> u64 {
@@ -376,17 +482,20 @@ unsafe impl Platform for HostPlatform {
     }
 }
 
-/// Writes one line to stderr without allocating or locking (usable in signal context):
-/// formats into a stack buffer (truncating at 1 KiB) and issues one `write(2)`.
-fn write_stderr(message: std::fmt::Arguments<'_>) {
+/// Formats `message` into a stack buffer (truncated at 1 KiB) without allocating or locking,
+/// and hands the text to `f` (usable in signal context).
+fn with_formatted(message: std::fmt::Arguments<'_>, f: impl FnOnce(&str)) {
     struct Buf {
         bytes: [u8; 1024],
         len: usize,
     }
     impl std::fmt::Write for Buf {
         fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            let room = self.bytes.len() - 1 - self.len;
-            let n = s.len().min(room);
+            let room = self.bytes.len() - self.len;
+            let mut n = s.len().min(room);
+            while !s.is_char_boundary(n) {
+                n -= 1;
+            }
             self.bytes[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
             self.len += n;
             Ok(())
@@ -397,10 +506,23 @@ fn write_stderr(message: std::fmt::Arguments<'_>) {
         len: 0,
     };
     let _ = std::fmt::Write::write_fmt(&mut buf, message);
-    buf.bytes[buf.len] = b'\n';
-    // SAFETY: writes initialised bytes from a live buffer to fd 2; async-signal-safe.
-    unsafe { libc::write(2, buf.bytes.as_ptr().cast(), buf.len + 1) };
+    f(std::str::from_utf8(&buf.bytes[..buf.len]).unwrap_or("<report not UTF-8>"));
 }
+
+/// Writes one line to stderr with a single `write(2)` (async-signal-safe).
+fn write_stderr(message: std::fmt::Arguments<'_>) {
+    with_formatted(message, |text| {
+        let mut line = [0u8; 1025];
+        line[..text.len()].copy_from_slice(text.as_bytes());
+        line[text.len()] = b'\n';
+        // SAFETY: writes initialised bytes from a live buffer to fd 2; async-signal-safe.
+        unsafe { libc::write(2, line.as_ptr().cast(), text.len() + 1) };
+    });
+}
+
+/// Receives the engine's reports (stalls, dumps via `dump_to_report`). Called from any
+/// context, including signal handlers: it must not allocate or take locks.
+pub type ReportSink = fn(&str);
 
 /// The IPI signal handler.
 extern "C" fn on_ipi_signal(_signo: libc::c_int) {
@@ -492,6 +614,24 @@ static NEXT_MACHINE_ID: AtomicU64 = AtomicU64::new(1);
 struct Inner {
     engine: HostEngine,
     idle: IdlePolicy,
+    watchdog_exit: AtomicBool,
+}
+
+/// Converts a probability to a threshold on a 32-bit roll.
+fn probability_threshold(p: f64) -> Result<u64, Error> {
+    if !(0.0..=1.0).contains(&p) {
+        return Err(Error::InvalidConfig("fault probabilities must be within [0, 1]"));
+    }
+    Ok((p * (1u64 << 32) as f64) as u64)
+}
+
+/// The watchdog: re-sends IPIs to CPUs whose queued calls stay untaken (no-wait calls have
+/// no waiter to notice a lost IPI).
+fn watchdog_main(inner: Arc<Inner>, period: Duration) {
+    while !inner.watchdog_exit.load(Ordering::SeqCst) {
+        thread::sleep(period);
+        inner.engine.check_stalls();
+    }
 }
 
 /// A set of CPUs made of threads, running the [`Engine`]. Dropping it shuts it down.
@@ -507,6 +647,7 @@ struct Inner {
 pub struct Machine {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
+    watchdog: Option<JoinHandle<()>>,
     timeout: Duration,
     down: bool,
 }
@@ -569,11 +710,19 @@ impl Machine {
             delivery: b.delivery,
             oversubscribed: b.cpus > ncores,
             cpus,
+            drop_threshold: AtomicU64::new(probability_threshold(b.faults.drop_ipi)?),
+            delay_threshold: AtomicU64::new(probability_threshold(b.faults.delay_ipi)?),
+            sink: b.sink,
+            fault_rng: AtomicU64::new(b.faults.seed),
+            ipis_dropped: AtomicU64::new(0),
+            ipis_delayed: AtomicU64::new(0),
         };
         let engine = Engine::new(platform, HeapStorage::new(b.cpus))?;
+        engine.set_stall_threshold_ns(b.stall_threshold.as_nanos() as u64);
         let inner = Arc::new(Inner {
             engine,
             idle: b.idle,
+            watchdog_exit: AtomicBool::new(false),
         });
         let pin = |cpu: usize| -> Option<core_affinity::CoreId> {
             match b.pinning {
@@ -593,9 +742,20 @@ impl Machine {
                 .map_err(|_| Error::InvalidConfig("could not spawn a CPU thread"))?;
             threads.push(t);
         }
+        let watchdog = (!b.stall_threshold.is_zero())
+            .then(|| {
+                let inner2 = Arc::clone(&inner);
+                let period = (b.stall_threshold / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
+                thread::Builder::new()
+                    .name("smpcall-watchdog".into())
+                    .spawn(move || watchdog_main(inner2, period))
+            })
+            .transpose()
+            .map_err(|_| Error::InvalidConfig("could not spawn the watchdog thread"))?;
         let mut machine = Machine {
             inner,
             threads,
+            watchdog,
             timeout: b.timeout,
             down: false,
         };
@@ -662,6 +822,13 @@ impl Machine {
         }
     }
 
+    /// The diagnostic dump of every CPU (see [`Engine::dump`]).
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        let _ = self.inner.engine.dump(&mut out);
+        out
+    }
+
     /// Takes `cpu` offline (see [`Engine::cpu_down`]), driven from another online CPU.
     /// Tasks already queued to `cpu` still run there, but calls they make are refused with
     /// [`Error::Offline`]; new tasks are refused.
@@ -725,6 +892,10 @@ impl Machine {
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        self.inner.watchdog_exit.store(true, Ordering::SeqCst);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
         }
         Ok(())
     }
