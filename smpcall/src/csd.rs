@@ -260,8 +260,10 @@ impl Csd {
         }
         let name: fn() -> &'static str = name_of::<F>;
         // Relaxed: diagnostic fields, read racily by design (dumps, stall reports).
-        self.route
-            .store(((src as u32) << 16) | (dst as u32 & 0xffff), core::sync::atomic::Ordering::Relaxed);
+        self.route.store(
+            ((src as u32) << 16) | (dst as u32 & 0xffff),
+            core::sync::atomic::Ordering::Relaxed,
+        );
         self.name_fn
             .store(name as usize, core::sync::atomic::Ordering::Relaxed);
     }
@@ -282,7 +284,8 @@ impl Csd {
         }
         // SAFETY: non-zero values are only ever stored by `set_meta`, from a
         // `fn() -> &'static str`; function pointers round-trip through `usize`.
-        let f: fn() -> &'static str = unsafe { core::mem::transmute::<usize, fn() -> &'static str>(f) };
+        let f: fn() -> &'static str =
+            unsafe { core::mem::transmute::<usize, fn() -> &'static str>(f) };
         Some(f())
     }
 

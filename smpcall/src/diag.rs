@@ -191,12 +191,27 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.platform.report(format_args!(
             "smpcall: stall: CPU {me} has waited {} ms for {} call {} to CPU {}; {}{}",
             waited / 1_000_000,
-            if csd.is_waiting_call() { "waiting" } else { "no-wait (slot busy)" },
+            if csd.is_waiting_call() {
+                "waiting"
+            } else {
+                "no-wait (slot busy)"
+            },
             csd.function_name().unwrap_or("<unrecorded>"),
             CpuName(target),
-            TargetState { engine: self, cpu: target },
-            if resend { "; re-sending the IPI" } else { "; NOT re-sending (disabled)" },
+            TargetState {
+                engine: self,
+                cpu: target
+            },
+            if resend {
+                "; re-sending the IPI"
+            } else {
+                "; NOT re-sending (disabled)"
+            },
         ));
+        if let (1, Some(t)) = (w.reports, target) {
+            // First report: ask the target, by NMI, what it is doing (if the platform can).
+            self.nmi_report(t);
+        }
         if let (true, Some(t)) = (resend, target) {
             self.diag.ipi_resends.fetch_add(1, Ordering::Relaxed);
             self.platform.send_ipi(t);
@@ -252,14 +267,23 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 continue;
             }
             d.queue_reports.store(reports + 1, Ordering::Relaxed);
-            self.diag.queue_stall_reports.fetch_add(1, Ordering::Relaxed);
+            self.diag
+                .queue_stall_reports
+                .fetch_add(1, Ordering::Relaxed);
             let resend = self.diag.resend.load(Ordering::Relaxed);
             self.platform.report(format_args!(
                 "smpcall: stall: CPU {cpu} has had calls queued for {} ms without taking them; \
                  {}{}",
                 age / 1_000_000,
-                TargetState { engine: self, cpu: Some(cpu) },
-                if resend { "; re-sending the IPI" } else { "; NOT re-sending (disabled)" },
+                TargetState {
+                    engine: self,
+                    cpu: Some(cpu)
+                },
+                if resend {
+                    "; re-sending the IPI"
+                } else {
+                    "; NOT re-sending (disabled)"
+                },
             ));
             if resend {
                 self.diag.ipi_resends.fetch_add(1, Ordering::Relaxed);
@@ -313,7 +337,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 s.ipi_received,
                 s.flushes,
                 s.offline_runs,
-                TargetState { engine: self, cpu: Some(cpu) },
+                TargetState {
+                    engine: self,
+                    cpu: Some(cpu)
+                },
             )?;
             // Relaxed: diagnostics.
             let waiting_for = pd.waiting_for.load(Ordering::Relaxed);
@@ -335,7 +362,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                     writeln!(
                         out,
                         "  in flight: slot {src}->{dst} {} {}",
-                        if slot.is_waiting_call() { "waiting" } else { "no-wait" },
+                        if slot.is_waiting_call() {
+                            "waiting"
+                        } else {
+                            "no-wait"
+                        },
                         slot.function_name().unwrap_or("<unrecorded>")
                     )?;
                 }
@@ -413,9 +444,17 @@ impl<P: Platform, S: Storage> fmt::Display for TargetState<'_, P, S> {
                 Some(false) => "no",
                 None => "unknown",
             },
-            if e.handler_depth(cpu) > 0 { "yes" } else { "no" },
+            if e.handler_depth(cpu) > 0 {
+                "yes"
+            } else {
+                "no"
+            },
             if e.is_polling(cpu) { "yes" } else { "no" },
-            if e.has_queued(cpu) { "non-empty" } else { "empty" },
+            if e.has_queued(cpu) {
+                "non-empty"
+            } else {
+                "empty"
+            },
         )
     }
 }

@@ -85,6 +85,14 @@ pub struct PerCpu {
     pub(crate) stop_mask_seq: AtomicU64,
     /// Lost-IPI diagnostics.
     pub(crate) diag: crate::diag::CpuDiag,
+    /// Calls delivered by NMI (run in NMI context, whatever the interrupt mask).
+    pub(crate) nmi_queue: CallQueue,
+    /// Non-zero while this CPU runs an NMI handler.
+    pub(crate) nmi_depth: AtomicU32,
+    /// NMIs this CPU handled.
+    pub(crate) nmis_received: AtomicU64,
+    /// A stalled waiter asked this CPU (by NMI) to report what it is doing.
+    pub(crate) nmi_report_requested: AtomicBool,
 }
 
 macro_rules! per_cpu_init {
@@ -104,6 +112,10 @@ macro_rules! per_cpu_init {
             stop_stage: AtomicU32::new(0),
             stop_mask_seq: AtomicU64::new(0),
             diag: crate::diag::CpuDiag::new(),
+            nmi_queue: CallQueue::new(),
+            nmi_depth: AtomicU32::new(0),
+            nmis_received: AtomicU64::new(0),
+            nmi_report_requested: AtomicBool::new(false),
         }
     };
 }

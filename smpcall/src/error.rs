@@ -13,6 +13,9 @@ pub enum DeadlockReason {
     /// The caller is itself a cross-CPU call handler (or stop/idle context that runs with
     /// interrupts masked).
     InHandler,
+    /// The caller is an NMI handler: NMIs do not nest, so a CPU waiting in one could never
+    /// take the NMI it waits for.
+    InNmi,
 }
 
 /// Every refusal the engine can make. A call either runs, or returns one of these.
@@ -35,6 +38,8 @@ pub enum Error {
     InvalidConfig(&'static str),
     /// A CPU hotplug request that cannot be carried out (the message says why).
     Hotplug(&'static str),
+    /// The platform does not provide this facility (the message says which).
+    Unsupported(&'static str),
     /// A bounded wait of the hosted backend expired (the message says for what).
     TimedOut(&'static str),
 }
@@ -48,6 +53,9 @@ impl fmt::Display for Error {
                 "a waiting call with interrupts masked would risk deadlock; \
                  use a no-wait call or unmask first",
             ),
+            Error::WouldDeadlock(DeadlockReason::InNmi) => {
+                f.write_str("a waiting call from inside an NMI handler would risk deadlock")
+            }
             Error::WouldDeadlock(DeadlockReason::InHandler) => f.write_str(
                 "a waiting call from inside a cross-CPU call handler would risk deadlock; \
                  use a no-wait call",
@@ -59,6 +67,7 @@ impl fmt::Display for Error {
             ),
             Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
             Error::Hotplug(why) => write!(f, "CPU hotplug refused: {why}"),
+            Error::Unsupported(what) => write!(f, "not supported by this platform: {what}"),
             Error::TimedOut(what) => write!(f, "timed out waiting for {what}"),
         }
     }

@@ -33,6 +33,7 @@ mod csd;
 mod diag;
 mod engine;
 mod error;
+mod nmi;
 mod platform;
 mod queue;
 mod stop;
@@ -43,12 +44,12 @@ pub mod hosted;
 
 pub use cpumask::{CpuId, CpuMask, MAX_CPUS};
 pub use csd::{Csd, INLINE_CLOSURE_BYTES, INLINE_CLOSURE_WORDS};
+pub use diag::DiagStats;
 #[cfg(all(feature = "std", not(loom)))]
 pub use engine::HeapStorage;
 #[cfg(not(loom))]
 pub use engine::StaticStorage;
 pub use engine::{CpuStats, Engine, IrqGuard, PerCpu, Storage};
-pub use diag::DiagStats;
 pub use error::{DeadlockReason, Error};
 pub use platform::Platform;
 pub use queue::CallQueue;

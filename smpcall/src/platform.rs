@@ -64,6 +64,18 @@ pub unsafe trait Platform: Sync {
         0
     }
 
+    /// Whether [`send_nmi`](Platform::send_nmi) works (default: no NMI).
+    fn has_nmi(&self) -> bool {
+        false
+    }
+
+    /// Sends a non-maskable interrupt to `cpu`: it must make `cpu` call
+    /// [`Engine::handle_nmi`](crate::Engine::handle_nmi) soon, whatever its interrupt mask, but
+    /// never nested in another NMI handler on that CPU. Only called if `has_nmi()`.
+    fn send_nmi(&self, cpu: CpuId) {
+        let _ = cpu;
+    }
+
     /// Whether `cpu` (any CPU, observed from elsewhere) has interrupts masked, if the platform
     /// can tell; used in stall reports. Defaults to `None` (unknown).
     fn cpu_irqs_masked(&self, cpu: CpuId) -> Option<bool> {

@@ -363,7 +363,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                     let (run, payload) = shared_call(&participate);
                     // SAFETY: we hold the slot; `participate` outlives the waits below.
                     unsafe { slot.set_call(run, payload, true) };
-                self.note_call::<StopState<'_>>(slot, me, t);
+                    self.note_call::<StopState<'_>>(slot, me, t);
                 });
             debug_assert_eq!(queued, Ok(true));
         }

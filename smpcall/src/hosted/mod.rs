@@ -94,6 +94,7 @@ pub struct MachineBuilder {
     idle: IdlePolicy,
     delivery: Delivery,
     signal: Option<i32>,
+    nmi_signal: Option<i32>,
     timeout: Duration,
     stall_threshold: Duration,
     faults: Faults,
@@ -123,6 +124,7 @@ impl Default for MachineBuilder {
             idle: IdlePolicy::PollThenSleep(Duration::from_micros(50)),
             delivery: Delivery::Signal,
             signal: None,
+            nmi_signal: None,
             timeout: Duration::from_secs(30),
             stall_threshold: Duration::from_secs(1),
             faults: Faults::default(),
@@ -155,6 +157,11 @@ impl MachineBuilder {
     /// Use this real-time signal number for IPIs (must be in `SIGRTMIN..=SIGRTMAX` and free).
     pub fn signal(mut self, signo: i32) -> Self {
         self.signal = Some(signo);
+        self
+    }
+    /// Use this real-time signal number for NMIs (default: the next free one).
+    pub fn nmi_signal(mut self, signo: i32) -> Self {
+        self.nmi_signal = Some(signo);
         self
     }
     /// Bound on start-up and on shutdown's drain.
@@ -216,6 +223,7 @@ pub struct HostPlatform {
     id: u64,
     pid: i32,
     signo: i32,
+    nmi_signo: i32,
     delivery: Delivery,
     oversubscribed: bool,
     cpus: Box<[HostCpu]>,
@@ -294,6 +302,11 @@ impl HostPlatform {
         self.signo
     }
 
+    /// The signal number used for NMIs.
+    pub fn nmi_signal(&self) -> i32 {
+        self.nmi_signo
+    }
+
     /// Changes the fault injection at run time (the seed is ignored).
     pub fn set_faults(&self, f: Faults) -> Result<(), Error> {
         let drop = probability_threshold(f.drop_ipi)?;
@@ -346,15 +359,21 @@ impl HostPlatform {
     }
 
     fn tgkill(&self, cpu: CpuId) {
+        if self.tgkill_signal(cpu, self.signo) {
+            self.cpus[cpu].signals_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends `signo` to CPU `cpu`'s thread, retrying while the signal queue is full.
+    fn tgkill_signal(&self, cpu: CpuId, signo: i32) -> bool {
         let hc = &self.cpus[cpu];
         // Relaxed: the tid was published before the CPU went online (SeqCst online mask).
         let tid = hc.tid.load(Ordering::Relaxed);
         loop {
             // SAFETY: plain system call with integer arguments; async-signal-safe.
-            let r = unsafe { libc::syscall(libc::SYS_tgkill, self.pid, tid, self.signo) };
+            let r = unsafe { libc::syscall(libc::SYS_tgkill, self.pid, tid, signo) };
             if r == 0 {
-                hc.signals_sent.fetch_add(1, Ordering::Relaxed);
-                return;
+                return true;
             }
             // SAFETY: reading this thread's errno.
             let err = unsafe { *libc::__errno_location() };
@@ -365,7 +384,7 @@ impl HostPlatform {
                 continue;
             }
             debug_assert!(false, "tgkill to CPU {cpu} (tid {tid}) failed: errno {err}");
-            return;
+            return false;
         }
     }
 }
@@ -460,9 +479,17 @@ unsafe impl Platform for HostPlatform {
 
     fn report(&self, message: std::fmt::Arguments<'_>) {
         match self.sink {
-            Some(sink) => with_formatted(message, |line| sink(line)),
+            Some(sink) => with_formatted(message, sink),
             None => write_stderr(message),
         }
+    }
+
+    fn has_nmi(&self) -> bool {
+        true
+    }
+
+    fn send_nmi(&self, cpu: CpuId) {
+        self.tgkill_signal(cpu, self.nmi_signo);
     }
 
     fn cpu_irqs_masked(&self, cpu: CpuId) -> Option<bool> {
@@ -545,12 +572,39 @@ extern "C" fn on_ipi_signal(_signo: libc::c_int) {
     unsafe { *libc::__errno_location() = errno };
 }
 
-/// Installs the handler on `signo` (once per process). Fails if another handler owns it.
-fn install_handler(signo: i32) -> Result<(), Error> {
-    static INSTALLED: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+/// The NMI signal handler: runs whatever the soft mask says (that is the point of an NMI).
+/// While it runs, every signal is blocked (the IPI one included), so NMIs never nest and an
+/// IPI never interrupts an NMI handler.
+extern "C" fn on_nmi_signal(_signo: libc::c_int) {
+    // SAFETY: this thread's errno location; saved and restored around the handler.
+    let errno = unsafe { *libc::__errno_location() };
+    let c = current();
+    if !c.engine.is_null() {
+        // SAFETY: as in `on_ipi_signal`.
+        unsafe { &*c.engine }.handle_nmi();
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Which of our handlers a signal gets.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum SignalKind {
+    Ipi,
+    Nmi,
+}
+
+/// Installs our handler of `kind` on `signo` (once per process). Fails if another handler
+/// owns it.
+fn install_handler(signo: i32, kind: SignalKind) -> Result<(), Error> {
+    static INSTALLED: Mutex<Vec<(i32, SignalKind)>> = Mutex::new(Vec::new());
     let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
-    if installed.contains(&signo) {
-        return Ok(());
+    if let Some(&(_, k)) = installed.iter().find(|(s, _)| *s == signo) {
+        return if k == kind {
+            Ok(())
+        } else {
+            Err(Error::InvalidConfig("the IPI and NMI signals must differ"))
+        };
     }
     // SAFETY: sigaction with a zeroed struct and a valid out pointer only reads the disposition.
     let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -567,30 +621,46 @@ fn install_handler(signo: i32) -> Result<(), Error> {
     }
     // SAFETY: zeroed sigaction is a valid starting point; we set handler, flags, empty mask.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-    act.sa_sigaction = on_ipi_signal as extern "C" fn(libc::c_int) as usize;
+    let handler: extern "C" fn(libc::c_int) = match kind {
+        SignalKind::Ipi => on_ipi_signal,
+        SignalKind::Nmi => on_nmi_signal,
+    };
+    act.sa_sigaction = handler as usize;
     act.sa_flags = libc::SA_RESTART;
     // SAFETY: valid pointer to our sigaction's mask.
-    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    unsafe {
+        match kind {
+            SignalKind::Ipi => libc::sigemptyset(&mut act.sa_mask),
+            SignalKind::Nmi => libc::sigfillset(&mut act.sa_mask),
+        }
+    };
     // SAFETY: installs a handler that is async-signal-safe (see `on_ipi_signal`).
     if unsafe { libc::sigaction(signo, &act, ptr::null_mut()) } != 0 {
         return Err(Error::InvalidConfig(
             "could not install the IPI signal handler",
         ));
     }
-    installed.push(signo);
+    installed.push((signo, kind));
     Ok(())
 }
 
-/// Picks the process-wide default IPI signal: the first free real-time signal.
-fn default_signal() -> Result<i32, Error> {
-    static CHOSEN: OnceLock<Result<i32, Error>> = OnceLock::new();
-    *CHOSEN.get_or_init(|| {
+/// Picks the process-wide default signal of `kind`: the first free real-time signal.
+fn default_signal(kind: SignalKind) -> Result<i32, Error> {
+    static IPI: OnceLock<Result<i32, Error>> = OnceLock::new();
+    static NMI: OnceLock<Result<i32, Error>> = OnceLock::new();
+    let chosen = match kind {
+        SignalKind::Ipi => &IPI,
+        SignalKind::Nmi => &NMI,
+    };
+    *chosen.get_or_init(|| {
         for signo in libc::SIGRTMIN()..=libc::SIGRTMAX() {
-            if install_handler(signo).is_ok() {
+            if install_handler(signo, kind).is_ok() {
                 return Ok(signo);
             }
         }
-        Err(Error::InvalidConfig("no free real-time signal for IPIs"))
+        Err(Error::InvalidConfig(
+            "no free real-time signal for IPIs or NMIs",
+        ))
     })
 }
 
@@ -620,7 +690,9 @@ struct Inner {
 /// Converts a probability to a threshold on a 32-bit roll.
 fn probability_threshold(p: f64) -> Result<u64, Error> {
     if !(0.0..=1.0).contains(&p) {
-        return Err(Error::InvalidConfig("fault probabilities must be within [0, 1]"));
+        return Err(Error::InvalidConfig(
+            "fault probabilities must be within [0, 1]",
+        ));
     }
     Ok((p * (1u64 << 32) as f64) as u64)
 }
@@ -679,10 +751,22 @@ impl Machine {
                         "IPI signal must be a real-time signal",
                     ));
                 }
-                install_handler(s)?;
+                install_handler(s, SignalKind::Ipi)?;
                 s
             }
-            None => default_signal()?,
+            None => default_signal(SignalKind::Ipi)?,
+        };
+        let nmi_signo = match b.nmi_signal {
+            Some(s) => {
+                if s < libc::SIGRTMIN() || s > libc::SIGRTMAX() {
+                    return Err(Error::InvalidConfig(
+                        "NMI signal must be a real-time signal",
+                    ));
+                }
+                install_handler(s, SignalKind::Nmi)?;
+                s
+            }
+            None => default_signal(SignalKind::Nmi)?,
         };
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let ncores = thread::available_parallelism().map_or(1, |n| n.get());
@@ -707,6 +791,7 @@ impl Machine {
             // SAFETY: getpid has no preconditions.
             pid: unsafe { libc::getpid() },
             signo,
+            nmi_signo,
             delivery: b.delivery,
             oversubscribed: b.cpus > ncores,
             cpus,
@@ -745,7 +830,8 @@ impl Machine {
         let watchdog = (!b.stall_threshold.is_zero())
             .then(|| {
                 let inner2 = Arc::clone(&inner);
-                let period = (b.stall_threshold / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
+                let period = (b.stall_threshold / 4)
+                    .clamp(Duration::from_millis(1), Duration::from_millis(250));
                 thread::Builder::new()
                     .name("smpcall-watchdog".into())
                     .spawn(move || watchdog_main(inner2, period))
@@ -1017,6 +1103,7 @@ fn cpu_main(inner: Arc<Inner>, cpu: CpuId, core: Option<core_affinity::CoreId>) 
     // SAFETY: gettid has no preconditions.
     hc.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
     set_signal_blocked(platform.signo, false);
+    set_signal_blocked(platform.nmi_signo, false);
     hc.started.store(true, Ordering::SeqCst);
 
     loop {
@@ -1046,6 +1133,7 @@ fn cpu_main(inner: Arc<Inner>, cpu: CpuId, core: Option<core_affinity::CoreId>) 
     // Leave no handler that can reach this CPU's memory: block the signal, then forget who we
     // are. A signal still pending is discarded with the thread.
     set_signal_blocked(platform.signo, true);
+    set_signal_blocked(platform.nmi_signo, true);
     CURRENT.with(|c| {
         c.set(Current {
             machine: 0,

@@ -1,0 +1,156 @@
+//! NMIs (C12): a non-maskable cross-CPU signal, for "what is every CPU doing" dumps and for
+//! the stuck-wait diagnostics.
+//!
+//! NMI calls have their own per-CPU queue, served only by the NMI handler
+//! ([`Engine::handle_nmi`]): an NMI may interrupt a normal queue flush at any instruction, so it
+//! must not touch that queue. NMI handlers never nest on a CPU (the platform guarantees it), so
+//! the NMI queue has a single consumer at a time. Functions run in NMI context: they may read
+//! anything, use atomics and report, but must not take locks, allocate, or wait for anything
+//! the interrupted code might hold — and they may not make waiting calls (refused).
+
+use core::sync::atomic::Ordering;
+
+use crate::cpumask::{CpuId, CpuMask};
+use crate::csd::{shared_call, Csd};
+use crate::engine::{AbortOnUnwind, Engine, Storage};
+use crate::error::{DeadlockReason, Error};
+use crate::platform::Platform;
+
+impl<P: Platform, S: Storage> Engine<P, S> {
+    /// The NMI handler: the platform calls this from its NMI, on the interrupted CPU, whatever
+    /// that CPU's interrupt mask. Runs the NMI calls queued to it, and answers a stalled
+    /// waiter's request to report what this CPU is doing.
+    pub fn handle_nmi(&self) {
+        let Some(me) = self.current_cpu() else {
+            return;
+        };
+        let pc = self.per_cpu(me);
+        // Relaxed: this CPU's own counters (NMIs do not nest).
+        pc.nmi_depth.fetch_add(1, Ordering::Relaxed);
+        pc.nmis_received.fetch_add(1, Ordering::Relaxed);
+        if pc.nmi_report_requested.swap(false, Ordering::Relaxed) {
+            self.report_cpu_state(me);
+        }
+        let in_flight = AbortOnUnwind;
+        // SAFETY: only this CPU's NMI handler consumes its NMI queue, and NMI handlers do not
+        // nest (Platform::send_nmi contract), so this flush never runs concurrently with
+        // another flush of the same queue.
+        unsafe { pc.nmi_queue.flush(me) };
+        core::mem::forget(in_flight);
+        pc.nmi_depth.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether the current CPU is running an NMI handler.
+    pub fn in_nmi(&self) -> bool {
+        self.current_cpu()
+            .is_some_and(|me| self.per_cpu(me).nmi_depth.load(Ordering::Relaxed) > 0)
+    }
+
+    /// NMIs `cpu` has handled.
+    pub fn nmis_received(&self, cpu: CpuId) -> u64 {
+        if cpu >= self.nr_cpus() {
+            return 0;
+        }
+        // Relaxed: statistics.
+        self.per_cpu(cpu).nmis_received.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on every online CPU of `mask` in NMI context — reaching CPUs that spin with
+    /// interrupts masked — one CPU after the other, and waits for each. The caller, if in
+    /// `mask`, runs `f` directly. Returns the CPUs `f` ran on.
+    ///
+    /// Allowed with interrupts masked and from call handlers (NMIs need no cooperation from the
+    /// target); refused from an NMI handler. [`Error::Unsupported`] if the platform has no NMI.
+    pub fn nmi_call_many<F>(&self, mask: &CpuMask, f: F) -> Result<CpuMask, Error>
+    where
+        F: Fn(CpuId) + Sync,
+    {
+        if !self.platform.has_nmi() {
+            return Err(Error::Unsupported("NMIs"));
+        }
+        let me = self.enter()?;
+        if self.per_cpu(me).nmi_depth.load(Ordering::Relaxed) > 0 {
+            return Err(Error::WouldDeadlock(DeadlockReason::InNmi));
+        }
+        let targets = mask.and(&self.online_mask());
+        let mut ran = CpuMask::new();
+        for t in &targets {
+            if t == me {
+                f(me);
+                ran.set(t);
+                continue;
+            }
+            let csd = Csd::new();
+            let claimed = csd.try_lock();
+            debug_assert!(claimed);
+            let (run, payload) = shared_call(&f);
+            // SAFETY: we hold the fresh csd; `f` outlives the wait below.
+            unsafe { csd.set_call(run, payload, true) };
+            self.note_call::<F>(&csd, me, t);
+            let in_flight = AbortOnUnwind;
+            // SAFETY: locked and filled; lives on this frame until released (waited below;
+            // unwinding aborts).
+            unsafe { self.per_cpu(t).nmi_queue.push(&csd) };
+            self.platform.send_nmi(t);
+            self.wait_csd(me, &csd);
+            core::mem::forget(in_flight);
+            ran.set(t);
+        }
+        Ok(ran)
+    }
+
+    /// Asks `cpu`, by NMI, to report what it is doing through [`Platform::report`] (used by
+    /// the stall diagnostics; reaches CPUs with interrupts masked). Returns whether an NMI
+    /// could be sent.
+    pub fn nmi_report(&self, cpu: CpuId) -> bool {
+        if cpu >= self.nr_cpus() {
+            return false;
+        }
+        // Relaxed: the NMI handler's swap sees it; a lost request only loses a report.
+        if !self.platform.has_nmi() {
+            return false;
+        }
+        self.per_cpu(cpu)
+            .nmi_report_requested
+            .store(true, Ordering::Relaxed);
+        self.platform.send_nmi(cpu);
+        true
+    }
+
+    /// What `me` is doing, in words (for reports).
+    fn context_name(&self, me: CpuId) -> &'static str {
+        let pc = self.per_cpu(me);
+        // Relaxed: observations.
+        if pc.nmi_depth.load(Ordering::Relaxed) > 1 {
+            "in a nested NMI handler"
+        } else if self.handler_depth(me) > 0 {
+            "in a call handler (interrupted by this NMI)"
+        } else if self.is_polling(me) {
+            "idle, polling its queue"
+        } else {
+            "in task context (interrupted by this NMI)"
+        }
+    }
+
+    /// Reports (from the CPU itself, typically in its NMI handler) what `me` is doing.
+    pub(crate) fn report_cpu_state(&self, me: CpuId) {
+        self.platform.report(format_args!(
+            "smpcall: NMI: CPU {me} is {}; interrupts {}, call handler depth {}, polling {}, \
+             stop_machine stage {:?}, queue {}",
+            self.context_name(me),
+            if self.platform.irqs_masked() {
+                "masked"
+            } else {
+                "on"
+            },
+            self.handler_depth(me),
+            if self.is_polling(me) { "yes" } else { "no" },
+            self.stop_stage(me),
+            if self.has_queued(me) {
+                "non-empty"
+            } else {
+                "empty"
+            },
+        ));
+    }
+}

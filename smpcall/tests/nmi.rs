@@ -1,0 +1,155 @@
+//! NMIs (C12): a second signal that ignores the soft interrupt mask, used for an all-CPU dump
+//! and by the stall diagnostics to show what a stuck CPU is doing.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{wait_until, LIMIT};
+use smpcall::hosted::{IdlePolicy, Machine};
+use smpcall::{CpuMask, DeadlockReason, Error};
+
+/// Holds `cpu` in a task with interrupts masked until the returned flag is set.
+fn hold_masked(m: &Machine, cpu: usize) -> (Arc<AtomicBool>, smpcall::hosted::Task<()>) {
+    let ready = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
+    let (r2, rel2) = (Arc::clone(&ready), Arc::clone(&release));
+    let task = m.run_on(cpu, move |e| {
+        let _masked = e.irq_save();
+        r2.store(true, Ordering::SeqCst);
+        wait_until(LIMIT, "the test to release the masked CPU", || {
+            rel2.load(Ordering::SeqCst)
+        });
+    });
+    wait_until(LIMIT, "the CPU to mask", || ready.load(Ordering::SeqCst));
+    (release, task)
+}
+
+#[test]
+fn nmi_reaches_every_cpu_including_one_spinning_masked() {
+    let m = Machine::builder()
+        .cpus(4)
+        .idle(IdlePolicy::Sleep)
+        .build()
+        .unwrap();
+    let (release, held) = hold_masked(&m, 2);
+    // answered[cpu] = 1 + (masked ? 2 : 0) + (in_nmi ? 4 : 0)
+    let answered: Arc<Vec<AtomicU64>> = Arc::new((0..4).map(|_| AtomicU64::new(0)).collect());
+    let a2 = Arc::clone(&answered);
+    let (ran, normal_call_waits) = m
+        .run_on(0, move |e| {
+            // A normal no-wait call to CPU 2 stays queued: it is masked.
+            e.call_single_async(2, |_| ()).unwrap();
+            let ran = e
+                .nmi_call_many(&CpuMask::first_n(4), |cpu| {
+                    let v = 1 + 2 * u64::from(e.irqs_masked()) + 4 * u64::from(e.in_nmi());
+                    a2[cpu].store(v, Ordering::SeqCst);
+                })
+                .unwrap();
+            (ran, e.has_queued(2))
+        })
+        .join_timeout(LIMIT)
+        .unwrap();
+    assert_eq!(ran, CpuMask::first_n(4));
+    assert!(
+        normal_call_waits,
+        "the masked CPU did not take its normal queue"
+    );
+    let a: Vec<u64> = answered.iter().map(|x| x.load(Ordering::SeqCst)).collect();
+    assert_eq!(a[0], 1, "the caller runs it directly: {a:?}");
+    assert_eq!(
+        a[2],
+        1 + 2 + 4,
+        "CPU 2 answered in NMI context, masked: {a:?}"
+    );
+    for cpu in [1, 3] {
+        assert_eq!(a[cpu] & 5, 5, "CPU {cpu} answered in NMI context: {a:?}");
+    }
+    assert!(m.engine().nmis_received(2) >= 1);
+    release.store(true, Ordering::SeqCst);
+    held.join_timeout(LIMIT).unwrap();
+    m.shutdown().unwrap();
+}
+
+#[test]
+fn nmi_call_rules() {
+    let m = Machine::builder()
+        .cpus(3)
+        .idle(IdlePolicy::Sleep)
+        .build()
+        .unwrap();
+    let nested = Arc::new(AtomicUsize::new(0));
+    let n2 = Arc::clone(&nested);
+    let (masked_ok, in_handler_ok) = m
+        .run_on(0, move |e| {
+            let masked_ok = {
+                let _g = e.irq_save();
+                e.nmi_call_many(&CpuMask::single(1), |_| {})
+            };
+            let in_handler_ok = e
+                .call_single(1, |_| e.nmi_call_many(&CpuMask::single(2), |_| {}))
+                .unwrap();
+            e.nmi_call_many(&CpuMask::single(2), |_| {
+                let r = e.nmi_call_many(&CpuMask::single(1), |_| {});
+                if r == Err(Error::WouldDeadlock(DeadlockReason::InNmi)) {
+                    n2.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .unwrap();
+            (masked_ok, in_handler_ok)
+        })
+        .join_timeout(LIMIT)
+        .unwrap();
+    assert_eq!(
+        masked_ok,
+        Ok(CpuMask::single(1)),
+        "allowed with interrupts masked"
+    );
+    assert_eq!(
+        in_handler_ok,
+        Ok(CpuMask::single(2)),
+        "allowed from a call handler"
+    );
+    assert_eq!(
+        nested.load(Ordering::SeqCst),
+        1,
+        "refused from an NMI handler"
+    );
+    m.shutdown().unwrap();
+}
+
+static NMI_REPORT: AtomicBool = AtomicBool::new(false);
+static STALL_REPORT: AtomicBool = AtomicBool::new(false);
+
+fn sink(line: &str) {
+    if line.contains("NMI: CPU 1 is in task context") && line.contains("interrupts masked") {
+        NMI_REPORT.store(true, Ordering::SeqCst);
+    }
+    if line.contains("CPU 0 has waited") {
+        STALL_REPORT.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_stalled_wait_asks_the_stuck_cpu_by_nmi_what_it_is_doing() {
+    let m = Machine::builder()
+        .cpus(2)
+        .idle(IdlePolicy::Sleep)
+        .stall_threshold(Duration::from_millis(5))
+        .report_sink(sink)
+        .build()
+        .unwrap();
+    let (release, held) = hold_masked(&m, 1);
+    let call = m.run_on(0, |e| e.call_single(1, |cpu| cpu));
+    wait_until(
+        LIMIT,
+        "the stall report and the stuck CPU's NMI report",
+        || STALL_REPORT.load(Ordering::SeqCst) && NMI_REPORT.load(Ordering::SeqCst),
+    );
+    release.store(true, Ordering::SeqCst);
+    held.join_timeout(LIMIT).unwrap();
+    assert_eq!(call.join_timeout(LIMIT).unwrap(), Ok(1));
+    m.shutdown().unwrap();
+}
