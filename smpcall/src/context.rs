@@ -17,9 +17,9 @@
 //! "+1 or +2" information as an explicit bit:
 //!
 //! ```text
-//!  63                          17    16    15               0
+//!  63                          17   16   15               0
 //! +------------------------------+------+------------------+
-//! |       counter (47 bits)      | WOKE |   depth (16 bits) |
+//! |      counter (47 bits)       | WOKE | depth (16 bits)  |
 //! +------------------------------+------+------------------+
 //! ```
 //!
@@ -450,7 +450,11 @@ impl ContextTracker {
             fence(Ordering::SeqCst);
             old
         };
-        debug_assert_eq!(old & (COUNTER_ONE | WOKE | DEPTH_MASK), w & (COUNTER_ONE | WOKE | DEPTH_MASK), "a nested handler did not restore the context word");
+        debug_assert_eq!(
+            old & (COUNTER_ONE | WOKE | DEPTH_MASK),
+            w & (COUNTER_ONE | WOKE | DEPTH_MASK),
+            "a nested handler did not restore the context word"
+        );
     }
 
     /// Handler exit as its two atomic steps; `between(1)` runs between them.
@@ -458,7 +462,10 @@ impl ContextTracker {
     fn handler_exit_steps(&self, mut between: impl FnMut(usize)) {
         // Step 1. Relaxed: as in `handler_enter_steps`.
         let w = self.word.load(Ordering::Relaxed);
-        debug_assert!(w & DEPTH_MASK > 0 && w & COUNTER_ONE != 0, "handler exit without entry: {w:#x}");
+        debug_assert!(
+            w & DEPTH_MASK > 0 && w & COUNTER_ONE != 0,
+            "handler exit without entry: {w:#x}"
+        );
         between(1);
         // Step 2.
         let old = if w & (DEPTH_MASK | WOKE) == WOKE + 1 {
@@ -469,7 +476,11 @@ impl ContextTracker {
             // Relaxed: depth only; the CPU stays watched and the counter is untouched.
             self.word.fetch_add(EXIT_NESTED, Ordering::Relaxed)
         };
-        debug_assert_eq!(old & (COUNTER_ONE | WOKE | DEPTH_MASK), w & (COUNTER_ONE | WOKE | DEPTH_MASK), "a nested handler did not restore the context word");
+        debug_assert_eq!(
+            old & (COUNTER_ONE | WOKE | DEPTH_MASK),
+            w & (COUNTER_ONE | WOKE | DEPTH_MASK),
+            "a nested handler did not restore the context word"
+        );
     }
 
     // ---------------------------------------------------------------------------------------
@@ -650,7 +661,9 @@ mod tests {
         fn structural(&self) -> Result<(), String> {
             let w = self.word.load(Ordering::SeqCst);
             if w & DEPTH_MASK != 0 && w & COUNTER_ONE == 0 {
-                return Err(format!("W1: handler depth > 0 with an even counter ({w:#x})"));
+                return Err(format!(
+                    "W1: handler depth > 0 with an even counter ({w:#x})"
+                ));
             }
             if w & WOKE != 0 && w & DEPTH_MASK == 0 {
                 return Err(format!("W2: WOKE without a running handler ({w:#x})"));
@@ -699,18 +712,26 @@ mod tests {
         quiescent: bool,
     }
 
-    const OUTERS: [Outer; 10] = [
-        Outer { name: "idle_enter", setup: &[], op: Op::IdleEnter, from: Ctx::Task, to: Ctx::Idle, quiescent: true },
-        Outer { name: "idle_exit", setup: &[Op::IdleEnter], op: Op::IdleExit, from: Ctx::Idle, to: Ctx::Task, quiescent: true },
-        Outer { name: "irq_enter from idle", setup: &[Op::IdleEnter], op: Op::IrqEnter, from: Ctx::Idle, to: Ctx::Handler, quiescent: true },
-        Outer { name: "irq_exit to idle", setup: &[Op::IdleEnter, Op::IrqEnter], op: Op::IrqExit, from: Ctx::Handler, to: Ctx::Idle, quiescent: true },
-        Outer { name: "irq_enter from task", setup: &[], op: Op::IrqEnter, from: Ctx::Task, to: Ctx::Handler, quiescent: false },
-        Outer { name: "irq_exit to task", setup: &[Op::IrqEnter], op: Op::IrqExit, from: Ctx::Handler, to: Ctx::Task, quiescent: false },
-        Outer { name: "nmi_enter from idle", setup: &[Op::IdleEnter], op: Op::NmiEnter, from: Ctx::Idle, to: Ctx::Handler, quiescent: true },
-        Outer { name: "nmi_exit to idle", setup: &[Op::IdleEnter, Op::NmiEnter], op: Op::NmiExit, from: Ctx::Handler, to: Ctx::Idle, quiescent: true },
-        Outer { name: "nmi_enter from task", setup: &[], op: Op::NmiEnter, from: Ctx::Task, to: Ctx::Handler, quiescent: false },
-        Outer { name: "nmi_exit to task", setup: &[Op::NmiEnter], op: Op::NmiExit, from: Ctx::Handler, to: Ctx::Task, quiescent: false },
-    ];
+    #[rustfmt::skip]
+    const OUTERS: [Outer; 10] = {
+        use Ctx::{Handler, Idle, Task};
+        use Op::*;
+        const fn o(name: &'static str, setup: &'static [Op], op: Op, from: Ctx, to: Ctx, quiescent: bool) -> Outer {
+            Outer { name, setup, op, from, to, quiescent }
+        }
+        [
+            o("idle_enter",          &[],                     IdleEnter, Task,    Idle,    true),
+            o("idle_exit",           &[IdleEnter],            IdleExit,  Idle,    Task,    true),
+            o("irq_enter from idle", &[IdleEnter],            IrqEnter,  Idle,    Handler, true),
+            o("irq_exit to idle",    &[IdleEnter, IrqEnter],  IrqExit,   Handler, Idle,    true),
+            o("irq_enter from task", &[],                     IrqEnter,  Task,    Handler, false),
+            o("irq_exit to task",    &[IrqEnter],             IrqExit,   Handler, Task,    false),
+            o("nmi_enter from idle", &[IdleEnter],            NmiEnter,  Idle,    Handler, true),
+            o("nmi_exit to idle",    &[IdleEnter, NmiEnter],  NmiExit,   Handler, Idle,    true),
+            o("nmi_enter from task", &[],                     NmiEnter,  Task,    Handler, false),
+            o("nmi_exit to task",    &[NmiEnter],             NmiExit,   Handler, Task,    false),
+        ]
+    };
 
     // ---------------------------------------------------------------------------------------
     // Enumerating interleavings: depth-first over the binary decisions "insert a nested pair
@@ -770,7 +791,11 @@ mod tests {
 
     /// Names the point `at` of the operation or pair at `level` (0 = the outer operation).
     fn point_name(level: usize, at: At) -> String {
-        let who = if level == 0 { String::from("outer op") } else { format!("pair@{level}") };
+        let who = if level == 0 {
+            String::from("outer op")
+        } else {
+            format!("pair@{level}")
+        };
         match at {
             At::Before => format!("{who} before"),
             At::Step(i) => format!("{who} between steps {i},{}", i + 1),
@@ -822,8 +847,15 @@ mod tests {
             if let Err(e) = self.p.structural() {
                 self.fail(level, at, e);
             }
-            if self.need_watched > 0 && self.p.counter() % 2 == 0 {
-                self.fail(level, at, format!("I1: counter {} even while code that may hold references runs", self.p.counter()));
+            if self.need_watched > 0 && self.p.counter() & 1 == 0 {
+                self.fail(
+                    level,
+                    at,
+                    format!(
+                        "I1: counter {} even while code that may hold references runs",
+                        self.p.counter()
+                    ),
+                );
             }
         }
 
@@ -850,7 +882,7 @@ mod tests {
             }
             self.pairs_at[level] += 1;
             let (counter0, fields0, idle_starts0) = (p.counter(), p.fields(), self.idle_starts);
-            if counter0 % 2 == 0 {
+            if counter0 & 1 == 0 {
                 self.idle_starts += 1;
             }
             let single = self.policy == Policy::OnePerPair;
@@ -863,14 +895,26 @@ mod tests {
             self.check_point(level, At::Body);
             let snap = p.snapshot();
             if P::snap_is_idle(snap) {
-                self.fail(level, At::Body, String::from("I1: a snapshot taken in a handler body says idle"));
+                self.fail(
+                    level,
+                    At::Body,
+                    String::from("I1: a snapshot taken in a handler body says idle"),
+                );
             }
             self.point(level, At::Body, single, &mut used);
             if p.passed_since(snap) {
-                self.fail(level, At::Body, String::from("I1: quiescent state claimed while a handler body runs"));
+                self.fail(
+                    level,
+                    At::Body,
+                    String::from("I1: quiescent state claimed while a handler body runs"),
+                );
             }
             if P::snap_is_idle(p.snapshot()) {
-                self.fail(level, At::Body, String::from("I1: a snapshot taken in a handler body says idle"));
+                self.fail(
+                    level,
+                    At::Body,
+                    String::from("I1: a snapshot taken in a handler body says idle"),
+                );
             }
             self.need_watched -= 1;
 
@@ -904,25 +948,48 @@ mod tests {
 
     /// Runs every schedule of every outer operation; returns (schedules checked, pairs run per
     /// nesting level) or the first violation.
-    fn check<P: Protocol>(policy: Policy, max_depth: usize) -> Result<(u64, Vec<u64>), Violation> {
+    ///
+    /// Panics if more than `limit` schedules would be needed (a bound on the run time).
+    fn check<P: Protocol>(
+        policy: Policy,
+        max_depth: usize,
+        limit: u64,
+    ) -> Result<(u64, Vec<u64>), Violation> {
         let mut schedules = 0;
         let mut pairs_at = Vec::new();
         for outer in &OUTERS {
-            let violation = |schedule, what| Violation { outer: outer.name, what, schedule };
+            let violation = |schedule, what| Violation {
+                outer: outer.name,
+                what,
+                schedule,
+            };
             // The uninterrupted run: must itself do what the operation says (I3).
             let reference = {
                 let p: P = fresh(outer.setup);
                 let (counter0, snap0) = (p.counter(), p.snapshot());
                 run_op(&p, outer.op, &mut |_| {});
                 let delta = p.counter().wrapping_sub(counter0);
-                let expected_delta = u64::from((outer.from == Ctx::Idle) != (outer.to == Ctx::Idle));
-                if delta != expected_delta || (p.counter() % 2 == 0) != (outer.to == Ctx::Idle) {
-                    return Err(violation(String::from("uninterrupted"), format!("I3: uninterrupted run: counter {counter0} -> {}", p.counter())));
+                let expected_delta =
+                    u64::from((outer.from == Ctx::Idle) != (outer.to == Ctx::Idle));
+                if delta != expected_delta || (p.counter() & 1 == 0) != (outer.to == Ctx::Idle) {
+                    return Err(violation(
+                        String::from("uninterrupted"),
+                        format!(
+                            "I3: uninterrupted run: counter {counter0} -> {}",
+                            p.counter()
+                        ),
+                    ));
                 }
                 if p.passed_since(snap0) != outer.quiescent {
-                    return Err(violation(String::from("uninterrupted"), String::from("I3: uninterrupted run: wrong quiescent-state verdict")));
+                    return Err(violation(
+                        String::from("uninterrupted"),
+                        String::from("I3: uninterrupted run: wrong quiescent-state verdict"),
+                    ));
                 }
-                Reference { fields: p.fields(), delta }
+                Reference {
+                    fields: p.fields(),
+                    delta,
+                }
             };
 
             let mut ex = Explorer::default();
@@ -946,12 +1013,16 @@ mod tests {
                 run.need_watched = watched(outer.from);
                 run.point(0, At::Before, true, &mut used);
                 run.need_watched = watched(outer.from).min(watched(outer.to));
-                run_op(&p, outer.op, &mut |i| run.point(0, At::Step(i), true, &mut used));
+                run_op(&p, outer.op, &mut |i| {
+                    run.point(0, At::Step(i), true, &mut used)
+                });
                 run.need_watched = watched(outer.to);
                 run.point(0, At::After, true, &mut used);
 
                 let expected = counter0 + reference.delta + 2 * run.idle_starts;
-                if run.violation.is_none() && (p.fields() != reference.fields || p.counter() != expected) {
+                if run.violation.is_none()
+                    && (p.fields() != reference.fields || p.counter() != expected)
+                {
                     let what = format!(
                         "I3: ended with fields {:#x} counter {} (expected fields {:#x} counter {expected})",
                         p.fields(),
@@ -961,9 +1032,19 @@ mod tests {
                     run.fail(0, At::After, what);
                 }
                 if run.violation.is_none() && p.passed_since(snap0) != outer.quiescent {
-                    run.fail(0, At::After, String::from("I3: wrong quiescent-state verdict for a snapshot taken before"));
+                    run.fail(
+                        0,
+                        At::After,
+                        String::from(
+                            "I3: wrong quiescent-state verdict for a snapshot taken before",
+                        ),
+                    );
                 }
                 schedules += 1;
+                assert!(
+                    schedules <= limit,
+                    "more than {limit} schedules: bounds too large"
+                );
                 if pairs_at.len() < run.pairs_at.len() {
                     pairs_at.resize(run.pairs_at.len(), 0);
                 }
@@ -1006,14 +1087,18 @@ mod tests {
         OUTERS
             .iter()
             .map(|o| {
-                let points = if matches!(o.op, Op::IdleEnter | Op::IdleExit) { 2 } else { 3 };
+                let points = if matches!(o.op, Op::IdleEnter | Op::IdleExit) {
+                    2
+                } else {
+                    3
+                };
                 1 + points * pair
             })
             .sum()
     }
 
     fn prove(policy: Policy, max_depth: usize, expected: u64) {
-        let (schedules, pairs_at) = match check::<ContextTracker>(policy, max_depth) {
+        let (schedules, pairs_at) = match check::<ContextTracker>(policy, max_depth, expected) {
             Ok(r) => r,
             Err(v) => panic!("{}: {}\n  schedule: {}", v.outer, v.what, v.schedule),
         };
@@ -1024,7 +1109,11 @@ mod tests {
         );
         assert_eq!(schedules, expected_schedules(policy, max_depth));
         assert_eq!(schedules, expected);
-        assert_eq!(pairs_at.len(), max_depth + 1, "pairs did not nest to depth {max_depth}");
+        assert_eq!(
+            pairs_at.len(),
+            max_depth + 1,
+            "pairs did not nest to depth {max_depth}"
+        );
     }
 
     /// Every combination: each point of each nested pair independently gets a deeper pair or
@@ -1047,52 +1136,76 @@ mod tests {
     // ---------------------------------------------------------------------------------------
     // The checker can fail: broken protocols.
 
-    /// A naive separate-nesting scheme with the bug class found in the seed thread: entry
-    /// first bumps the nesting count and then wakes the CPU only if it was the outermost entry.
-    /// An NMI that lands between the two sees a non-zero count, assumes the CPU is already
-    /// watched, and runs its handler while the CPU still looks idle. (Its exit is ordered with
-    /// care — WOKE cleared, then the count, then the counter — so the entry is what fails.)
-    struct NaiveNesting {
+    /// Naive separate-nesting schemes: a nesting count and a "woke" flag in words of their own
+    /// next to the counter, and no +1/+2 rule tying them together.
+    ///
+    /// * `WAKE_FIRST = false` — the bug class found in the seed thread: entry bumps the count
+    ///   first and wakes the CPU only if it was the outermost entry. An NMI that lands between
+    ///   the two sees a non-zero count, assumes the CPU is already watched, and runs its handler
+    ///   while the CPU still looks idle (I1).
+    /// * `WAKE_FIRST = true` — wake first, bump the count after. An NMI that lands between the
+    ///   two sees count 0 and the flag set, and its exit takes the flag and makes the CPU idle
+    ///   under the outer handler (I2, then I1). Why the flag must change in the same atomic
+    ///   step as the count — here, `WOKE` and `depth` in one word.
+    struct NaiveNesting<const WAKE_FIRST: bool> {
         counter: AtomicU64,
         nesting: AtomicU64,
         woke: AtomicU64,
     }
 
-    impl NaiveNesting {
+    /// Counts a step and calls the hook after it.
+    fn after_step(step: &mut usize, between: &mut dyn FnMut(usize)) {
+        *step += 1;
+        between(*step);
+    }
+
+    impl<const WAKE_FIRST: bool> NaiveNesting<WAKE_FIRST> {
         fn enter(&self, between: &mut dyn FnMut(usize)) {
+            let mut step = 0;
             let n = self.nesting.load(Ordering::SeqCst);
-            between(1);
-            self.nesting.store(n + 1, Ordering::SeqCst);
-            between(2);
-            if n == 0 && self.counter.load(Ordering::SeqCst) % 2 == 0 {
-                between(3);
+            if !WAKE_FIRST {
+                after_step(&mut step, between);
+                self.nesting.store(n + 1, Ordering::SeqCst);
+            }
+            after_step(&mut step, between);
+            if n == 0 && self.counter.load(Ordering::SeqCst) & 1 == 0 {
+                after_step(&mut step, between);
                 self.counter.fetch_add(1, Ordering::SeqCst);
-                between(4);
+                after_step(&mut step, between);
                 self.woke.store(1, Ordering::SeqCst);
+            }
+            if WAKE_FIRST {
+                after_step(&mut step, between);
+                self.nesting.store(n + 1, Ordering::SeqCst);
             }
         }
 
         fn exit(&self, between: &mut dyn FnMut(usize)) {
+            let mut step = 0;
             let n = self.nesting.load(Ordering::SeqCst);
-            between(1);
+            after_step(&mut step, between);
             let woke = n == 1 && self.woke.load(Ordering::SeqCst) == 1;
-            between(2);
             if woke {
+                after_step(&mut step, between);
                 self.woke.store(0, Ordering::SeqCst);
-                between(3);
             }
+            after_step(&mut step, between);
             self.nesting.store(n.wrapping_sub(1), Ordering::SeqCst);
             if woke {
-                between(4);
+                after_step(&mut step, between);
                 self.counter.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
 
-    impl Protocol for NaiveNesting {
+    impl<const WAKE_FIRST: bool> Protocol for NaiveNesting<WAKE_FIRST> {
         type Snap = u64;
         fn new_task() -> Self {
-            NaiveNesting { counter: AtomicU64::new(1), nesting: AtomicU64::new(0), woke: AtomicU64::new(0) }
+            NaiveNesting {
+                counter: AtomicU64::new(1),
+                nesting: AtomicU64::new(0),
+                woke: AtomicU64::new(0),
+            }
         }
         fn idle_enter(&self, _: &mut dyn FnMut(usize)) {
             self.counter.fetch_add(1, Ordering::SeqCst);
@@ -1122,10 +1235,10 @@ mod tests {
             self.counter.load(Ordering::SeqCst)
         }
         fn snap_is_idle(snap: u64) -> bool {
-            snap % 2 == 0
+            snap & 1 == 0
         }
         fn passed_since(&self, snap: u64) -> bool {
-            snap % 2 == 0 || self.counter.load(Ordering::SeqCst) != snap
+            snap & 1 == 0 || self.counter.load(Ordering::SeqCst) != snap
         }
         fn structural(&self) -> Result<(), String> {
             Ok(())
@@ -1141,7 +1254,9 @@ mod tests {
         fn step(&self, delta: impl Fn(u64) -> u64, between: &mut dyn FnMut(usize)) {
             let w = self.0.word.load(Ordering::SeqCst);
             between(1);
-            self.0.word.store(w.wrapping_add(delta(w)), Ordering::SeqCst);
+            self.0
+                .word
+                .store(w.wrapping_add(delta(w)), Ordering::SeqCst);
         }
     }
 
@@ -1163,10 +1278,28 @@ mod tests {
             self.nmi_exit(between)
         }
         fn nmi_enter(&self, between: &mut dyn FnMut(usize)) {
-            self.step(|w| if w & COUNTER_ONE != 0 { ENTER_NESTED } else { ENTER_FROM_IDLE }, between)
+            self.step(
+                |w| {
+                    if w & COUNTER_ONE != 0 {
+                        ENTER_NESTED
+                    } else {
+                        ENTER_FROM_IDLE
+                    }
+                },
+                between,
+            )
         }
         fn nmi_exit(&self, between: &mut dyn FnMut(usize)) {
-            self.step(|w| if w & (DEPTH_MASK | WOKE) == WOKE + 1 { EXIT_TO_IDLE } else { EXIT_NESTED }, between)
+            self.step(
+                |w| {
+                    if w & (DEPTH_MASK | WOKE) == WOKE + 1 {
+                        EXIT_TO_IDLE
+                    } else {
+                        EXIT_NESTED
+                    }
+                },
+                between,
+            )
         }
         fn counter(&self) -> u64 {
             self.0.counter()
@@ -1188,12 +1321,21 @@ mod tests {
         }
     }
 
+    /// Runs a broken protocol through the same checker. Smaller bounds than for the real one:
+    /// its operations have up to four steps, so a pair has up to nine points and every
+    /// combination to depth 3 would be ~10²⁴ schedules; depth 2 (every combination) and depth 4
+    /// (every chain) already contain the counterexamples.
     fn expect_violation<P: Protocol>(name: &str, invariants: &[&str]) {
-        for (policy, depth) in [(Policy::EveryPoint, 3), (Policy::OnePerPair, 8)] {
-            match check::<P>(policy, depth) {
-                Ok((n, _)) => panic!("{name}: the checker passed a broken protocol ({n} interleavings)"),
+        for (policy, depth) in [(Policy::EveryPoint, 2), (Policy::OnePerPair, 4)] {
+            match check::<P>(policy, depth, 1_000_000) {
+                Ok((n, _)) => {
+                    panic!("{name}: the checker passed a broken protocol ({n} interleavings)")
+                }
                 Err(v) => {
-                    println!("{name} ({policy:?}): caught in {}: {}\n  schedule: {}", v.outer, v.what, v.schedule);
+                    println!(
+                        "{name} ({policy:?}): caught in {}: {}\n  schedule: {}",
+                        v.outer, v.what, v.schedule
+                    );
                     assert!(
                         invariants.iter().any(|i| v.what.starts_with(i)),
                         "{name}: expected a violation of {invariants:?}, got {}",
@@ -1205,8 +1347,13 @@ mod tests {
     }
 
     #[test]
-    fn checker_catches_naive_nesting() {
-        expect_violation::<NaiveNesting>("naive nesting", &["I1"]);
+    fn checker_catches_naive_nesting_count_first() {
+        expect_violation::<NaiveNesting<false>>("naive nesting, count first", &["I1"]);
+    }
+
+    #[test]
+    fn checker_catches_naive_nesting_wake_first() {
+        expect_violation::<NaiveNesting<true>>("naive nesting, wake first", &["I1", "I2"]);
     }
 
     #[test]
@@ -1227,7 +1374,10 @@ mod tests {
         t.idle_enter();
         assert_eq!((s(&t).context(), s(&t).counter()), (CpuContext::Idle, 2));
         t.irq_enter();
-        assert_eq!((s(&t).context(), s(&t).counter(), s(&t).handler_depth()), (CpuContext::Handler, 3, 1));
+        assert_eq!(
+            (s(&t).context(), s(&t).counter(), s(&t).handler_depth()),
+            (CpuContext::Handler, 3, 1)
+        );
         t.nmi_enter();
         t.nmi_enter();
         assert_eq!((s(&t).counter(), s(&t).handler_depth()), (3, 3));
@@ -1239,7 +1389,10 @@ mod tests {
         t.irq_enter();
         assert_eq!((s(&t).context(), s(&t).counter()), (CpuContext::Handler, 5));
         t.irq_exit();
-        assert_eq!((s(&t).context(), s(&t).counter(), s(&t).raw()), (CpuContext::Task, 5, 5 << COUNTER_SHIFT));
+        assert_eq!(
+            (s(&t).context(), s(&t).counter(), s(&t).raw()),
+            (CpuContext::Task, 5, 5 << COUNTER_SHIFT)
+        );
     }
 
     #[test]
@@ -1259,14 +1412,22 @@ mod tests {
 
     #[test]
     fn counter_wraps_without_touching_the_nesting_bits() {
-        let t = ContextTracker { word: AtomicU64::new(u64::MAX & !(COUNTER_ONE - 1)) }; // max odd counter
+        let t = ContextTracker {
+            word: AtomicU64::new(!(COUNTER_ONE - 1)),
+        }; // max odd counter
         let snap = t.snapshot();
         assert_eq!(snap.context(), CpuContext::Task);
         t.idle_enter(); // counter wraps to 0: even, idle
-        assert_eq!((t.snapshot().context(), t.snapshot().counter()), (CpuContext::Idle, 0));
+        assert_eq!(
+            (t.snapshot().context(), t.snapshot().counter()),
+            (CpuContext::Idle, 0)
+        );
         t.nmi_enter();
         t.nmi_exit();
-        assert_eq!((t.snapshot().raw(), t.snapshot().counter()), (2 * COUNTER_ONE, 2));
+        assert_eq!(
+            (t.snapshot().raw(), t.snapshot().counter()),
+            (2 * COUNTER_ONE, 2)
+        );
         assert!(t.passed_quiescent_since(snap));
     }
 
@@ -1327,7 +1488,8 @@ mod tests {
                 }
                 let mut idle = false;
                 let mut steps = 0u64;
-                while (steps < MIN_OWNER_STEPS || in_cs_samples.load(Ordering::Relaxed) < MIN_SAMPLES)
+                while (steps < MIN_OWNER_STEPS
+                    || in_cs_samples.load(Ordering::Relaxed) < MIN_SAMPLES)
                     && Instant::now() < deadline
                 {
                     steps += 1;
@@ -1369,8 +1531,11 @@ mod tests {
                 let m1 = marker.load(Ordering::SeqCst);
                 let snap = t.snapshot();
                 let m2 = marker.load(Ordering::SeqCst);
-                if m1 == m2 && m1 % 2 == 1 {
-                    assert!(snap.is_watched(), "snapshot {snap:?} idle inside critical section {m1}");
+                if m1 == m2 && m1 & 1 == 1 {
+                    assert!(
+                        snap.is_watched(),
+                        "snapshot {snap:?} idle inside critical section {m1}"
+                    );
                     in_cs_samples.fetch_add(1, Ordering::Relaxed);
                     if watch.is_none() {
                         watch = Some((snap, m1, 0));
@@ -1383,7 +1548,10 @@ mod tests {
                     if m3 == *m0 && m4 == *m0 {
                         assert!(!q, "quiescent state claimed inside the critical section {m0} of snapshot {w:?}");
                     }
-                    assert!(q || *trues == 0, "passed_quiescent_since went from true back to false");
+                    assert!(
+                        q || *trues == 0,
+                        "passed_quiescent_since went from true back to false"
+                    );
                     if q {
                         *trues += 1;
                         if *trues == 1 {
@@ -1395,11 +1563,23 @@ mod tests {
                     }
                 }
             }
-            (owner.join().unwrap(), claims, in_cs_samples.load(Ordering::Relaxed))
+            (
+                owner.join().unwrap(),
+                claims,
+                in_cs_samples.load(Ordering::Relaxed),
+            )
         });
-        println!("owner steps {steps}, in-section samples {samples}, quiescent states observed {claims}");
-        assert!(steps >= MIN_OWNER_STEPS, "owner did not finish its steps before the deadline");
-        assert!(samples >= MIN_SAMPLES, "observer caught too few critical sections ({samples})");
+        println!(
+            "owner steps {steps}, in-section samples {samples}, quiescent states observed {claims}"
+        );
+        assert!(
+            steps >= MIN_OWNER_STEPS,
+            "owner did not finish its steps before the deadline"
+        );
+        assert!(
+            samples >= MIN_SAMPLES,
+            "observer caught too few critical sections ({samples})"
+        );
         assert!(claims > 0, "observer never saw a quiescent state");
         assert_eq!(t.snapshot().context(), CpuContext::Task);
     }

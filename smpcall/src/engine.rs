@@ -93,6 +93,10 @@ pub struct PerCpu {
     pub(crate) nmis_received: AtomicU64,
     /// A stalled waiter asked this CPU (by NMI) to report what it is doing.
     pub(crate) nmi_report_requested: AtomicBool,
+    /// Context tracking: idle (even) or watched (odd), NMI-safe (C12).
+    pub(crate) ctx: crate::context::ContextTracker,
+    /// RCU read-side state.
+    pub(crate) rcu: crate::rcu::RcuCpu,
 }
 
 macro_rules! per_cpu_init {
@@ -116,6 +120,8 @@ macro_rules! per_cpu_init {
             nmi_depth: AtomicU32::new(0),
             nmis_received: AtomicU64::new(0),
             nmi_report_requested: AtomicBool::new(false),
+            ctx: crate::context::ContextTracker::new(),
+            rcu: crate::rcu::RcuCpu::new(),
         }
     };
 }
@@ -301,6 +307,7 @@ pub struct Engine<P: Platform, S: Storage> {
     pub(crate) stall_threshold_ns: AtomicU64,
     pub(crate) hotplug: crate::stop::HotplugCounters,
     pub(crate) diag: crate::diag::DiagCounters,
+    pub(crate) rcu: crate::rcu::RcuState,
 }
 
 impl<P: Platform, S: Storage> core::fmt::Debug for Engine<P, S> {
@@ -341,6 +348,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             stall_threshold_ns: AtomicU64::new(crate::stop::DEFAULT_STALL_NS),
             hotplug: crate::stop::HotplugCounters::new(),
             diag: crate::diag::DiagCounters::new(),
+            rcu: crate::rcu::RcuState::new(),
         })
     }
 
@@ -765,6 +773,27 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
     }
 
+    /// The current CPU enters idle (an extended quiescent state for RCU: it holds no
+    /// references). The platform's idle loop brackets idle time with this and
+    /// [`idle_exit`](Engine::idle_exit); calls served while idle run "in an interrupt".
+    pub fn idle_enter(&self) {
+        if let Some(me) = self.current_cpu() {
+            self.per_cpu(me).ctx.idle_enter();
+        }
+    }
+
+    /// The current CPU leaves idle.
+    pub fn idle_exit(&self) {
+        if let Some(me) = self.current_cpu() {
+            self.per_cpu(me).ctx.idle_exit();
+        }
+    }
+
+    /// A snapshot of `cpu`'s context-tracking counter (None for an unknown CPU).
+    pub fn context_snapshot(&self, cpu: CpuId) -> Option<crate::context::ContextSnapshot> {
+        self.storage.cpus().get(cpu).map(|pc| pc.ctx.snapshot())
+    }
+
     /// Idle-polls: the current CPU announces that it watches its queue (so senders elide the
     /// IPI, C6) and serves it until `stop()` returns true.
     pub fn idle_poll(&self, mut stop: impl FnMut() -> bool) {
@@ -1005,10 +1034,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // Relaxed: our own flag; `online` is SeqCst.
         let offline = !self.online.test(me) && !pc.dying.load(Ordering::Relaxed);
         pc.diag.queue_taken();
+        // Calls run "in an interrupt": watched, even when this flush runs from idle.
+        pc.ctx.irq_enter();
         let in_flight = AbortOnUnwind;
         // SAFETY: forwarded (owner, masked).
         let ran = unsafe { pc.queue.flush(me) };
         core::mem::forget(in_flight);
+        pc.ctx.irq_exit();
         depth.fetch_sub(1, Ordering::Relaxed);
         // Relaxed: statistics.
         pc.calls_run.fetch_add(ran as u64, Ordering::Relaxed);

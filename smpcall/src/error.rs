@@ -16,6 +16,9 @@ pub enum DeadlockReason {
     /// The caller is an NMI handler: NMIs do not nest, so a CPU waiting in one could never
     /// take the NMI it waits for.
     InNmi,
+    /// The caller is inside an RCU read-side critical section: a grace period would wait
+    /// for the caller itself.
+    InRcuReader,
 }
 
 /// Every refusal the engine can make. A call either runs, or returns one of these.
@@ -52,6 +55,9 @@ impl fmt::Display for Error {
             Error::WouldDeadlock(DeadlockReason::InterruptsMasked) => f.write_str(
                 "a waiting call with interrupts masked would risk deadlock; \
                  use a no-wait call or unmask first",
+            ),
+            Error::WouldDeadlock(DeadlockReason::InRcuReader) => f.write_str(
+                "a grace period from inside an RCU read-side section would wait for itself",
             ),
             Error::WouldDeadlock(DeadlockReason::InNmi) => {
                 f.write_str("a waiting call from inside an NMI handler would risk deadlock")

@@ -28,6 +28,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
+pub mod context;
 pub mod cpumask;
 mod csd;
 mod diag;
@@ -36,11 +37,14 @@ mod error;
 mod nmi;
 mod platform;
 mod queue;
+mod rcu;
 mod stop;
 mod sync;
 
 #[cfg(all(feature = "std", not(loom)))]
 pub mod hosted;
+#[cfg(all(feature = "std", not(loom)))]
+pub mod sim;
 
 pub use cpumask::{CpuId, CpuMask, MAX_CPUS};
 pub use csd::{Csd, INLINE_CLOSURE_BYTES, INLINE_CLOSURE_WORDS};
@@ -53,6 +57,7 @@ pub use engine::{CpuStats, Engine, IrqGuard, PerCpu, Storage};
 pub use error::{DeadlockReason, Error};
 pub use platform::Platform;
 pub use queue::CallQueue;
+pub use rcu::{RcuReadGuard, RcuStats};
 pub use stop::{HotplugStats, StopStage};
 
 #[cfg(all(test, loom))]

@@ -28,8 +28,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // Relaxed: this CPU's own counters (NMIs do not nest).
         pc.nmi_depth.fetch_add(1, Ordering::Relaxed);
         pc.nmis_received.fetch_add(1, Ordering::Relaxed);
-        if pc.nmi_report_requested.swap(false, Ordering::Relaxed) {
-            self.report_cpu_state(me);
+        let report = pc.nmi_report_requested.swap(false, Ordering::Relaxed);
+        let before = report.then(|| pc.ctx.snapshot().context());
+        pc.ctx.nmi_enter();
+        if let Some(before) = before {
+            self.report_cpu_state(me, before);
         }
         let in_flight = AbortOnUnwind;
         // SAFETY: only this CPU's NMI handler consumes its NMI queue, and NMI handlers do not
@@ -37,6 +40,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // another flush of the same queue.
         unsafe { pc.nmi_queue.flush(me) };
         core::mem::forget(in_flight);
+        pc.ctx.nmi_exit();
         pc.nmi_depth.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -117,27 +121,26 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         true
     }
 
-    /// What `me` is doing, in words (for reports).
-    fn context_name(&self, me: CpuId) -> &'static str {
-        let pc = self.per_cpu(me);
-        // Relaxed: observations.
-        if pc.nmi_depth.load(Ordering::Relaxed) > 1 {
-            "in a nested NMI handler"
-        } else if self.handler_depth(me) > 0 {
-            "in a call handler (interrupted by this NMI)"
-        } else if self.is_polling(me) {
-            "idle, polling its queue"
-        } else {
-            "in task context (interrupted by this NMI)"
+    /// What a CPU was doing when the NMI arrived, in words (for reports).
+    fn context_name(&self, me: CpuId, before: crate::context::CpuContext) -> &'static str {
+        use crate::context::CpuContext;
+        match before {
+            CpuContext::Idle if self.is_polling(me) => "idle, polling its queue",
+            CpuContext::Idle => "idle",
+            CpuContext::Handler if self.handler_depth(me) > 0 => {
+                "in a call handler (interrupted by this NMI)"
+            }
+            CpuContext::Handler => "in an interrupt or NMI handler (interrupted by this NMI)",
+            CpuContext::Task => "in task context (interrupted by this NMI)",
         }
     }
 
     /// Reports (from the CPU itself, typically in its NMI handler) what `me` is doing.
-    pub(crate) fn report_cpu_state(&self, me: CpuId) {
+    pub(crate) fn report_cpu_state(&self, me: CpuId, before: crate::context::CpuContext) {
         self.platform.report(format_args!(
             "smpcall: NMI: CPU {me} is {}; interrupts {}, call handler depth {}, polling {}, \
              stop_machine stage {:?}, queue {}",
-            self.context_name(me),
+            self.context_name(me, before),
             if self.platform.irqs_masked() {
                 "masked"
             } else {

@@ -318,7 +318,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Takes the stop/hotplug lock, serving our own queue while another CPU holds it (its
     /// stop_machine needs us to take part).
-    fn lock_stop(&self, me: CpuId) {
+    pub(crate) fn lock_stop(&self, me: CpuId) {
         // Acquire: the previous holder's hotplug changes are visible to us.
         while self
             .stop_lock
@@ -330,7 +330,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
     }
 
-    fn unlock_stop(&self) {
+    pub(crate) fn unlock_stop(&self) {
         // Release: our hotplug changes happen-before the next holder's.
         self.stop_lock.store(false, Ordering::Release);
     }

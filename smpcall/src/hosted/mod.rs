@@ -1151,6 +1151,14 @@ fn wants_attention(hc: &HostCpu) -> bool {
 
 fn idle(inner: &Inner, cpu: CpuId, hc: &HostCpu) {
     let engine = &inner.engine;
+    // Idle time is an extended quiescent state: RCU skips this CPU (no IPI).
+    engine.idle_enter();
+    idle_wait(inner, cpu, hc);
+    engine.idle_exit();
+}
+
+fn idle_wait(inner: &Inner, cpu: CpuId, hc: &HostCpu) {
+    let engine = &inner.engine;
     if !engine.is_online(cpu) {
         // Offline: park until brought up (cpu_up kicks us), a task, or exit.
         sleep_once(engine, cpu, hc, false);
