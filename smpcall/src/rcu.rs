@@ -205,15 +205,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                     // (Cannot happen while we hold the hotplug lock; defensive.)
                     let missed = call.weight() - queued.weight();
                     st.remaining.fetch_sub(missed as u32, Ordering::Release);
-                })
-                .and_then(|()| {
                     // Deferred reports arrive at the readers' outermost unlocks.
                     // Acquire: pairs with each report's Release decrement.
                     while st.remaining.load(Ordering::Acquire) != 0 {
                         self.serve_own(me);
                         self.platform.relax();
                     }
-                    Ok(())
                 })
         };
         fence(Ordering::SeqCst);

@@ -217,6 +217,7 @@ struct Node {
 
 const ALIVE: u64 = 0xA11CE;
 const DEAD: u64 = 0xDEAD;
+const SWAPS: u64 = 120;
 
 /// RCU pointer swap under load: readers on every CPU (task context and call handlers) follow a
 /// shared pointer; a writer swaps it, waits for a grace period, poisons the old node, and only
@@ -246,13 +247,16 @@ fn pointer_swap_never_frees_what_a_reader_holds() {
                     let p = head.load(Ordering::Acquire);
                     // SAFETY: RCU: the node is not reclaimed before our section ends.
                     let node = unsafe { &*p };
-                    for _ in 0..50 {
+                    for _ in 0..10 {
                         if node.alive.load(Ordering::Relaxed) != ALIVE {
                             bad.fetch_add(1, Ordering::SeqCst);
                         }
                         std::hint::spin_loop();
                     }
                     reads.fetch_add(1, Ordering::Relaxed);
+                    drop(_r);
+                    // 4 CPUs share 2 cores here: let the writer's CPU run.
+                    std::thread::yield_now();
                 }
             })
         })
@@ -260,7 +264,7 @@ fn pointer_swap_never_frees_what_a_reader_holds() {
     let (h2, bad2) = (Arc::clone(&head), Arc::clone(&violations));
     let writer = m.run_on(0, move |e| {
         let mut graveyard: Vec<*mut Node> = Vec::new();
-        for i in 1..=300u64 {
+        for i in 1..=SWAPS {
             let new = Box::into_raw(Box::new(Node {
                 alive: AtomicU64::new(ALIVE),
                 value: i,
@@ -301,15 +305,15 @@ fn pointer_swap_never_frees_what_a_reader_holds() {
         0,
         "a reader saw a reclaimed node"
     );
-    assert!(reads.load(Ordering::Relaxed) > 300, "readers actually read");
+    assert!(reads.load(Ordering::Relaxed) > SWAPS as usize, "readers actually read");
     let s = m.engine().rcu_stats();
-    assert_eq!(s.grace_periods, 300);
+    assert_eq!(s.grace_periods, SWAPS);
     eprintln!(
         "rcu pointer swap: {s:?}, reads {}",
         reads.load(Ordering::Relaxed)
     );
     // SAFETY: all readers and the writer are done.
     let last = unsafe { Box::from_raw(head.load(Ordering::SeqCst)) };
-    assert_eq!(last.value, 300);
+    assert_eq!(last.value, SWAPS);
     m.shutdown().unwrap();
 }
