@@ -412,7 +412,9 @@ mod stress_tests {
                                 "timed out after {TIMEOUT:?} waiting for producer {producer}'s \
                                  call data to be free (call {seq})"
                             );
-                            core::hint::spin_loop();
+                            // Yield, not spin: with more threads than cores a spinning
+                            // producer would starve the flushing thread it waits for.
+                            thread::yield_now();
                         }
                         let record = record.clone();
                         let f = move |_: CpuId| record.ran(producer, seq);
