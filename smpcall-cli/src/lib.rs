@@ -2,10 +2,12 @@
 //! that tests can run them.
 //!
 //! * [`torture`] — `smpcall torture`: the exactly-once workload and its verifier.
+//! * [`bench`](mod@bench) — `smpcall bench`: our calls side by side with their peers, as ratios.
 //! * [`duration`] — parsing of durations given on the command line.
 //!
-//! (`bench` and `dump` will join them.)
+//! (`dump` will join them.)
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod duration;
 pub mod torture;

@@ -2,16 +2,21 @@
 //!
 //! ```text
 //! smpcall torture [--cpus N] [--duration 5s] [--idle poll|sleep|mixed] [--seed S]
+//!                 [--weight-KIND W | --weight KIND=W]... [--long-wait]
+//!                 [--stat-interval 1s] [--json PATH|-]
+//! smpcall bench [--quick] [--iterations N] [--json FILE] [--plot FILE.svg]
 //! ```
 //!
 //! Exit status: 0 on success, 1 when the torture run found a violation, 2 when it could not
-//! be set up (bad arguments, the machine would not start).
+//! be set up (bad arguments, the machine would not start) or a bench row failed.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use smpcall::hosted::IdlePolicy;
+use smpcall_cli::bench;
 use smpcall_cli::duration::parse_duration;
 use smpcall_cli::torture::{self, Config};
 
@@ -28,7 +33,10 @@ enum Command {
     /// Run the exactly-once workload on every CPU and verify every call ran exactly once on
     /// the CPU it was meant for.
     Torture(TortureArgs),
-    // Later: Bench(BenchArgs), Dump(DumpArgs).
+    /// Measure our calls side by side with their peers (channels, signals, rayon, membarrier)
+    /// and print the ratios to the floor and to the best peer.
+    Bench(BenchArgs),
+    // Later: Dump(DumpArgs).
 }
 
 /// What an idle CPU does.
@@ -70,9 +78,68 @@ struct TortureArgs {
     /// Call records per CPU (a CPU that uses them up stops early).
     #[arg(long, default_value_t = Config::default().max_calls_per_cpu)]
     max_calls_per_cpu: u64,
-    /// Bound on each wait after the deadline (a task to finish, calls to drain, shutdown).
+    /// Bound on each wait: after the deadline a task to finish, calls to drain, shutdown;
+    /// half of it for an rpc's completion.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Weights, long waits, statistics lines, JSON.
+    #[command(flatten)]
+    options: torture::cli::TortureOptions,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// A run of a few seconds (fewer iterations per row), for tests and CI.
+    #[arg(long)]
+    quick: bool,
+    /// Timed round trips per latency row (overrides the default; rows still stop after
+    /// --row-time).
+    #[arg(long)]
+    iterations: Option<u64>,
+    /// Time cap per row: 2s, 500ms.
+    #[arg(long, value_parser = parse_duration)]
+    row_time: Option<Duration>,
+    /// Write every figure as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw the latency distributions to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    let mut cfg = if args.quick {
+        bench::Config::quick()
+    } else {
+        bench::Config::default()
+    };
+    if let Some(n) = args.iterations {
+        cfg.iterations = n;
+    }
+    if let Some(d) = args.row_time {
+        cfg.row_time = d;
+    }
+    let report = match bench::run_with_progress_bar(&cfg) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("smpcall bench: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("{report}");
+    if let Some(path) = &args.json {
+        if let Err(e) = std::fs::write(path, report.to_json()) {
+            eprintln!("smpcall bench: cannot write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(path) = &args.plot {
+        if let Err(e) = bench::plot::write_svg(&report, path) {
+            eprintln!("smpcall bench: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn parse_seed(s: &str) -> Result<u64, String> {
@@ -101,29 +168,12 @@ fn torture(args: TortureArgs) -> ExitCode {
         timeout: args.timeout,
         ..Config::default()
     };
-    // Printed first, so that a run that hangs can still be repeated.
-    eprintln!(
-        "smpcall torture: running {} CPUs for {:?}, seed {:#x}",
-        cfg.cpus, cfg.duration, cfg.seed
-    );
-    match torture::run(&cfg) {
-        Ok(report) => {
-            println!("{report}");
-            if report.success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("smpcall torture: error: {e}");
-            ExitCode::from(2)
-        }
-    }
+    torture::cli::run_command(cfg, &args.options)
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Torture(args) => torture(args),
+        Command::Bench(args) => bench(args),
     }
 }

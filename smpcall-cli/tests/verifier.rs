@@ -1,7 +1,12 @@
 //! The verifier can fail: records with a missing run, an extra run, a duplicate, a wrong `cpu`
-//! argument, a mask mismatch or an error are each reported in their own class.
+//! argument, a function that does not see its caller's writes ("in"), a caller that does not
+//! see its functions' writes ("out"), an rpc that never completes, a mask mismatch or an error
+//! are each reported in their own class.
+
+use std::time::Duration;
 
 use smpcall::Error;
+use smpcall_cli::torture::ledger::{expected_out, in_token, out_part};
 use smpcall_cli::torture::{verify, Kind, Ledger, Violation};
 
 const ALL_CLASSES: [Violation; Violation::COUNT] = Violation::ALL;
@@ -129,4 +134,121 @@ fn capacity_and_cpu_limits() {
     assert_eq!(l.issued(0), 2);
     assert!(Ledger::new(65, 1).is_err());
     assert!(Ledger::new(0, 1).is_err());
+}
+
+#[test]
+fn in_value_that_does_not_match_is_in_order() {
+    let l = Ledger::new(3, 16).unwrap();
+    // The caller's store never reached the function: it reads the record's initial 0.
+    let a = l.begin(0, Kind::SingleAsync, 0b010).unwrap();
+    l.stamp_in_with(a, 0);
+    l.deliver(a, Some(1), 1);
+    // It reads an almost-right value: one bit off is still wrong.
+    let b = l.begin(0, Kind::Single, 0b100).unwrap();
+    l.stamp_in_with(b, in_token(b) ^ 1);
+    l.deliver(b, Some(2), 2);
+    // It reads the token of the sender's previous call (a stale record): wrong too.
+    let c = l.begin(0, Kind::ManyAsync, 0b110).unwrap();
+    l.stamp_in_with(c, in_token(b));
+    l.deliver(c, Some(1), 1);
+    l.deliver(c, Some(2), 2);
+    let v = verify(&l);
+    assert_eq!(classes(&v), [(Violation::InOrder, 3)]);
+    assert_eq!(
+        l.live().in_order,
+        4,
+        "one per function run that saw a wrong value"
+    );
+    let e = v.examples[0];
+    assert_eq!((e.class, e.record.id), (Violation::InOrder, a));
+    assert_eq!((e.record.in_bad, e.record.in_seen), (0b010, 0));
+    assert_eq!(v.examples[1].record.in_seen, in_token(b) ^ 1);
+    assert_eq!(v.examples[2].record.in_bad, 0b110);
+    // The exactly-once part of those calls is fine: each ran once where it should.
+    assert_eq!(v.deliveries_ok, 4);
+}
+
+#[test]
+fn in_tokens_are_per_call_and_never_zero() {
+    let l = Ledger::new(2, 64).unwrap();
+    let ids: Vec<_> = (0..32)
+        .map(|i| l.begin(i % 2, Kind::Single, 1).unwrap())
+        .collect();
+    let mut tokens: Vec<u64> = ids.iter().map(|&id| in_token(id)).collect();
+    assert!(tokens.iter().all(|&t| t != 0));
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), ids.len(), "every call has its own token");
+    // The out parts differ per CPU, so a sum over the wrong CPUs does not match.
+    let id = ids[0];
+    assert_ne!(out_part(id, 0), out_part(id, 1));
+    assert_ne!(expected_out(id, 0b01), expected_out(id, 0b10));
+    assert_eq!(expected_out(id, 0), 0);
+}
+
+#[test]
+fn caller_that_does_not_see_the_functions_writes_is_out_order() {
+    let l = Ledger::new(3, 16).unwrap();
+    // A waiting single call that "returned" before its function ran: the caller sees nothing.
+    let a = l.begin(0, Kind::Single, 0b010).unwrap();
+    assert!(!l.check_out(a));
+    l.deliver(a, Some(1), 1); // It runs afterwards: not lost, but the caller did not see it.
+                              // A waiting many-call that returned after only one of its two functions.
+    let b = l.begin(0, Kind::Many, 0b110).unwrap();
+    l.deliver(b, Some(1), 1);
+    assert!(!l.check_out(b));
+    l.deliver(b, Some(2), 2);
+    // A many-call whose functions all ran before the return: clean.
+    let c = l.begin(0, Kind::All, 0b111).unwrap();
+    for cpu in 0..3 {
+        l.deliver(c, Some(cpu), cpu);
+    }
+    assert!(l.check_out(c));
+    let v = verify(&l);
+    assert_eq!(classes(&v), [(Violation::OutOrder, 2)]);
+    assert_eq!(l.live().out_order, 2);
+    let e = v.examples[1];
+    assert_eq!(e.record.id, b);
+    assert_eq!(e.record.out_seen, out_part(b, 1));
+}
+
+#[test]
+fn duplicate_run_also_spoils_the_out_value() {
+    let l = Ledger::new(2, 16).unwrap();
+    let id = l.begin(0, Kind::Single, 0b10).unwrap();
+    l.deliver(id, Some(1), 1);
+    l.deliver(id, Some(1), 1);
+    assert!(!l.check_out(id));
+    assert_eq!(
+        classes(&verify(&l)),
+        [(Violation::Duplicated, 1), (Violation::OutOrder, 1)]
+    );
+}
+
+#[test]
+fn rpc_that_never_completes_times_out_instead_of_hanging() {
+    let l = Ledger::new(2, 16).unwrap();
+    let id = l.begin(0, Kind::Rpc, 0b10).unwrap();
+    assert!(!l.wait_done(id, 1, Duration::from_millis(20)));
+    assert_eq!(
+        classes(&verify(&l)),
+        [(Violation::Lost, 1), (Violation::RpcTimeout, 1)]
+    );
+    // A completed rpc passes both its wait and its out check.
+    let ok = l.begin(1, Kind::Rpc, 0b01).unwrap();
+    l.deliver_spinning(ok, Some(0), 0, 2_000);
+    assert!(l.wait_done(ok, 1, Duration::from_secs(10)));
+    assert!(l.check_out(ok));
+    assert_eq!(l.live().rpc_timeout, 1);
+}
+
+#[test]
+fn offline_refusals_are_counted_on_their_own() {
+    let l = Ledger::new(2, 16).unwrap();
+    let id = l.begin(0, Kind::Single, 0b10).unwrap();
+    l.note_error(id, &Error::Offline(1));
+    let v = verify(&l);
+    assert_eq!(v.offline_refusals(), 1);
+    // No CPU goes offline during a torture run yet: such a refusal is unexpected.
+    assert_eq!(classes(&v), [(Violation::UnexpectedError, 1)]);
 }

@@ -17,8 +17,16 @@ pub enum Kind {
     Single,
     /// `call_single_async`: one target, the engine's per-sender slot, no wait.
     SingleAsync,
+    /// "rpc": `call_single_async` whose function signals a completion in the call's record;
+    /// the caller waits for that completion (bounded) and then checks the function's writes.
+    Rpc,
     /// `call_async_csd`: one target, a caller-owned pinned `Csd`, no wait.
     CsdAsync,
+    /// `call_single` to the calling CPU itself: runs at once, locally, interrupts masked.
+    SelfSingle,
+    /// A no-wait call to the calling CPU itself (`call_single_async` or `call_async_csd`,
+    /// alternately at random): runs at once, locally.
+    SelfAsync,
     /// `call_many`: a random mask of CPUs, wait.
     Many,
     /// `call_many_async`: a random mask of CPUs, no wait.
@@ -39,13 +47,16 @@ pub enum Kind {
 
 impl Kind {
     /// Number of kinds.
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 14;
 
     /// Every kind, in index order.
     pub const ALL: [Kind; Kind::COUNT] = [
         Kind::Single,
         Kind::SingleAsync,
+        Kind::Rpc,
         Kind::CsdAsync,
+        Kind::SelfSingle,
+        Kind::SelfAsync,
         Kind::Many,
         Kind::ManyAsync,
         Kind::All,
@@ -66,12 +77,15 @@ impl Kind {
         Kind::ALL.get(i).copied()
     }
 
-    /// Short name, as used in reports (and, later, in `--weight NAME=W` flags).
+    /// Short name, as used in reports, in `--weight NAME=W` and in `--weight-NAME W`.
     pub const fn name(self) -> &'static str {
         match self {
             Kind::Single => "single",
             Kind::SingleAsync => "single-async",
+            Kind::Rpc => "rpc",
             Kind::CsdAsync => "csd-async",
+            Kind::SelfSingle => "self",
+            Kind::SelfAsync => "self-async",
             Kind::Many => "many",
             Kind::ManyAsync => "many-async",
             Kind::All => "all",
@@ -83,12 +97,52 @@ impl Kind {
         }
     }
 
-    /// Whether the caller waits for the call's functions to finish.
+    /// Whether the caller waits for the call's functions to finish (inside the engine).
     pub const fn waits(self) -> bool {
         matches!(
             self,
-            Kind::Single | Kind::Many | Kind::All | Kind::Others | Kind::Cond
+            Kind::Single | Kind::SelfSingle | Kind::Many | Kind::All | Kind::Others | Kind::Cond
         )
+    }
+
+    /// Whether the caller checks, once the call is over, that it sees the functions' writes
+    /// (the "out" check): every waiting kind, and [`Kind::Rpc`] after its completion.
+    pub const fn checks_out(self) -> bool {
+        self.waits() || matches!(self, Kind::Rpc)
+    }
+
+    /// Whether a call of this kind has a single target (possibly the caller).
+    pub const fn is_single(self) -> bool {
+        matches!(
+            self,
+            Kind::Single
+                | Kind::SingleAsync
+                | Kind::Rpc
+                | Kind::CsdAsync
+                | Kind::SelfSingle
+                | Kind::SelfAsync
+        )
+    }
+
+    /// What the latency recorded for this kind measures: the full round trip of a waiting
+    /// call, the issue cost of a no-wait call, or issue to completion of an rpc.
+    pub const fn latency_meaning(self) -> &'static str {
+        if matches!(self, Kind::Rpc) {
+            "to completion"
+        } else if self.waits() {
+            "round trip"
+        } else {
+            "issue cost"
+        }
+    }
+
+    /// The default weight of this kind (see [`Mix::default`]).
+    pub const fn default_weight(self) -> u32 {
+        match self {
+            Kind::Single | Kind::SingleAsync | Kind::Rpc | Kind::CsdAsync => 8,
+            Kind::SelfSingle | Kind::SelfAsync | Kind::Many | Kind::ManyAsync => 2,
+            _ => 1,
+        }
     }
 }
 
@@ -121,8 +175,17 @@ pub struct Mix {
 }
 
 impl Default for Mix {
+    /// The default spread, after the kernel's scftorture: single-target calls to other CPUs
+    /// (`single`, `single-async`, `rpc`, `csd-async`) weigh 8 each, self calls and `many` /
+    /// `many-async` 2 each, and the calls that reach every CPU (`all`, `others`, `cond` and
+    /// their no-wait forms) 1 each. A many-call runs on several CPUs, so this keeps the
+    /// function runs spread over the kinds rather than dominated by the broadcasts.
     fn default() -> Self {
-        Mix::uniform()
+        let mut weights = [0; Kind::COUNT];
+        for kind in Kind::ALL {
+            weights[kind.index()] = kind.default_weight();
+        }
+        Mix { weights }
     }
 }
 
@@ -151,6 +214,25 @@ impl Mix {
         self.weights.iter().map(|&w| u64::from(w)).sum()
     }
 
+    /// The share of calls of `kind`, in percent (0 when every weight is 0).
+    pub fn percent(&self, kind: Kind) -> f64 {
+        match self.total() {
+            0 => 0.0,
+            total => 100.0 * f64::from(self.weight(kind)) / total as f64,
+        }
+    }
+
+    /// This mix with `spec` applied: one kind's weight, or every kind's.
+    #[must_use]
+    pub fn with_spec(self, spec: WeightSpec) -> Mix {
+        match spec.kind {
+            Some(kind) => self.with_weight(kind, spec.weight),
+            None => Mix {
+                weights: [spec.weight; Kind::COUNT],
+            },
+        }
+    }
+
     /// Draws a kind. The mix must have a non-zero total (see [`Mix::total`]).
     pub fn pick(&self, rng: &mut Rng) -> Kind {
         let mut x = rng.below(self.total().max(1));
@@ -162,6 +244,34 @@ impl Mix {
             x -= w;
         }
         Kind::Single
+    }
+}
+
+/// One `--weight` argument: `KIND=W` sets one kind's weight, `*=W` every kind's (so
+/// `--weight '*=0' --weight rpc=1` runs rpc calls only). 0 disables a kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightSpec {
+    /// The kind, `None` for every kind.
+    pub kind: Option<Kind>,
+    /// Its weight.
+    pub weight: u32,
+}
+
+impl FromStr for WeightSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<WeightSpec, String> {
+        let (name, weight) = s
+            .split_once('=')
+            .ok_or_else(|| format!("invalid weight `{s}`: expected KIND=W (e.g. rpc=5) or *=W"))?;
+        let kind = match name.trim() {
+            "*" => None,
+            name => Some(name.parse::<Kind>()?),
+        };
+        let weight = weight
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| format!("invalid weight `{s}`: W must be a whole number >= 0"))?;
+        Ok(WeightSpec { kind, weight })
     }
 }
 
@@ -195,5 +305,14 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, &c)| i == Kind::All.index() || c > 0));
+    }
+
+    #[test]
+    fn default_mix_enables_every_kind_and_sums_to_100_percent() {
+        let mix = Mix::default();
+        assert!(Kind::ALL.iter().all(|&k| mix.weight(k) > 0));
+        let sum: f64 = Kind::ALL.iter().map(|&k| mix.percent(k)).sum();
+        assert!((sum - 100.0).abs() < 1e-9, "{sum}");
+        assert!(mix.weight(Kind::Single) > mix.weight(Kind::All));
     }
 }

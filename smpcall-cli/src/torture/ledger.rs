@@ -1,17 +1,40 @@
 //! The per-call ledger: one record per issued call, written by its sender before the call and
 //! by each CPU the call runs on, then checked call by call by [`verify`].
 //!
+//! # What a record checks
+//!
+//! * **Exactly once, on the intended CPU**: the sender writes the mask of CPUs the call must
+//!   run on; each function run sets its CPU's bit (a second run sets a "duplicated" bit) and
+//!   compares its `cpu` argument with the CPU its thread is.
+//! * **"In" ordering**: right before issuing, the sender stores a per-call token
+//!   ([`in_token`]) into the record with a *Relaxed* store; the function reads it with a
+//!   *Relaxed* load and must see exactly that value. Only the engine's own ordering (the
+//!   Release push of the call data and the Acquire take of the queue, or the local run) makes
+//!   it visible: a function that sees anything else (usually the record's initial 0) reveals
+//!   a missing barrier on the call path.
+//! * **"Out" ordering**: each function run adds its per-call, per-CPU part ([`out_part`]) to
+//!   the record with a *Relaxed* read-modify-write; a caller whose call waited reads the sum
+//!   with a *Relaxed* load right after the call returned ([`Ledger::check_out`]) and must see
+//!   exactly the sum over the CPUs the call was meant for. Only the engine's release of the
+//!   call data after the function returned, and the caller's acquire of it, make it visible.
+//!   An rpc caller checks the same after its completion ([`Ledger::wait_done`]).
+//!
+//! Tokens are derived from the record id through a bijection, so they differ from call to
+//! call and are never 0; records are never reused. A stale or missing write cannot pass.
+//!
 //! # Signal context
 //!
 //! [`Ledger::deliver`] runs inside call functions, which on the hosted backend run in a signal
-//! handler. It only reads a `const` thread-local and the ledger's memory and does atomic
-//! read-modify-writes: no allocation, no lock, no panic. Records live in chunks that the
-//! *sender* allocates (in task context) before it hands out an id in them; a handler looks the
-//! chunk up with a lock-free [`OnceLock::get`].
+//! handler. It only reads a `const` thread-local, the clock (`clock_gettime`, through
+//! [`Instant`]) and the ledger's memory, and does atomic operations: no allocation, no lock,
+//! no panic. Records live in chunks that the *sender* allocates (in task context) before it
+//! hands out an id in them; a handler looks the chunk up with a lock-free [`OnceLock::get`].
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use smpcall::{CpuId, Error};
 
@@ -55,6 +78,12 @@ const META_ERROR: u64 = 1 << 8;
 const META_REFUSED: u64 = 1 << 9;
 /// The mask the engine returned differs from the one intended.
 const META_MASK_MISMATCH: u64 = 1 << 10;
+/// A function did not see the caller's "in" token (set by the function).
+const META_IN_BAD: u64 = 1 << 11;
+/// The waiting caller did not see the functions' "out" writes after the call.
+const META_OUT_BAD: u64 = 1 << 12;
+/// The rpc caller gave up waiting for the completion.
+const META_RPC_TIMEOUT: u64 = 1 << 13;
 const META_ERROR_CLASS_SHIFT: u32 = 16;
 
 /// One call's record. Bit `c` of each mask stands for CPU `c`.
@@ -69,19 +98,72 @@ pub struct Record {
     /// CPUs whose function saw a `cpu` argument that is not the CPU it ran on (or that ran on
     /// a thread that is no CPU of the machine: then the argument's bit).
     wrong_cpu: AtomicU64,
-    /// Kind, sender-side flags and error class (sender only).
+    /// Kind, flags (sender's, and the functions' `META_IN_BAD`) and error class.
     meta: AtomicU64,
+    /// The "in" value: [`in_token`] of this record, stored by the sender right before the
+    /// call (Relaxed), read by each function (Relaxed).
+    token_in: AtomicU64,
+    /// CPUs whose function did not see the "in" token.
+    in_bad: AtomicU64,
+    /// What the first such function saw instead.
+    in_seen: AtomicU64,
+    /// The "out" value: the sum of the functions' [`out_part`]s (Relaxed read-modify-writes).
+    out: AtomicU64,
+    /// What the waiting caller saw in `out` after the call, when that was wrong.
+    out_seen: AtomicU64,
+    /// Function runs completed (Release increments): what an rpc caller waits for.
+    done: AtomicU64,
 }
 
-/// One sender CPU's records.
+/// One sender CPU's records. Aligned so that senders' counters do not share cache lines.
 #[derive(Debug)]
+#[repr(align(128))]
 struct CpuLedger {
     chunks: Box<[OnceLock<Box<[Record]>>]>,
     /// Records handed out (may overshoot the capacity by failed attempts; clamp on read).
     issued: AtomicU64,
+    /// Records started, per kind (live statistics).
+    begun: [AtomicU64; Kind::COUNT],
     /// Expected refusals (`Error::Busy` from a busy caller-owned `Csd`), per kind.
     refusals: [AtomicU64; Kind::COUNT],
 }
+
+/// Violations seen while the run goes on, for the periodic statistics line. (Lost calls are
+/// only known at the end, by [`verify`].)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveViolations {
+    /// Function runs that did not see the caller's "in" token.
+    pub in_order: u64,
+    /// Waiting callers that did not see the functions' "out" writes.
+    pub out_order: u64,
+    /// Rpc callers that gave up waiting for the completion.
+    pub rpc_timeout: u64,
+    /// Function runs on a CPU where the call had run already.
+    pub duplicated: u64,
+    /// Function runs whose `cpu` argument was not the CPU they ran on.
+    pub wrong_cpu: u64,
+    /// Function runs with an id naming no record.
+    pub orphans: u64,
+}
+
+impl LiveViolations {
+    /// Sum of all classes.
+    pub fn total(&self) -> u64 {
+        self.in_order
+            + self.out_order
+            + self.rpc_timeout
+            + self.duplicated
+            + self.wrong_cpu
+            + self.orphans
+    }
+}
+
+/// Indices into [`Ledger::live`].
+const LIVE_IN: usize = 0;
+const LIVE_OUT: usize = 1;
+const LIVE_RPC: usize = 2;
+const LIVE_DUP: usize = 3;
+const LIVE_WRONG: usize = 4;
 
 /// The records of every call of a run (see the module docs).
 #[derive(Debug)]
@@ -90,6 +172,48 @@ pub struct Ledger {
     capacity: u64,
     /// Call functions that ran with an id naming no record.
     orphans: AtomicU64,
+    /// Violations as they are found ([`LiveViolations`]); written only when one is found.
+    live: [AtomicU64; 5],
+}
+
+/// The splitmix64 finaliser: a bijection of `u64` that maps 0 to 0 and scatters the rest.
+const fn scramble(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The "in" value of call `id`: unique per call and never 0 (ids are below 2⁶², so `id + 1`
+/// is never 0, and [`scramble`] is a bijection fixing 0).
+pub fn in_token(id: RecordId) -> u64 {
+    scramble(id.0 + 1)
+}
+
+/// What the function of call `id` adds to the record's "out" value when it runs on `cpu`:
+/// differs per call and per CPU, never 0.
+pub fn out_part(id: RecordId, cpu: CpuId) -> u64 {
+    scramble(in_token(id) ^ 0x6f75_745f_7061_7274 ^ (cpu as u64).wrapping_mul(0x9E37_79B9)) | 1
+}
+
+/// The "out" value a caller must see once call `id`'s functions ran on every CPU of
+/// `expected` (bit `c` = CPU `c`), each exactly once.
+pub fn expected_out(id: RecordId, expected: u64) -> u64 {
+    (0..MAX_TORTURE_CPUS)
+        .filter(|&c| expected >> c & 1 == 1)
+        .fold(0u64, |sum, c| sum.wrapping_add(out_part(id, c)))
+}
+
+/// Busy-waits for `ns` nanoseconds on the monotonic clock (a call function's simulated work).
+/// Async-signal-safe: `Instant::now` is `clock_gettime`, and nothing here can panic.
+pub fn spin_ns(ns: u32) {
+    if ns == 0 {
+        return;
+    }
+    let start = Instant::now();
+    let limit = Duration::from_nanos(u64::from(ns));
+    while Instant::now().saturating_duration_since(start) < limit {
+        std::hint::spin_loop();
+    }
 }
 
 thread_local! {
@@ -165,6 +289,7 @@ impl Ledger {
             .map(|_| CpuLedger {
                 chunks: (0..nchunks).map(|_| OnceLock::new()).collect(),
                 issued: AtomicU64::new(0),
+                begun: Default::default(),
                 refusals: Default::default(),
             })
             .collect();
@@ -172,6 +297,7 @@ impl Ledger {
             cpus,
             capacity,
             orphans: AtomicU64::new(0),
+            live: Default::default(),
         })
     }
 
@@ -192,9 +318,39 @@ impl Ledger {
             .map_or(0, |c| c.issued.load(Ordering::Acquire).min(self.capacity))
     }
 
+    /// Calls started per kind, summed over the senders (live statistics; relaxed reads).
+    pub fn begun_by_kind(&self) -> [u64; Kind::COUNT] {
+        let mut out = [0; Kind::COUNT];
+        for cl in self.cpus.iter() {
+            for (o, c) in out.iter_mut().zip(&cl.begun) {
+                *o += c.load(Ordering::Relaxed);
+            }
+        }
+        out
+    }
+
+    /// Violations found so far (relaxed reads).
+    pub fn live(&self) -> LiveViolations {
+        let r = |i: usize| self.live[i].load(Ordering::Relaxed);
+        LiveViolations {
+            in_order: r(LIVE_IN),
+            out_order: r(LIVE_OUT),
+            rpc_timeout: r(LIVE_RPC),
+            duplicated: r(LIVE_DUP),
+            wrong_cpu: r(LIVE_WRONG),
+            orphans: self.orphans.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count_live(&self, which: usize) {
+        // Relaxed: a statistics counter.
+        self.live[which].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Starts a record for a call of `kind` from `sender` that must run exactly once on each
-    /// CPU of `expected`. Call it *before* issuing the call (task context: it may allocate).
-    /// `None` when `sender`'s capacity is used up (or `sender` is out of range).
+    /// CPU of `expected`, and stamps its "in" token ([`in_token`]) last. Call it right
+    /// *before* issuing the call (task context: it may allocate). `None` when `sender`'s
+    /// capacity is used up (or `sender` is out of range).
     pub fn begin(&self, sender: CpuId, kind: Kind, expected: u64) -> Option<RecordId> {
         let cl = self.cpus.get(sender)?;
         // Relaxed: a counter; publication of the record to the target goes through the call.
@@ -205,11 +361,24 @@ impl Ledger {
         let chunk = cl.chunks[(index >> CHUNK_SHIFT) as usize]
             .get_or_init(|| (0..CHUNK).map(|_| Record::default()).collect());
         let rec = &chunk[(index & (CHUNK - 1)) as usize];
-        // Relaxed: the call (a Release push, or a local run) orders these before any delivery;
-        // the verifier reads them after the run is over.
+        let id = RecordId::new(sender, index);
+        // Relaxed, deliberately: only the call itself (the engine's Release push and Acquire
+        // take, or a local run) may order these before the function's reads. The "in" check
+        // in `deliver` exists to catch a call path that fails to.
         rec.meta.store(kind.index() as u64, Ordering::Relaxed);
         rec.expected.store(expected, Ordering::Relaxed);
-        Some(RecordId::new(sender, index))
+        rec.token_in.store(in_token(id), Ordering::Relaxed);
+        cl.begun[kind.index()].fetch_add(1, Ordering::Relaxed);
+        Some(id)
+    }
+
+    /// Overwrites the "in" value of record `id` with `value`, as a sender whose store did not
+    /// reach the function would look. For tests of the checks: any `value` other than
+    /// [`in_token`]`(id)` must be reported as [`Violation::InOrder`] by a function that reads it.
+    pub fn stamp_in_with(&self, id: RecordId, value: u64) {
+        if let Some(rec) = self.record(id) {
+            rec.token_in.store(value, Ordering::Relaxed);
+        }
     }
 
     /// The record `id` names, if it exists. Async-signal-safe.
@@ -224,14 +393,39 @@ impl Ledger {
     }
 
     /// Records that call `id` ran on the thread of CPU `ran_on` (`None`: a thread that is no
-    /// CPU) with `cpu_arg` as its `cpu` argument. This is what each call's function does.
-    /// Async-signal-safe: atomics only, no allocation, no lock, no panic.
+    /// CPU) with `cpu_arg` as its `cpu` argument: [`deliver_spinning`](Ledger::deliver_spinning)
+    /// without the spin.
     pub fn deliver(&self, id: RecordId, ran_on: Option<CpuId>, cpu_arg: CpuId) {
+        self.deliver_spinning(id, ran_on, cpu_arg, 0);
+    }
+
+    /// What each call's function does: check the "in" token, record that call `id` ran on the
+    /// thread of CPU `ran_on` (`None`: a thread that is no CPU) with `cpu_arg` as its `cpu`
+    /// argument, busy-wait `spin` nanoseconds (simulated work), add its "out" part, and count
+    /// one completion (Release: what an rpc caller waits for).
+    ///
+    /// Async-signal-safe: atomics and the clock only, no allocation, no lock, no panic.
+    pub fn deliver_spinning(&self, id: RecordId, ran_on: Option<CpuId>, cpu_arg: CpuId, spin: u32) {
         let Some(rec) = self.record(id) else {
             // Relaxed: a counter read after the run.
             self.orphans.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // The "in" check, first: Relaxed, so that only the engine's ordering can make the
+        // sender's Relaxed store visible here (see the module docs).
+        let seen = rec.token_in.load(Ordering::Relaxed);
+        let here = match ran_on {
+            Some(cpu) if cpu < MAX_TORTURE_CPUS => cpu,
+            _ => cpu_arg,
+        };
+        if seen != in_token(id) {
+            rec.in_bad.fetch_or(bit(here), Ordering::Relaxed);
+            let _ = rec
+                .in_seen
+                .compare_exchange(0, seen, Ordering::Relaxed, Ordering::Relaxed);
+            rec.meta.fetch_or(META_IN_BAD, Ordering::Relaxed);
+            self.count_live(LIVE_IN);
+        }
         match ran_on {
             Some(cpu) if cpu < MAX_TORTURE_CPUS => {
                 let b = bit(cpu);
@@ -239,16 +433,72 @@ impl Ledger {
                 // verifier reads after the machine shut down (thread joins order everything).
                 if rec.ran.fetch_or(b, Ordering::Relaxed) & b != 0 {
                     rec.duplicated.fetch_or(b, Ordering::Relaxed);
+                    self.count_live(LIVE_DUP);
                 }
                 if cpu != cpu_arg {
                     rec.wrong_cpu.fetch_or(b, Ordering::Relaxed);
+                    self.count_live(LIVE_WRONG);
                 }
             }
             _ => {
                 // Ran off any CPU: it did not run where it should (lost) and is flagged.
                 rec.wrong_cpu.fetch_or(bit(cpu_arg), Ordering::Relaxed);
+                self.count_live(LIVE_WRONG);
             }
         }
+        spin_ns(spin);
+        // The "out" write: Relaxed, so that only the engine's release of the call data (and
+        // the caller's acquire of it) can make it visible to a waiting caller.
+        rec.out.fetch_add(out_part(id, here), Ordering::Relaxed);
+        // Release: the rpc completion; the rpc caller's Acquire load pairs with it.
+        rec.done.fetch_add(1, Ordering::Release);
+    }
+
+    /// The "out" check, by a caller whose call `id` returned after waiting (or whose rpc
+    /// completed): it must see every expected function's "out" part, no more and no less.
+    /// Records a [`Violation::OutOrder`] and returns `false` otherwise. Task context.
+    pub fn check_out(&self, id: RecordId) -> bool {
+        let Some(rec) = self.record(id) else {
+            return false;
+        };
+        // Relaxed: the sender wrote `expected` itself.
+        let want = expected_out(id, rec.expected.load(Ordering::Relaxed));
+        // Relaxed, deliberately: see the module docs.
+        let got = rec.out.load(Ordering::Relaxed);
+        if got == want {
+            return true;
+        }
+        rec.out_seen.store(got, Ordering::Relaxed);
+        rec.meta.fetch_or(META_OUT_BAD, Ordering::Relaxed);
+        self.count_live(LIVE_OUT);
+        false
+    }
+
+    /// The rpc caller's wait: until `runs` functions of call `id` completed, spinning and
+    /// yielding, at most `limit`. On time-out records a [`Violation::RpcTimeout`] and returns
+    /// `false` (never hangs). Task context.
+    pub fn wait_done(&self, id: RecordId, runs: u64, limit: Duration) -> bool {
+        let Some(rec) = self.record(id) else {
+            return false;
+        };
+        let start = Instant::now();
+        let mut spins = 0u32;
+        // Acquire: pairs with the functions' Release increments of `done`.
+        while rec.done.load(Ordering::Acquire) < runs {
+            spins = spins.wrapping_add(1);
+            if spins < 64 {
+                std::hint::spin_loop();
+                continue;
+            }
+            if start.elapsed() >= limit {
+                rec.meta.fetch_or(META_RPC_TIMEOUT, Ordering::Relaxed);
+                self.count_live(LIVE_RPC);
+                return false;
+            }
+            // More CPUs than cores: let the target run.
+            thread::yield_now();
+        }
+        true
     }
 
     /// The call behind `id` returned `err` (not an expected refusal): nothing may run.
@@ -286,6 +536,9 @@ impl Ledger {
             ran: rec.ran.load(Ordering::Relaxed),
             duplicated: rec.duplicated.load(Ordering::Relaxed),
             wrong_cpu: rec.wrong_cpu.load(Ordering::Relaxed),
+            in_bad: rec.in_bad.load(Ordering::Relaxed),
+            in_seen: rec.in_seen.load(Ordering::Relaxed),
+            out_seen: rec.out_seen.load(Ordering::Relaxed),
         })
     }
 
@@ -315,6 +568,14 @@ pub enum Violation {
     UnexpectedCpu,
     /// The function's `cpu` argument was not the CPU it ran on, or it ran on no CPU.
     WrongCpuArg,
+    /// A function did not see the caller's writes made before the call (the "in" check): a
+    /// missing barrier between issuing a call and running it.
+    InOrder,
+    /// A waiting caller did not see the functions' writes after the call returned (the "out"
+    /// check): a missing barrier between a function's end and its caller's return.
+    OutOrder,
+    /// An rpc caller waited its whole bound for the function's completion signal.
+    RpcTimeout,
     /// The mask a many-call returned differs from the requested mask ∩ online CPUs.
     MaskMismatch,
     /// A call returned an error other than an expected refusal.
@@ -325,13 +586,16 @@ pub enum Violation {
 
 impl Violation {
     /// Number of classes.
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 10;
     /// Every class, in index order.
     pub const ALL: [Violation; Violation::COUNT] = [
         Violation::Lost,
         Violation::Duplicated,
         Violation::UnexpectedCpu,
         Violation::WrongCpuArg,
+        Violation::InOrder,
+        Violation::OutOrder,
+        Violation::RpcTimeout,
         Violation::MaskMismatch,
         Violation::UnexpectedError,
         Violation::Orphan,
@@ -349,6 +613,9 @@ impl Violation {
             Violation::Duplicated => "duplicated",
             Violation::UnexpectedCpu => "unexpected-cpu",
             Violation::WrongCpuArg => "wrong-cpu-arg",
+            Violation::InOrder => "in-order",
+            Violation::OutOrder => "out-order",
+            Violation::RpcTimeout => "rpc-timeout",
             Violation::MaskMismatch => "mask-mismatch",
             Violation::UnexpectedError => "unexpected-error",
             Violation::Orphan => "orphan",
@@ -389,6 +656,12 @@ pub struct RecordView {
     pub duplicated: u64,
     /// CPUs where its `cpu` argument was wrong.
     pub wrong_cpu: u64,
+    /// CPUs whose function did not see the caller's "in" token.
+    pub in_bad: u64,
+    /// What the first of those saw instead (0: nothing of the caller's store).
+    pub in_seen: u64,
+    /// What a waiting caller saw of the "out" value, when it was wrong.
+    pub out_seen: u64,
 }
 
 /// One call that violated exactly-once, for the report.
@@ -433,11 +706,22 @@ impl Verification {
         self.violations[v.index()]
     }
 
-    /// Whether every call ran exactly once on every CPU it was meant for, and nowhere else.
+    /// Whether every call ran exactly once on every CPU it was meant for, and nowhere else,
+    /// with both ordering checks passing.
     pub fn is_clean(&self) -> bool {
         self.total_violations() == 0
     }
+
+    /// Calls refused because a target CPU was offline. No CPU goes offline during a run yet
+    /// (no hotplug), so these are also counted as unexpected errors; once hotplug exists they
+    /// become expected refusals.
+    pub fn offline_refusals(&self) -> u64 {
+        self.errors_by_class[OFFLINE_CLASS]
+    }
 }
+
+/// Index of `Error::Offline` in [`ERROR_CLASSES`].
+pub const OFFLINE_CLASS: usize = 1;
 
 /// How many example calls a [`Verification`] keeps.
 pub const MAX_EXAMPLES: usize = 8;
@@ -462,6 +746,7 @@ pub fn verify(ledger: &Ledger) -> Verification {
             let duplicated = rec.duplicated.load(Ordering::Relaxed);
             let wrong_cpu = rec.wrong_cpu.load(Ordering::Relaxed);
             let meta = rec.meta.load(Ordering::Relaxed);
+            let in_bad = rec.in_bad.load(Ordering::Relaxed);
             let kind = Kind::from_index((meta & META_KIND_MASK) as usize);
             v.calls_checked += 1;
             if let Some(kind) = kind {
@@ -487,6 +772,9 @@ pub fn verify(ledger: &Ledger) -> Verification {
                 (Violation::Duplicated, duplicated != 0),
                 (Violation::UnexpectedCpu, ran & !expected != 0),
                 (Violation::WrongCpuArg, wrong_cpu != 0),
+                (Violation::InOrder, meta & META_IN_BAD != 0 || in_bad != 0),
+                (Violation::OutOrder, meta & META_OUT_BAD != 0),
+                (Violation::RpcTimeout, meta & META_RPC_TIMEOUT != 0),
                 (Violation::MaskMismatch, meta & META_MASK_MISMATCH != 0),
                 (Violation::UnexpectedError, meta & META_ERROR != 0),
             ];
@@ -507,6 +795,9 @@ pub fn verify(ledger: &Ledger) -> Verification {
                             ran,
                             duplicated,
                             wrong_cpu,
+                            in_bad,
+                            in_seen: rec.in_seen.load(Ordering::Relaxed),
+                            out_seen: rec.out_seen.load(Ordering::Relaxed),
                         },
                         class,
                     });

@@ -1,12 +1,15 @@
-//! The outcome of a torture run and its text form.
+//! The outcome of a torture run, its text form (the final statistics block) and its JSON form.
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::time::Duration;
 
+use serde::Serialize;
 use smpcall::hosted::IdlePolicy;
 use smpcall::{CpuId, CpuMask, CpuStats};
 
 use super::kind::Kind;
+use super::latency::LatencySummary;
 use super::ledger::{Verification, Violation, ERROR_CLASSES};
 use super::Config;
 
@@ -20,6 +23,10 @@ pub struct Report {
     pub elapsed: Duration,
     /// Call-by-call findings of the verifier, with per-kind tallies.
     pub verification: Verification,
+    /// Latency percentiles per kind (indexed by [`Kind::index`]; `None`: no sample).
+    pub latency: [Option<LatencySummary>; Kind::COUNT],
+    /// CPUs whose latency samples are missing (their task failed or hung).
+    pub latency_missing: Vec<CpuId>,
     /// Engine counters summed over all CPUs, read after the calls drained.
     pub engine: CpuStats,
     /// Real-time signals the hosted backend sent as IPIs.
@@ -48,6 +55,308 @@ impl Report {
     pub fn issued(&self, kind: Kind) -> u64 {
         self.verification.per_kind[kind.index()].issued
     }
+
+    /// The command's exit status for this report: 0 on success, 1 on failure.
+    pub fn exit_code(&self) -> u8 {
+        if self.success() {
+            0
+        } else {
+            1
+        }
+    }
+
+    /// The whole report as JSON (see [`JsonReport`] for the shape).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(JsonReport::from(self)).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Accepted calls whose caller checked the functions' writes afterwards ("out" check).
+    pub fn out_checked(&self) -> u64 {
+        Kind::ALL
+            .iter()
+            .filter(|k| k.checks_out())
+            .map(|k| self.verification.per_kind[k.index()].accepted)
+            .sum::<u64>()
+            .saturating_sub(self.verification.count(Violation::RpcTimeout))
+    }
+}
+
+/// The weights of `cfg`'s mix as a table with percentages (printed when a run starts).
+pub fn mix_table(cfg: &Config) -> String {
+    let mix = &cfg.mix;
+    let mut out = format!(
+        "  {:<14}{:>7}{:>8}   {}\n",
+        "kind", "weight", "mix %", "primitive"
+    );
+    for kind in Kind::ALL {
+        let _ = writeln!(
+            out,
+            "  {:<14}{:>7}{:>8.1}   {}",
+            kind.name(),
+            mix.weight(kind),
+            mix.percent(kind),
+            primitive(kind)
+        );
+    }
+    out
+}
+
+/// The engine call behind a kind, for tables.
+pub fn primitive(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Single => "call_single (wait)",
+        Kind::SingleAsync => "call_single_async",
+        Kind::Rpc => "call_single_async + wait for completion",
+        Kind::CsdAsync => "call_async_csd (caller-owned csd)",
+        Kind::SelfSingle => "call_single to self (wait)",
+        Kind::SelfAsync => "call_single_async / call_async_csd to self",
+        Kind::Many => "call_many (wait)",
+        Kind::ManyAsync => "call_many_async",
+        Kind::All => "call_all (wait)",
+        Kind::AllAsync => "call_all_async",
+        Kind::Others => "call_others (wait)",
+        Kind::OthersAsync => "call_others_async",
+        Kind::Cond => "call_cond (wait)",
+        Kind::CondAsync => "call_cond_async",
+    }
+}
+
+/// The JSON form of a [`Report`] (`smpcall torture --json`).
+#[derive(Debug, Serialize)]
+pub struct JsonReport {
+    /// `SUCCESS` or `FAILURE`, as the text form's last line.
+    pub result: &'static str,
+    /// Whether the run passed.
+    pub success: bool,
+    /// The command's exit status for this run.
+    pub exit_code: u8,
+    /// What ran.
+    pub config: JsonConfig,
+    /// Seconds from submitting the tasks to the last one finishing.
+    pub elapsed_s: f64,
+    /// Per kind: weight, totals, latency.
+    pub kinds: Vec<JsonKind>,
+    /// Records checked.
+    pub calls_checked: u64,
+    /// Function runs that happened exactly once where expected.
+    pub runs_ok: u64,
+    /// Accepted calls whose caller checked the functions' writes afterwards.
+    pub out_checked: u64,
+    /// Calls per violation class (every class, zeros included).
+    pub violations: Vec<JsonCount>,
+    /// Unexpected errors per class (every class, zeros included).
+    pub errors: Vec<JsonCount>,
+    /// Calls refused because a target was offline.
+    pub offline_refusals: u64,
+    /// The first few violating calls, as text.
+    pub examples: Vec<String>,
+    /// Engine IPI counters.
+    pub ipis: JsonIpis,
+    /// Hosted-backend and engine counters.
+    pub host: JsonHost,
+    /// CPUs that used up their call records.
+    pub capacity_reached: Vec<CpuId>,
+    /// CPUs whose latency samples are missing.
+    pub latency_missing: Vec<CpuId>,
+    /// Run-level failures.
+    pub incidents: Vec<String>,
+}
+
+/// The configuration part of [`JsonReport`].
+#[derive(Debug, Serialize)]
+pub struct JsonConfig {
+    /// CPUs.
+    pub cpus: usize,
+    /// Configured duration, seconds.
+    pub duration_s: f64,
+    /// Idle policy.
+    pub idle: String,
+    /// The seed (repeat the run with `--seed`).
+    pub seed: u64,
+    /// Whether long waits were on.
+    pub long_wait: bool,
+    /// The injected fault (self-test), if any.
+    pub inject: Option<String>,
+    /// Call records per CPU.
+    pub max_calls_per_cpu: u64,
+    /// Calls per CPU at least.
+    pub min_calls_per_cpu: u64,
+    /// Bound on each wait, seconds.
+    pub timeout_s: f64,
+}
+
+/// One kind's line of [`JsonReport`].
+#[derive(Debug, Serialize)]
+pub struct JsonKind {
+    /// Kind name.
+    pub name: &'static str,
+    /// The engine call.
+    pub primitive: &'static str,
+    /// Weight in the mix.
+    pub weight: u32,
+    /// Share of the mix, percent.
+    pub percent: f64,
+    /// Calls attempted.
+    pub issued: u64,
+    /// Calls accepted.
+    pub accepted: u64,
+    /// Expected refusals (busy caller-owned csd).
+    pub refusals: u64,
+    /// Calls given up after every csd was busy.
+    pub gave_up: u64,
+    /// Calls that returned an unexpected error.
+    pub errors: u64,
+    /// Function runs expected.
+    pub runs: u64,
+    /// What the latency measures.
+    pub latency_measures: &'static str,
+    /// Latency percentiles (µs), `null` without samples.
+    pub latency_us: Option<LatencySummary>,
+}
+
+/// A named count.
+#[derive(Debug, Serialize)]
+pub struct JsonCount {
+    /// Class name.
+    pub class: &'static str,
+    /// How many.
+    pub count: u64,
+}
+
+/// IPI counters of [`JsonReport`].
+#[derive(Debug, Serialize)]
+pub struct JsonIpis {
+    /// IPIs sent.
+    pub sent: u64,
+    /// IPIs elided (idle-polling target).
+    pub elided: u64,
+    /// IPIs handled.
+    pub received: u64,
+}
+
+/// Host counters of [`JsonReport`].
+#[derive(Debug, Serialize)]
+pub struct JsonHost {
+    /// Real-time signals sent.
+    pub signals: u64,
+    /// Futex wakes sent.
+    pub futex_wakes: u64,
+    /// Calls queued.
+    pub calls_queued: u64,
+    /// Queued calls run.
+    pub calls_run: u64,
+    /// Queue flushes.
+    pub flushes: u64,
+}
+
+impl From<&Report> for JsonReport {
+    fn from(r: &Report) -> JsonReport {
+        let v = &r.verification;
+        let c = &r.config;
+        JsonReport {
+            result: if r.success() { "SUCCESS" } else { "FAILURE" },
+            success: r.success(),
+            exit_code: r.exit_code(),
+            config: JsonConfig {
+                cpus: c.cpus,
+                duration_s: c.duration.as_secs_f64(),
+                idle: idle_name(c.idle),
+                seed: c.seed,
+                long_wait: c.long_wait,
+                inject: c.inject.map(|f| format!("{f:?}")),
+                max_calls_per_cpu: c.max_calls_per_cpu,
+                min_calls_per_cpu: c.min_calls_per_cpu,
+                timeout_s: c.timeout.as_secs_f64(),
+            },
+            elapsed_s: r.elapsed.as_secs_f64(),
+            kinds: Kind::ALL
+                .iter()
+                .map(|&k| {
+                    let t = &v.per_kind[k.index()];
+                    JsonKind {
+                        name: k.name(),
+                        primitive: primitive(k),
+                        weight: c.mix.weight(k),
+                        percent: c.mix.percent(k),
+                        issued: t.issued,
+                        accepted: t.accepted,
+                        refusals: t.refusals,
+                        gave_up: t.gave_up,
+                        errors: t.errors,
+                        runs: t.deliveries,
+                        latency_measures: k.latency_meaning(),
+                        latency_us: r.latency[k.index()],
+                    }
+                })
+                .collect(),
+            calls_checked: v.calls_checked,
+            runs_ok: v.deliveries_ok,
+            out_checked: r.out_checked(),
+            violations: Violation::ALL
+                .iter()
+                .map(|&x| JsonCount {
+                    class: x.name(),
+                    count: v.count(x),
+                })
+                .collect(),
+            errors: ERROR_CLASSES
+                .iter()
+                .zip(v.errors_by_class)
+                .map(|(&class, count)| JsonCount { class, count })
+                .collect(),
+            offline_refusals: v.offline_refusals(),
+            examples: v.examples.iter().map(example_line).collect(),
+            ipis: JsonIpis {
+                sent: r.engine.ipi_sent,
+                elided: r.engine.ipi_elided,
+                received: r.engine.ipi_received,
+            },
+            host: JsonHost {
+                signals: r.signals_sent,
+                futex_wakes: r.futex_wakes,
+                calls_queued: r.engine.calls_queued,
+                calls_run: r.engine.calls_run,
+                flushes: r.engine.flushes,
+            },
+            capacity_reached: r.capacity_reached.clone(),
+            latency_missing: r.latency_missing.clone(),
+            incidents: r.incidents.clone(),
+        }
+    }
+}
+
+/// One violating call, as a line of text.
+pub fn example_line(e: &super::ledger::Example) -> String {
+    let r = &e.record;
+    let mut line = format!(
+        "{}: call {}#{} ({}) expected {} ran {} twice {} wrong-arg {}",
+        e.class.name(),
+        r.id.sender(),
+        r.id.index(),
+        r.kind.map_or("?", Kind::name),
+        cpulist(r.expected),
+        cpulist(r.ran),
+        cpulist(r.duplicated),
+        cpulist(r.wrong_cpu)
+    );
+    if r.in_bad != 0 {
+        let _ = write!(
+            line,
+            " in-bad-on {} saw {:#x} want {:#x}",
+            cpulist(r.in_bad),
+            r.in_seen,
+            super::ledger::in_token(r.id)
+        );
+    }
+    if e.class == Violation::OutOrder || r.out_seen != 0 {
+        let _ = write!(
+            line,
+            " out saw {:#x} want {:#x}",
+            r.out_seen,
+            super::ledger::expected_out(r.id, r.expected)
+        );
+    }
+    line
 }
 
 /// A human name for an idle policy.
@@ -83,70 +392,101 @@ impl fmt::Display for Report {
         let v = &self.verification;
         writeln!(
             f,
-            "smpcall torture: {} CPUs, {:?}, idle {}, seed {:#x}",
+            "smpcall torture: {} CPUs, {:?}, idle {}, seed {:#x}, long waits {}",
             c.cpus,
             c.duration,
             idle_name(c.idle),
-            c.seed
+            c.seed,
+            if c.long_wait { "on" } else { "off" }
         )?;
+        if let Some(fault) = c.inject {
+            writeln!(f, "{:<12}fault {fault:?} injected (self-test)", "note")?;
+        }
+        let row = |f: &mut fmt::Formatter<'_>, name: &str, pct: f64, t: [u64; 5]| {
+            writeln!(
+                f,
+                "  {:<14}{:>6.1}{:>11}{:>11}{:>9}{:>9}{:>12}",
+                name, pct, t[0], t[1], t[2], t[3], t[4]
+            )
+        };
         writeln!(
             f,
-            "  {:<14}{:>11}{:>11}{:>9}{:>9}{:>12}",
-            "kind", "issued", "accepted", "refused", "errors", "runs"
+            "  {:<14}{:>6}{:>11}{:>11}{:>9}{:>9}{:>12}",
+            "kind", "mix %", "issued", "accepted", "refused", "errors", "runs"
         )?;
         for kind in Kind::ALL {
             let t = &v.per_kind[kind.index()];
-            writeln!(
+            row(
                 f,
-                "  {:<14}{:>11}{:>11}{:>9}{:>9}{:>12}",
                 kind.name(),
-                t.issued,
-                t.accepted,
-                t.refusals,
-                t.errors,
-                t.deliveries
+                c.mix.percent(kind),
+                [t.issued, t.accepted, t.refusals, t.errors, t.deliveries],
             )?;
         }
         let sum = |g: fn(&super::ledger::KindTally) -> u64| v.per_kind.iter().map(g).sum::<u64>();
-        writeln!(
+        row(
             f,
-            "  {:<14}{:>11}{:>11}{:>9}{:>9}{:>12}",
             "total",
-            sum(|t| t.issued),
-            sum(|t| t.accepted),
-            sum(|t| t.refusals),
-            sum(|t| t.errors),
-            sum(|t| t.deliveries)
+            100.0,
+            [
+                sum(|t| t.issued),
+                sum(|t| t.accepted),
+                sum(|t| t.refusals),
+                sum(|t| t.errors),
+                sum(|t| t.deliveries),
+            ],
         )?;
         writeln!(
             f,
-            "{:<12}{} calls, {} function runs exactly once on their CPU",
-            "verified", v.calls_checked, v.deliveries_ok
+            "  {:<14}{:<14}{:>10}{:>10}{:>10}{:>10}",
+            "latency µs", "measures", "p50", "p90", "p99", "max"
         )?;
-        if v.is_clean() {
-            writeln!(f, "{:<12}none", "violations")?;
-        } else {
-            let list: Vec<String> = Violation::ALL
-                .iter()
-                .filter(|&&x| v.count(x) > 0)
-                .map(|&x| format!("{} {}", x.name(), v.count(x)))
-                .collect();
-            writeln!(f, "{:<12}{}", "violations", list.join(", "))?;
-            for e in &v.examples {
-                let r = &e.record;
-                writeln!(
+        for kind in Kind::ALL {
+            match &self.latency[kind.index()] {
+                Some(l) => writeln!(
                     f,
-                    "  {}: call {}#{} ({}) expected {} ran {} twice {} wrong-arg {}",
-                    e.class.name(),
-                    r.id.sender(),
-                    r.id.index(),
-                    r.kind.map_or("?", Kind::name),
-                    cpulist(r.expected),
-                    cpulist(r.ran),
-                    cpulist(r.duplicated),
-                    cpulist(r.wrong_cpu)
-                )?;
+                    "  {:<14}{:<14}{:>10.1}{:>10.1}{:>10.1}{:>10.1}",
+                    kind.name(),
+                    kind.latency_meaning(),
+                    l.p50_us,
+                    l.p90_us,
+                    l.p99_us,
+                    l.max_us
+                )?,
+                None => writeln!(
+                    f,
+                    "  {:<14}{:<14}{:>10}{:>10}{:>10}{:>10}",
+                    kind.name(),
+                    kind.latency_meaning(),
+                    "-",
+                    "-",
+                    "-",
+                    "-"
+                )?,
             }
+        }
+        writeln!(
+            f,
+            "{:<12}{} calls, {} function runs exactly once on their CPU (each in-checked), \
+             {} calls out-checked",
+            "verified",
+            v.calls_checked,
+            v.deliveries_ok,
+            self.out_checked()
+        )?;
+        let classes: Vec<String> = Violation::ALL
+            .iter()
+            .map(|&x| format!("{} {}", x.name(), v.count(x)))
+            .collect();
+        writeln!(
+            f,
+            "{:<12}{}: {}",
+            "violations",
+            if v.is_clean() { "none" } else { "FOUND" },
+            classes.join(", ")
+        )?;
+        for e in &v.examples {
+            writeln!(f, "  {}", example_line(e))?;
         }
         let errors: Vec<String> = ERROR_CLASSES
             .iter()
@@ -154,10 +494,10 @@ impl fmt::Display for Report {
             .filter(|(_, n)| *n > 0)
             .map(|(name, n)| format!("{name} {n}"))
             .collect();
-        let refusals = sum(|t| t.refusals);
         writeln!(
             f,
-            "{:<12}{} unexpected{}; {} expected refusals (busy csd), {} calls given up",
+            "{:<12}{} unexpected{}; offline refusals {}; {} expected refusals (busy csd), \
+             {} calls given up",
             "errors",
             v.total_errors(),
             if errors.is_empty() {
@@ -165,7 +505,8 @@ impl fmt::Display for Report {
             } else {
                 format!(" ({})", errors.join(", "))
             },
-            refusals,
+            v.offline_refusals(),
+            sum(|t| t.refusals),
             sum(|t| t.gave_up)
         )?;
         let e = &self.engine;
@@ -192,6 +533,13 @@ impl fmt::Display for Report {
                 f,
                 "{:<12}CPUs {:?} used up their {} call records before the deadline",
                 "note", self.capacity_reached, c.max_calls_per_cpu
+            )?;
+        }
+        if !self.latency_missing.is_empty() {
+            writeln!(
+                f,
+                "{:<12}latency samples of CPUs {:?} are missing (their tasks did not finish)",
+                "note", self.latency_missing
             )?;
         }
         for incident in &self.incidents {

@@ -1,0 +1,137 @@
+//! `--plot`: the latency distributions of the latency categories, one panel each, as an SVG
+//! (cumulative percentile over latency on a log axis). SVG text needs no font files, so this
+//! builds without system font libraries.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::report::{Category, Report, Side};
+use super::BenchError;
+
+const PANEL_HEIGHT: u32 = 420;
+/// Distinguishable line colours (no pale yellow).
+const COLORS: [RGBColor; 9] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(23, 190, 207),
+];
+const WIDTH: u32 = 1100;
+
+/// Writes the plot of `report` to `path` (SVG; other extensions are refused).
+pub fn write_svg(report: &Report, path: &Path) -> Result<(), BenchError> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("svg") => {}
+        None => {}
+        Some(e) => {
+            return Err(BenchError::Output(format!(
+                "--plot writes SVG (built without font libraries); `.{e}` is not supported, use a .svg file"
+            )))
+        }
+    }
+    let cats: Vec<Category> = Category::ALL
+        .into_iter()
+        .filter(|&c| {
+            c != Category::Throughput
+                && report
+                    .rows
+                    .iter()
+                    .any(|r| r.category == c && r.latency.is_some())
+        })
+        .collect();
+    let err = |e: &dyn std::fmt::Display| BenchError::Output(format!("{}: {e}", path.display()));
+    let root =
+        SVGBackend::new(path, (WIDTH, PANEL_HEIGHT * cats.len().max(1) as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let panels = root.split_evenly((cats.len().max(1), 1));
+    for (cat, area) in cats.iter().zip(panels.iter()) {
+        draw_panel(report, *cat, area).map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    report: &Report,
+    cat: Category,
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let rows: Vec<_> = report
+        .rows
+        .iter()
+        .filter(|r| r.category == cat || (r.side == Side::Floor && cat != Category::Single))
+        .filter_map(|r| r.latency.as_ref().map(|l| (r, l)))
+        .collect();
+    // x range: from the fastest minimum to the slowest 99.9th percentile (µs).
+    let lo = rows
+        .iter()
+        .map(|(_, l)| l.min_ns / 1000.0)
+        .fold(f64::INFINITY, f64::min)
+        .max(0.001)
+        * 0.8;
+    let hi = rows
+        .iter()
+        .map(|(_, l)| {
+            l.cdf
+                .iter()
+                .find(|p| p[0] >= 99.9)
+                .map_or(l.max_ns, |p| p[1])
+                / 1000.0
+        })
+        .fold(0.0, f64::max)
+        .max(lo * 10.0)
+        * 1.25;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            format!(
+                "{} — latency distribution",
+                cat.title(report.settings.cores)
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((lo..hi).log_scale(), 0.0..100.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("round trip (µs, log scale)")
+        .y_desc("percentile")
+        .x_label_formatter(&|v| format!("{v:.2}"))
+        .draw()?;
+    for (i, (row, lat)) in rows.iter().enumerate() {
+        let color = if row.side == Side::Floor {
+            BLACK.to_rgba()
+        } else {
+            COLORS[i % COLORS.len()].to_rgba()
+        };
+        let width = match row.side {
+            Side::Ours => 3,
+            Side::Floor => 2,
+            Side::Peer => 1,
+        };
+        let style = ShapeStyle::from(color).stroke_width(width);
+        let points = lat
+            .cdf
+            .iter()
+            .map(|p| ((p[1] / 1000.0).clamp(lo, hi), p[0]))
+            .collect::<Vec<_>>();
+        chart
+            .draw_series(LineSeries::new(points, style))?
+            .label(row.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}

@@ -1,0 +1,643 @@
+//! The report: every row's figures, its ratios to the floor and to the best peer of its
+//! category, the DESIGN §4 targets, the table, and the JSON.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::clock::Clock;
+use super::ours::Delivery;
+use super::sample::{Latency, Throughput};
+use super::threads::Topology;
+use super::Config;
+
+/// Which rows are compared with each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    /// One round trip to one other CPU.
+    Single,
+    /// A call with wait to every CPU of a 2-CPU machine.
+    Broadcast,
+    /// The same with 4 CPUs (oversubscribed when the host has fewer cores).
+    Broadcast4,
+    /// stop_machine: one CPU runs a function while all others spin masked (no peer).
+    StopMachine,
+    /// No-wait calls to one target, messages per second.
+    Throughput,
+}
+
+impl Category {
+    /// Every category, in table order.
+    pub const ALL: [Category; 5] = [
+        Category::Single,
+        Category::Broadcast,
+        Category::Broadcast4,
+        Category::StopMachine,
+        Category::Throughput,
+    ];
+
+    /// The heading of the category's part of the table.
+    pub fn title(self, cores: usize) -> String {
+        match self {
+            Category::Single => "single round trip, caller core 0 → target core 1".into(),
+            Category::Broadcast => "broadcast with wait, 2 CPUs".into(),
+            Category::Broadcast4 if cores >= 4 => "broadcast with wait, 4 CPUs".into(),
+            Category::Broadcast4 => {
+                format!("broadcast with wait, 4 vCPUs on {cores} cores (oversubscribed, unpinned)")
+            }
+            Category::StopMachine => {
+                "stop_machine round trip, caller CPU 0, function on CPU 1 (no peer)".into()
+            }
+            Category::Throughput => "async throughput to one target".into(),
+        }
+    }
+}
+
+/// Whose row it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// The physical floor (reference).
+    Floor,
+    /// smpcall.
+    Ours,
+    /// Something a user would otherwise pick.
+    Peer,
+}
+
+/// A DESIGN §4 target and whether this run met it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TargetCheck {
+    /// The target, in words.
+    pub target: String,
+    /// The measured ratio (median latency ratio, or throughput ratio).
+    pub ratio: f64,
+    /// The bound on the ratio.
+    pub limit: f64,
+    /// Whether the ratio is within the bound.
+    pub met: bool,
+}
+
+/// One measured row.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Row {
+    /// Stable id (see [`ROW_IDS`](super::ROW_IDS)).
+    pub id: String,
+    /// Name shown in the table.
+    pub name: String,
+    /// Category.
+    pub category: Category,
+    /// Ours, a peer, or the floor.
+    pub side: Side,
+    /// Round-trip latency (latency rows).
+    pub latency: Option<Latency>,
+    /// Messages per second (throughput rows).
+    pub throughput: Option<Throughput>,
+    /// IPIs, signals and futex wakes per call (our rows).
+    pub delivery: Option<Delivery>,
+    /// The row's median in each pass (ns, or messages/s), with the floor measured right before
+    /// it.
+    pub passes: Vec<PassFigure>,
+    /// Median over passes of (the pass's median ÷ the floor measured right before it).
+    pub ratio_floor: Option<f64>,
+    /// Median over passes of (the pass's median ÷ the best peer's median in the same pass)
+    /// for latency rows, or of (rate ÷ the best peer's rate) for throughput rows (above 1 is
+    /// better).
+    pub ratio_best_peer: Option<f64>,
+    /// Id of the best peer of the category.
+    pub best_peer: Option<String>,
+    /// The DESIGN §4 targets this row has.
+    pub targets: Vec<TargetCheck>,
+}
+
+impl Row {
+    /// A row with no figures yet.
+    pub fn new(id: &str, name: String, category: Category, side: Side) -> Row {
+        Row {
+            id: id.to_string(),
+            name,
+            category,
+            side,
+            latency: None,
+            throughput: None,
+            delivery: None,
+            passes: Vec::new(),
+            ratio_floor: None,
+            ratio_best_peer: None,
+            best_peer: None,
+            targets: Vec::new(),
+        }
+    }
+
+    /// The figure rows are ranked by: median latency (ns) or median rate (messages/s).
+    pub fn key(&self) -> Option<f64> {
+        self.latency
+            .as_ref()
+            .map(|l| l.median_ns)
+            .or(self.throughput.as_ref().map(|t| t.median_per_s))
+    }
+}
+
+/// One pass's figure of a row.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct PassFigure {
+    /// Pass number, from 0.
+    pub pass: u64,
+    /// Median latency (ns) or median rate (messages/s) in that pass.
+    pub value: f64,
+    /// Median of the floor measured right before it (latency rows), ns.
+    pub floor_ns: Option<f64>,
+}
+
+/// Median of a non-empty list (NaN when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Median over the passes both rows ran in of `a`'s figure ÷ `b`'s.
+fn pass_ratio(a: &Row, b: &Row) -> Option<f64> {
+    let ratios: Vec<f64> = a
+        .passes
+        .iter()
+        .filter_map(|pa| {
+            b.passes
+                .iter()
+                .find(|pb| pb.pass == pa.pass)
+                .map(|pb| pa.value / pb.value)
+        })
+        .collect();
+    (!ratios.is_empty()).then(|| median(ratios))
+}
+
+/// A row that was not measured, and why.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Skipped {
+    /// Stable id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Category it would belong to.
+    pub category: Category,
+    /// Why it was not measured.
+    pub reason: String,
+}
+
+/// How the run was set up.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Settings {
+    /// Timed round trips per latency row (at most).
+    pub iterations: u64,
+    /// Warm-up round trips per latency row (at most).
+    pub warmup: u64,
+    /// Time cap per row, seconds.
+    pub row_time_s: f64,
+    /// Messages per throughput round.
+    pub messages_per_round: u64,
+    /// Throughput rounds per row (at most).
+    pub rounds: u64,
+    /// Pause before each call to a sleeping CPU, microseconds.
+    pub sleep_pause_us: f64,
+    /// The clock.
+    pub clock: String,
+    /// Nanoseconds per clock tick.
+    pub ns_per_tick: f64,
+    /// Usable cores.
+    pub cores: usize,
+    /// Whether two-thread rows were pinned to cores 0 and 1.
+    pub pinned: bool,
+    /// Interleaved passes.
+    pub passes: u64,
+}
+
+/// How much the floor moved over the run, and what else ran.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Noise {
+    /// Median of the first floor measured (the start of the run), ns.
+    pub floor_start_ns: f64,
+    /// Median of the last floor measured (the end of the run), ns.
+    pub floor_end_ns: f64,
+    /// (end − start) ÷ start, percent.
+    pub drift_percent: f64,
+    /// Lowest median of the floors measured before each row, ns.
+    pub floor_min_ns: f64,
+    /// Highest such median, ns.
+    pub floor_max_ns: f64,
+    /// 1-minute load average at the start and at the end (other work on the cores).
+    pub load_average: [Option<f64>; 2],
+}
+
+/// Everything a run measured.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Report {
+    /// How the run was set up.
+    pub settings: Settings,
+    /// Median of every floor measured in the run, ns (each row's `ratio_floor` divides by
+    /// the floor measured right before it instead).
+    pub floor_ns: f64,
+    /// Floor drift over the run.
+    pub noise: Noise,
+    /// Measured rows, in run order.
+    pub rows: Vec<Row>,
+    /// Rows not measured, with the reason.
+    pub skipped: Vec<Skipped>,
+}
+
+/// How a target compares a row.
+enum Against {
+    /// Median ÷ floor ≤ limit.
+    Floor,
+    /// Median ÷ that row's median ≤ limit (or < when `strict`).
+    Latency(&'static str),
+    /// Rate ÷ that row's rate ≥ limit.
+    Rate(&'static str),
+}
+
+/// DESIGN §4: (row, against, limit, strict, words).
+const TARGETS: &[(&str, Against, f64, bool, &str)] = &[
+    ("sync_polling", Against::Floor, 2.0, false, "≤ 2× floor"),
+    (
+        "sync_polling",
+        Against::Latency("crossbeam_spinning"),
+        1.0,
+        true,
+        "faster than crossbeam busy-polling req/resp",
+    ),
+    (
+        "sync_busy",
+        Against::Latency("tgkill"),
+        1.2,
+        false,
+        "≤ 1.2× bare tgkill round trip",
+    ),
+    (
+        "call_all",
+        Against::Latency("rayon_outside"),
+        1.0,
+        true,
+        "faster than rayon broadcast from outside",
+    ),
+    (
+        "call_all_4",
+        Against::Latency("rayon_outside_4"),
+        1.0,
+        true,
+        "faster than rayon broadcast from outside",
+    ),
+    (
+        "async_csd_polling",
+        Against::Rate("crossbeam_unbounded_blocking"),
+        1.0,
+        false,
+        "≥ crossbeam unbounded (blocking receiver)",
+    ),
+];
+
+impl Report {
+    /// Computes ratios and targets over measured rows.
+    pub fn build(
+        cfg: &Config,
+        clock: &Clock,
+        topo: &Topology,
+        load_average: [Option<f64>; 2],
+        mut rows: Vec<Row>,
+        skipped: Vec<Skipped>,
+    ) -> Report {
+        let floors: Vec<f64> = rows
+            .iter()
+            .find(|r| r.id == "floor")
+            .map(|r| r.passes.iter().map(|p| p.value).collect())
+            .unwrap_or_default();
+        let floor_ns = rows
+            .iter()
+            .find(|r| r.id == "floor")
+            .and_then(|r| r.latency.as_ref())
+            .map_or(f64::NAN, |l| l.median_ns);
+        for r in rows.iter_mut() {
+            let ratios: Vec<f64> = r
+                .passes
+                .iter()
+                .filter_map(|p| p.floor_ns.map(|f| p.value / f))
+                .collect();
+            if r.latency.is_some() && !ratios.is_empty() {
+                r.ratio_floor = Some(median(ratios));
+            }
+        }
+        let snapshot = rows.clone();
+        let by_id = |id: &str| snapshot.iter().find(|r| r.id == id);
+        for cat in Category::ALL {
+            let best = snapshot
+                .iter()
+                .filter(|r| r.category == cat && r.side == Side::Peer)
+                .filter_map(|r| r.key().map(|k| (r, k)))
+                .reduce(|a, b| {
+                    let better = if cat == Category::Throughput {
+                        b.1 > a.1
+                    } else {
+                        b.1 < a.1
+                    };
+                    if better {
+                        b
+                    } else {
+                        a
+                    }
+                });
+            let Some((best, _)) = best else { continue };
+            for r in rows
+                .iter_mut()
+                .filter(|r| r.category == cat && r.side != Side::Floor)
+            {
+                r.ratio_best_peer = pass_ratio(r, best);
+                r.best_peer = Some(best.id.clone());
+            }
+        }
+        for (id, against, limit, strict, words) in TARGETS {
+            let Some(r) = rows.iter_mut().find(|r| r.id == *id) else {
+                continue;
+            };
+            let ratio = match against {
+                Against::Floor => r.ratio_floor,
+                Against::Latency(other) | Against::Rate(other) => {
+                    by_id(other).and_then(|o| pass_ratio(r, o))
+                }
+            };
+            let Some(ratio) = ratio else { continue };
+            let met = match (against, strict) {
+                (Against::Rate(_), _) => ratio >= *limit,
+                (_, true) => ratio < *limit,
+                (_, false) => ratio <= *limit,
+            };
+            r.targets.push(TargetCheck {
+                target: words.to_string(),
+                ratio,
+                limit: *limit,
+                met,
+            });
+        }
+        let start = floors.first().copied().unwrap_or(f64::NAN);
+        let end = floors.last().copied().unwrap_or(f64::NAN);
+        Report {
+            settings: Settings {
+                iterations: cfg.iterations,
+                warmup: cfg.warmup,
+                row_time_s: cfg.row_time.as_secs_f64(),
+                messages_per_round: cfg.messages,
+                rounds: cfg.rounds,
+                sleep_pause_us: cfg.sleep_pause.as_secs_f64() * 1e6,
+                clock: clock.describe(),
+                ns_per_tick: clock.ns_per_tick(),
+                cores: topo.cores(),
+                pinned: topo.can_pin(2),
+                passes: cfg.passes.max(1),
+            },
+            floor_ns,
+            noise: Noise {
+                floor_start_ns: start,
+                floor_end_ns: end,
+                drift_percent: (end - start) / start * 100.0,
+                floor_min_ns: floors.iter().copied().fold(f64::INFINITY, f64::min),
+                floor_max_ns: floors.iter().copied().fold(0.0, f64::max),
+                load_average,
+            },
+            rows,
+            skipped,
+        }
+    }
+
+    /// The row with this id, if it was measured.
+    pub fn row(&self, id: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.id == id)
+    }
+
+    /// Every target check: (row id, check).
+    pub fn targets(&self) -> impl Iterator<Item = (&str, &TargetCheck)> {
+        self.rows
+            .iter()
+            .flat_map(|r| r.targets.iter().map(move |t| (r.id.as_str(), t)))
+    }
+
+    /// The report as pretty-printed JSON (every figure).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report always serialises")
+    }
+}
+
+fn us(ns: f64) -> String {
+    format!("{:.2}", ns / 1000.0)
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "—".to_string(), |r| format!("{r:.2}×"))
+}
+
+fn delivery(d: Option<&Delivery>) -> String {
+    let Some(d) = d else {
+        return String::new();
+    };
+    // Below this a mechanism is noise (start-up, a rare race with the idle loop).
+    let seen = |x: f64| x >= 0.005;
+    let mut how = Vec::new();
+    if seen(d.signals_per_call) {
+        how.push(format!("{:.2} sig", d.signals_per_call));
+    }
+    if seen(d.futex_wakes_per_call) {
+        how.push(format!("{:.2} futex", d.futex_wakes_per_call));
+    }
+    if seen(d.elided_per_call) {
+        how.push(format!("{:.2} elided", d.elided_per_call));
+    }
+    if how.is_empty() {
+        format!("{:.2}", d.ipis_per_call)
+    } else {
+        format!("{:.2} ({})", d.ipis_per_call, how.join(", "))
+    }
+}
+
+fn targets(r: &Row) -> String {
+    r.targets
+        .iter()
+        .map(|t| {
+            format!(
+                "{} {} ({:.2}×)",
+                if t.met { "PASS" } else { "MISS" },
+                t.target,
+                t.ratio
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Renders `cells` (first column left-aligned, others right-aligned) with `widths`.
+fn line(cells: &[String], widths: &[usize]) -> String {
+    let mut s = String::new();
+    for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+        let pad = w.saturating_sub(c.chars().count());
+        if i == 0 {
+            s.push_str("  ");
+            s.push_str(c);
+            s.push_str(&" ".repeat(pad));
+        } else if i == cells.len() - 1 {
+            s.push_str("  ");
+            s.push_str(c);
+        } else {
+            s.push_str("  ");
+            s.push_str(&" ".repeat(pad));
+            s.push_str(c);
+        }
+    }
+    s.trim_end().to_string()
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.settings;
+        writeln!(
+            f,
+            "smpcall bench: clock {}; {} cores, caller/target {}; {} interleaved passes; ≤ {} round trips per row (≤ {} s) after ≤ {} warm-up per pass",
+            s.clock,
+            s.cores,
+            if s.pinned { "pinned to cores 0/1" } else { "not pinned" },
+            s.passes,
+            s.iterations,
+            s.row_time_s,
+            s.warmup,
+        )?;
+        writeln!(
+            f,
+            "×floor: median over passes of (row median ÷ floor measured right before it); ×best peer: median over passes of (row ÷ fastest peer of the category in the same pass)"
+        )?;
+        let name_w = self
+            .rows
+            .iter()
+            .map(|r| r.name.chars().count())
+            .chain(self.skipped.iter().map(|r| r.name.chars().count()))
+            .max()
+            .unwrap_or(10)
+            .max(20);
+        for cat in Category::ALL {
+            let rows: Vec<&Row> = self.rows.iter().filter(|r| r.category == cat).collect();
+            let skipped: Vec<&Skipped> =
+                self.skipped.iter().filter(|r| r.category == cat).collect();
+            if rows.is_empty() && skipped.is_empty() {
+                continue;
+            }
+            writeln!(f)?;
+            let best = rows
+                .iter()
+                .find_map(|r| r.best_peer.as_deref())
+                .and_then(|id| self.row(id))
+                .map_or(String::new(), |r| format!(" — best peer: {}", r.name));
+            writeln!(f, "{}{best}", cat.title(s.cores))?;
+            if cat == Category::Throughput {
+                let widths = [name_w, 9, 9, 8, 10, 20, 0];
+                let head = [
+                    "row",
+                    "Mmsg/s",
+                    "slowest",
+                    "ns/msg",
+                    "×best peer",
+                    "IPIs/call",
+                    "target",
+                ];
+                writeln!(f, "{}", line(&head.map(String::from), &widths))?;
+                for r in rows {
+                    let Some(t) = &r.throughput else { continue };
+                    let cells = [
+                        r.name.clone(),
+                        format!("{:.2}", t.median_per_s / 1e6),
+                        format!("{:.2}", t.min_per_s / 1e6),
+                        format!("{:.1}", t.ns_per_message),
+                        ratio(r.ratio_best_peer),
+                        delivery(r.delivery.as_ref()),
+                        targets(r),
+                    ];
+                    writeln!(f, "{}", line(&cells, &widths))?;
+                }
+                writeln!(
+                    f,
+                    "  (Mmsg/s: median round; slowest: slowest round; ×best peer: rate ÷ best peer's rate, above 1 is faster)"
+                )?;
+            } else {
+                let widths = [name_w, 8, 8, 8, 7, 10, 20, 0];
+                let head = [
+                    "row (µs)",
+                    "median",
+                    "p90",
+                    "p99",
+                    "×floor",
+                    "×best peer",
+                    "IPIs/call",
+                    "target",
+                ];
+                writeln!(f, "{}", line(&head.map(String::from), &widths))?;
+                for r in rows {
+                    let Some(l) = &r.latency else { continue };
+                    let cells = [
+                        r.name.clone(),
+                        us(l.median_ns),
+                        us(l.p90_ns),
+                        us(l.p99_ns),
+                        ratio(r.ratio_floor),
+                        if r.side == Side::Floor {
+                            "—".to_string()
+                        } else {
+                            ratio(r.ratio_best_peer)
+                        },
+                        delivery(r.delivery.as_ref()),
+                        targets(r),
+                    ];
+                    writeln!(f, "{}", line(&cells, &widths))?;
+                }
+            }
+            for k in skipped {
+                writeln!(f, "  {:name_w$}  not measured: {}", k.name, k.reason)?;
+            }
+        }
+        writeln!(f)?;
+        let n = &self.noise;
+        let load = |l: Option<f64>| l.map_or("?".to_string(), |l| format!("{l:.1}"));
+        writeln!(
+            f,
+            "noise: the floor's median moved {:+.0}% from the start ({} µs) to the end ({} µs) of the run, and ranged {}–{} µs before rows; load average {} → {} on {} cores",
+            n.drift_percent,
+            us(n.floor_start_ns),
+            us(n.floor_end_ns),
+            us(n.floor_min_ns),
+            us(n.floor_max_ns),
+            load(n.load_average[0]),
+            load(n.load_average[1]),
+            s.cores,
+        )?;
+        if let Some(l) = n.load_average.iter().flatten().copied().reduce(f64::max) {
+            if l > s.cores as f64 {
+                writeln!(
+                    f,
+                    "warning: other work competed for the cores (load average {l:.1} > {} cores): pinned threads were preempted, figures are unreliable",
+                    s.cores
+                )?;
+            }
+        }
+        let all: Vec<_> = self.targets().collect();
+        let met = all.iter().filter(|(_, t)| t.met).count();
+        write!(f, "targets (DESIGN §4): {met} of {} met", all.len())?;
+        let missed: Vec<String> = all
+            .iter()
+            .filter(|(_, t)| !t.met)
+            .map(|(id, t)| format!("{id}: {}", t.target))
+            .collect();
+        if !missed.is_empty() {
+            write!(f, "; missed: {}", missed.join(", "))?;
+        }
+        writeln!(f)
+    }
+}

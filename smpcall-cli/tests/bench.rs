@@ -1,0 +1,150 @@
+//! `smpcall bench` in quick mode: every row is there with sane figures, the JSON carries every
+//! row, the plot is an SVG. No timing is asserted (the machine is shared and noisy): only
+//! that numbers are positive, finite and ordered as percentiles must be.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use smpcall_cli::bench::{self, Category, Config, Report, Side, ROW_IDS};
+
+fn finite_positive(x: f64, what: &str) {
+    assert!(x.is_finite() && x > 0.0, "{what} = {x}");
+}
+
+fn check_report(report: &Report) {
+    let measured: BTreeSet<&str> = report.rows.iter().map(|r| r.id.as_str()).collect();
+    for id in ROW_IDS {
+        let skipped = report.skipped.iter().find(|s| s.id == *id);
+        match skipped {
+            // Only membarrier may be missing (a kernel without it), and then it says why.
+            Some(s) => {
+                assert_eq!(*id, "membarrier", "row {id} not measured: {}", s.reason);
+                assert!(!s.reason.is_empty());
+            }
+            None => assert!(measured.contains(id), "row {id} missing"),
+        }
+    }
+    finite_positive(report.floor_ns, "floor");
+    for r in &report.rows {
+        let id = &r.id;
+        assert!(!r.passes.is_empty(), "{id}: no pass figures");
+        if r.category == Category::Throughput {
+            let t = r
+                .throughput
+                .as_ref()
+                .unwrap_or_else(|| panic!("{id}: no rate"));
+            finite_positive(t.median_per_s, id);
+            finite_positive(t.ns_per_message, id);
+            assert!(t.min_per_s <= t.median_per_s && t.median_per_s <= t.max_per_s);
+            assert!(t.rounds >= 1);
+        } else {
+            let l = r
+                .latency
+                .as_ref()
+                .unwrap_or_else(|| panic!("{id}: no latency"));
+            assert!(l.count > 0, "{id}: no samples");
+            finite_positive(l.min_ns, id);
+            assert!(
+                l.min_ns <= l.median_ns
+                    && l.median_ns <= l.p90_ns
+                    && l.p90_ns <= l.p99_ns
+                    && l.p99_ns <= l.max_ns,
+                "{id}: percentiles out of order: {l:?}"
+            );
+            finite_positive(r.ratio_floor.unwrap_or(f64::NAN), &format!("{id} ×floor"));
+            assert!(r.passes.iter().all(|p| p.floor_ns.is_some_and(|f| f > 0.0)));
+        }
+        if r.side == Side::Ours {
+            let d = r
+                .delivery
+                .unwrap_or_else(|| panic!("{id}: no delivery counts"));
+            assert!(d.calls > 0, "{id}");
+        }
+        if r.side != Side::Floor && r.category != Category::StopMachine {
+            finite_positive(
+                r.ratio_best_peer.unwrap_or(f64::NAN),
+                &format!("{id} ×best peer"),
+            );
+        }
+        for t in &r.targets {
+            finite_positive(t.ratio, &format!("{id} target ratio"));
+        }
+    }
+    // Every DESIGN §4 target is evaluated.
+    assert_eq!(report.targets().count(), 6, "{report}");
+    let table = report.to_string();
+    for r in &report.rows {
+        assert!(table.contains(&r.name), "table lacks {}:\n{table}", r.name);
+    }
+    assert!(table.contains("noise:"), "{table}");
+}
+
+#[test]
+fn quick_bench_reports_every_row_and_json_has_them() {
+    let report = bench::run(&Config::quick()).expect("quick bench runs");
+    check_report(&report);
+
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).expect("valid JSON");
+    let rows = json["rows"].as_array().expect("rows array");
+    let ids: BTreeSet<&str> = rows.iter().filter_map(|r| r["id"].as_str()).collect();
+    for r in &report.rows {
+        assert!(ids.contains(r.id.as_str()), "JSON lacks {}", r.id);
+    }
+    for r in rows {
+        let fig = if r["latency"].is_object() {
+            r["latency"]["median_ns"].as_f64()
+        } else {
+            r["throughput"]["median_per_s"].as_f64()
+        };
+        assert!(fig.is_some_and(|v| v > 0.0), "{r}");
+    }
+    assert!(json["noise"]["floor_start_ns"].as_f64().is_some());
+
+    let dir = std::env::temp_dir().join(format!("smpcall-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("latency.svg");
+    bench::plot::write_svg(&report, &svg).expect("plot written");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        text.contains("<svg") && text.contains("floor"),
+        "not an SVG"
+    );
+    assert!(bench::plot::write_svg(&report, &dir.join("latency.png")).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cli_bench_quick_writes_json_and_plot() {
+    let dir = std::env::temp_dir().join(format!("smpcall-bench-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("b.json"), dir.join("b.svg"));
+    let out = Command::new(env!("CARGO_BIN_EXE_smpcall"))
+        .args([
+            "bench",
+            "--quick",
+            "--iterations",
+            "300",
+            "--row-time",
+            "40ms",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .expect("the smpcall binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for word in ["×floor", "×best peer", "targets (DESIGN §4)", "noise:"] {
+        assert!(stdout.contains(word), "missing {word}:\n{stdout}");
+    }
+    let parsed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("valid JSON");
+    assert!(parsed["rows"].as_array().is_some_and(|r| r.len() >= 20));
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
