@@ -62,6 +62,24 @@ impl Payload {
         payload
     }
 
+    /// Whether a `T` fits inline in a payload (size and alignment).
+    pub(crate) const fn fits<T>() -> bool {
+        size_of::<T>() <= INLINE_CLOSURE_BYTES && align_of::<T>() <= align_of::<usize>()
+    }
+
+    /// A payload holding `value` itself.
+    ///
+    /// # Safety
+    /// `Payload::fits::<T>()` must hold.
+    pub(crate) unsafe fn inline_unchecked<T>(value: T) -> Self {
+        debug_assert!(Self::fits::<T>());
+        let mut payload = Self::empty();
+        // SAFETY: `T` fits (caller's contract) in the `usize`-aligned payload bytes; `write`
+        // does not read the uninitialised destination.
+        unsafe { ptr::write(payload.0.as_mut_ptr().cast::<T>(), value) };
+        payload
+    }
+
     /// A payload holding `f` itself. Fails to compile if `F` does not fit.
     pub(crate) fn inline<F>(f: F) -> Self {
         const {
@@ -102,6 +120,21 @@ pub(crate) unsafe fn run_once<F: FnOnce(CpuId) -> R, R>(payload: *mut Payload, c
     // SAFETY: per this function's contract the first word is a live, exclusively ours
     // `*mut OnceCall<F, R>`.
     let call = unsafe { &mut *((*payload).0[0].assume_init() as *mut OnceCall<F, R>) };
+    if let Some(f) = call.f.take() {
+        call.ret = Some(f(cpu));
+    }
+}
+
+/// Runs a [`OnceCall`] stored inline in the payload itself: the result lands in the call
+/// data's own cache line, which the caller reads back after the release (one cache-line
+/// transfer fewer than a `OnceCall` on the caller's stack).
+///
+/// # Safety
+/// The payload must come from `Payload::inline_unchecked(OnceCall<F, R>)`.
+pub(crate) unsafe fn run_once_inline<F: FnOnce(CpuId) -> R, R>(payload: *mut Payload, cpu: CpuId) {
+    // SAFETY: per this function's contract the payload holds a valid `OnceCall<F, R>`, which
+    // the sender does not touch until we release the call data.
+    let call = unsafe { &mut *payload.cast::<OnceCall<F, R>>() };
     if let Some(f) = call.f.take() {
         call.ret = Some(f(cpu));
     }
@@ -292,6 +325,18 @@ impl Csd {
     /// Whether the current call (if busy) is a waiting one. Diagnostics only: racy.
     pub fn is_waiting_call(&self) -> bool {
         self.flags.load(Ordering::Relaxed) & SYNC != 0
+    }
+
+    /// Moves a `T` out of the payload (sender side, after the call data was released).
+    ///
+    /// # Safety
+    /// The call data must be free (not busy) and owned by the caller, and its payload must hold
+    /// a valid `T` written by `Payload::inline_unchecked` that has not been moved out yet.
+    pub(crate) unsafe fn take_inline<T>(&self) -> T {
+        self.payload.with(|p| {
+            // SAFETY: per this function's contract.
+            unsafe { ptr::read(p.cast::<T>()) }
+        })
     }
 
     /// Whether the sender waits for this call (target side, while it holds the call data).

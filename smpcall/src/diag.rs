@@ -178,7 +178,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
         });
         let waited = now.saturating_sub(w.start_ns);
-        if waited < w.next_report_ns {
+        if waited < w.next_report_ns || !csd.is_busy() {
+            // Not yet, or released since the waiter last looked: nothing to report.
             return;
         }
         // Next report after a doubled interval (1, 2, 4, … thresholds later), counted from now:

@@ -18,7 +18,7 @@ use core::pin::Pin;
 use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::cpumask::{AtomicCpuMask, CpuId, CpuMask, MAX_CPUS};
-use crate::csd::{run_inline, run_once, run_shared, Csd, OnceCall, Payload};
+use crate::csd::{run_inline, run_once, run_once_inline, run_shared, Csd, OnceCall, Payload};
 use crate::error::{DeadlockReason, Error};
 use crate::platform::Platform;
 use crate::queue::CallQueue;
@@ -298,6 +298,8 @@ pub struct Engine<P: Platform, S: Storage> {
     pub(crate) online: AtomicCpuMask,
     /// Online CPUs that accept new calls: `online` minus a CPU that is going down.
     pub(crate) accepting: AtomicCpuMask,
+    /// CPUs the platform ever brought up (`mark_online`): the only ones `cpu_up` accepts.
+    pub(crate) possible: AtomicCpuMask,
     shut_down: AtomicBool,
     /// Serialises stop_machine and hotplug.
     pub(crate) stop_lock: AtomicBool,
@@ -342,6 +344,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             nr_cpus: n,
             online: AtomicCpuMask::new(),
             accepting: AtomicCpuMask::new(),
+            possible: AtomicCpuMask::new(),
             shut_down: AtomicBool::new(false),
             stop_lock: AtomicBool::new(false),
             stop_seq: AtomicU64::new(0),
@@ -382,6 +385,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         if cpu >= self.nr_cpus {
             return Err(Error::UnknownCpu(cpu));
         }
+        self.possible.set(cpu);
         self.online.set(cpu);
         self.accepting.set(cpu);
         Ok(())
@@ -510,27 +514,56 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             let _masked = self.irq_save();
             return Ok(f(me));
         }
+        let csd = Csd::new();
+        let mut ipis = CpuMask::new();
+        if const { Payload::fits::<OnceCall<F, R>>() } {
+            // Small closure and result: keep them in the call data itself, so the result comes
+            // back in the cache line the caller spins on.
+            let mut f = Some(f);
+            self.queue_call(me, cpu, &csd, Target::Refuse, &mut ipis, |csd| {
+                let call: OnceCall<F, R> = OnceCall {
+                    f: f.take(),
+                    ret: None,
+                };
+                // SAFETY: `fits` holds (checked above); the payload matches
+                // `run_once_inline::<F, R>`.
+                let payload = unsafe { Payload::inline_unchecked(call) };
+                // SAFETY: `queue_call` hands us the csd claimed.
+                unsafe { csd.set_call(run_once_inline::<F, R>, payload, true) };
+                self.note_call::<F>(csd, me, cpu);
+            })?;
+            // From here the fresh csd is in flight: it lives on this frame until `wait_csd` saw
+            // it released (unwinding out of here aborts).
+            let in_flight = AbortOnUnwind;
+            self.send_ipis(&ipis);
+            self.wait_csd(me, &csd);
+            core::mem::forget(in_flight);
+            // SAFETY: released (waited above), ours again, and it holds the `OnceCall` we wrote.
+            let mut call: OnceCall<F, R> = unsafe { csd.take_inline() };
+            // `ret` is set: a synchronous csd is released only after its function returned
+            // (a panicking function aborts the process instead).
+            return Ok(call
+                .ret
+                .take()
+                .expect("smpcall: waiting call released before it ran"));
+        }
         let mut call = OnceCall {
             f: Some(f),
             ret: None,
         };
-        let csd = Csd::new();
         let payload = Payload::from_ptr(&mut call as *mut OnceCall<F, R>);
-        let in_flight = AbortOnUnwind;
-        let mut ipis = CpuMask::new();
-        // The fresh csd is never busy; it lives on this frame until `wait_csd` saw it released
-        // (unwinding out of here aborts: `in_flight`).
         self.queue_call(me, cpu, &csd, Target::Refuse, &mut ipis, |csd| {
             // SAFETY: `queue_call` hands us the csd claimed; `call` outlives the wait below and
             // nothing else touches it until the target released the csd.
             unsafe { csd.set_call(run_once::<F, R>, payload, true) };
             self.note_call::<F>(csd, me, cpu);
         })?;
+        // In flight: `csd` and `call` live on this frame until `wait_csd` saw the csd released
+        // (unwinding out of here aborts).
+        let in_flight = AbortOnUnwind;
         self.send_ipis(&ipis);
         self.wait_csd(me, &csd);
         core::mem::forget(in_flight);
-        // `call.ret` is set: a synchronous csd is released only after its function returned
-        // (a panicking function aborts the process instead).
         Ok(call
             .ret
             .take()
@@ -634,30 +667,46 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let in_flight = AbortOnUnwind;
         let mut ipis = CpuMask::new();
         let mut queued = CpuMask::new();
+        let mut refused = None;
         for t in &others {
             let pushed =
                 self.queue_call(me, t, self.slot(me, t), Target::Prune, &mut ipis, |slot| {
                     // SAFETY: we hold the slot; `f` outlives the waits below.
                     unsafe { slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true) };
                     self.note_call::<F>(slot, me, t);
-                })?;
-            if pushed {
-                queued.set(t);
+                });
+            match pushed {
+                Ok(true) => queued.set(t),
+                Ok(false) => {}
+                Err(e) => {
+                    // This CPU went offline under us: queue nothing more, but wait for what is
+                    // already in flight (it borrows `f`).
+                    refused = Some(e);
+                    break;
+                }
             }
         }
         self.send_ipis(&ipis);
-        if mask.test(me) {
+        if refused.is_none() && mask.test(me) {
             let _masked = self.irq_save();
             f(me);
-            queued.set(me);
         }
         for t in &queued {
-            if t != me {
-                self.wait_csd(me, self.slot(me, t));
-            }
+            self.wait_csd(me, self.slot(me, t));
         }
         core::mem::forget(in_flight);
-        Ok(queued)
+        match refused {
+            // Refused before anything was queued: the call did not happen.
+            Some(e) if queued.is_empty() => Err(e),
+            // Partly delivered before this CPU went offline: say where it ran.
+            Some(_) => Ok(queued),
+            None => {
+                if mask.test(me) {
+                    queued.set(me);
+                }
+                Ok(queued)
+            }
+        }
     }
 
     /// Queues `f` on every online CPU in `mask` (running it locally, masked, if the caller is in
@@ -673,7 +722,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
         let mut ipis = CpuMask::new();
         let mut queued = CpuMask::new();
-        let mut result = Ok(());
+        let mut refused = None;
         for t in &others {
             let pushed =
                 self.queue_call(me, t, self.slot(me, t), Target::Prune, &mut ipis, |slot| {
@@ -685,19 +734,26 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 Ok(true) => queued.set(t),
                 Ok(false) => {}
                 Err(e) => {
-                    result = Err(e);
+                    // This CPU went offline under us (e.g. while waiting for a busy slot).
+                    refused = Some(e);
                     break;
                 }
             }
         }
         self.send_ipis(&ipis);
-        result?;
-        if mask.test(me) {
-            let _masked = self.irq_save();
-            f(me);
-            queued.set(me);
+        match refused {
+            Some(e) if queued.is_empty() => Err(e),
+            // Partly delivered before this CPU went offline: say where it went.
+            Some(_) => Ok(queued),
+            None => {
+                if mask.test(me) {
+                    let _masked = self.irq_save();
+                    f(me);
+                    queued.set(me);
+                }
+                Ok(queued)
+            }
         }
-        Ok(queued)
     }
 
     /// [`call_many`](Engine::call_many) on every online CPU, the caller included.

@@ -141,10 +141,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             "smpcall: NMI: CPU {me} is {}; interrupts {}, call handler depth {}, polling {}, \
              stop_machine stage {:?}, queue {}",
             self.context_name(me, before),
-            if self.platform.irqs_masked() {
-                "masked"
-            } else {
-                "on"
+            // Inside the NMI handler the CPU's own mask is the handler's; ask the platform what
+            // the interrupted code had, where it can tell.
+            match self.platform.cpu_irqs_masked(me) {
+                Some(true) => "masked",
+                Some(false) => "on",
+                None if self.platform.irqs_masked() => "masked",
+                None => "on",
             },
             self.handler_depth(me),
             if self.is_polling(me) { "yes" } else { "no" },

@@ -251,6 +251,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let me = self.enter()?;
         self.check_can_wait(me)?;
         let cpu = self.check_cpu(cpu)?;
+        if !self.possible.test(cpu) {
+            return Err(Error::Hotplug(
+                "that CPU was never brought up by the platform (mark_online)",
+            ));
+        }
         self.lock_stop(me);
         if !self.online.test(cpu) {
             self.online.set(cpu);

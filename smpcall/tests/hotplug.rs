@@ -388,3 +388,102 @@ fn hotplug_cycling_under_call_load_keeps_exactly_once() {
     );
     m.shutdown().unwrap();
 }
+
+/// Senders themselves are taken down while they call: every call either ran exactly where the
+/// engine said it did (the returned mask, possibly partial) or was refused with `Offline` —
+/// never a panic, never a call that ran somewhere unreported.
+#[test]
+fn senders_taken_down_mid_call_get_offline_or_an_exact_mask() {
+    const CALLS: usize = 3_000;
+    let m = machine(
+        4,
+        IdlePolicy::PollThenSleep(std::time::Duration::from_micros(20)),
+    );
+    // ran[sender][i]: bitmask of CPUs call i ran on.
+    let ran: Arc<Vec<Vec<AtomicU64>>> = Arc::new(
+        (0..4)
+            .map(|_| (0..CALLS).map(|_| AtomicU64::new(0)).collect())
+            .collect(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = [1usize, 2]
+        .into_iter()
+        .map(|sender| {
+            let (ran, stop) = (Arc::clone(&ran), Arc::clone(&stop));
+            m.run_on(sender, move |e| {
+                let mut results: Vec<Result<u64, Error>> = Vec::new();
+                for i in 0..CALLS {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let r = Arc::clone(&ran);
+                    let mark = move |cpu: usize| {
+                        r[sender][i].fetch_or(1 << cpu, Ordering::SeqCst);
+                    };
+                    let res = match i % 3 {
+                        0 => e.call_single(3, |cpu| mark(cpu)).map(|()| 1u64 << 3),
+                        1 => e.call_all(|cpu| mark(cpu)).map(|m| bits(&m)),
+                        _ => e.call_all_async(mark).map(|m| bits(&m)),
+                    };
+                    if matches!(res, Err(Error::Offline(_))) {
+                        smpcall::hosted::sleep(std::time::Duration::from_micros(50));
+                    }
+                    results.push(res);
+                }
+                results
+            })
+        })
+        .collect();
+    let s2 = Arc::clone(&stop);
+    let cycler = m.run_on(0, move |e| {
+        for round in 0..40 {
+            let victim = 1 + round % 3;
+            e.cpu_down(victim).expect("cpu_down");
+            smpcall::hosted::sleep(std::time::Duration::from_micros(300));
+            e.cpu_up(victim).expect("cpu_up");
+            smpcall::hosted::sleep(std::time::Duration::from_micros(300));
+        }
+        s2.store(true, Ordering::SeqCst);
+    });
+    cycler.join_timeout(LIMIT * 3).expect("cycler finished");
+    let results: Vec<_> = senders
+        .into_iter()
+        .map(|t| {
+            t.join_timeout(LIMIT * 3)
+                .expect("sender finished without panicking")
+        })
+        .collect();
+    wait_until(LIMIT, "accepted calls to drain", || {
+        m.engine().is_quiescent()
+    });
+    let (mut ok, mut offline) = (0, 0);
+    for (k, sender) in [1usize, 2].into_iter().enumerate() {
+        for (i, res) in results[k].iter().enumerate() {
+            let got = ran[sender][i].load(Ordering::SeqCst);
+            match res {
+                Ok(mask) => {
+                    ok += 1;
+                    assert_eq!(
+                        got, *mask,
+                        "sender {sender} call {i}: ran on {got:#b}, engine said {mask:#b}"
+                    );
+                }
+                Err(Error::Offline(_)) => {
+                    offline += 1;
+                    assert_eq!(
+                        got, 0,
+                        "sender {sender} call {i} was refused but ran on {got:#b}"
+                    );
+                }
+                Err(e) => panic!("sender {sender} call {i}: unexpected {e:?}"),
+            }
+        }
+    }
+    assert!(ok > 100 && offline > 0, "accepted {ok}, refused {offline}");
+    assert_eq!(m.engine().total_stats().offline_runs, 0);
+    m.shutdown().unwrap();
+}
+
+fn bits(m: &CpuMask) -> u64 {
+    m.iter().fold(0, |acc, c| acc | 1 << c)
+}
