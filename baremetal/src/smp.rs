@@ -1,0 +1,77 @@
+//! Starting the application processors: CPU count from QEMU's fw_cfg, the real-mode
+//! trampoline copied to 0x8000, INIT-SIPI-SIPI to all-but-self, and each AP's bring-up.
+
+use crate::config::MAX_CPUS;
+use crate::{apic, arch, boot, percpu, platform, println, time};
+
+/// SIPI vector: the trampoline runs at `TRAMPOLINE_PAGE << 12`.
+const TRAMPOLINE_PAGE: u8 = 0x08;
+
+/// QEMU's CPU count (fw_cfg selector 0x05, FW_CFG_NB_CPUS, little-endian u16).
+pub fn fw_cfg_cpu_count() -> usize {
+    // SAFETY: fw_cfg's selector and data ports (0x510/0x511) on QEMU's PC machines.
+    unsafe {
+        arch::outw(0x510, 0x0000); // signature
+        let sig = [
+            arch::inb(0x511),
+            arch::inb(0x511),
+            arch::inb(0x511),
+            arch::inb(0x511),
+        ];
+        if &sig != b"QEMU" {
+            return 1;
+        }
+        arch::outw(0x510, 0x0005);
+        let lo = arch::inb(0x511) as usize;
+        let hi = arch::inb(0x511) as usize;
+        (hi << 8 | lo).max(1)
+    }
+}
+
+/// Starts every AP and waits until `expected - 1` of them are up (or a timeout). Returns the
+/// number of started CPUs (the BSP included).
+pub fn start_aps(expected: usize) -> usize {
+    if expected <= 1 {
+        return 1;
+    }
+    let (code, len) = boot::trampoline();
+    let dest = (TRAMPOLINE_PAGE as usize) << 12;
+    // SAFETY: 0x8000.. is free conventional memory below the kernel (identity-mapped), and the
+    // trampoline is a few dozen bytes.
+    unsafe { core::ptr::copy_nonoverlapping(code, dest as *mut u8, len) };
+    apic::send_init_all_but_self();
+    time::delay_us(10_000);
+    apic::send_startup_all_but_self(TRAMPOLINE_PAGE);
+    time::delay_us(200);
+    apic::send_startup_all_but_self(TRAMPOLINE_PAGE);
+    let want = expected.min(MAX_CPUS);
+    time::wait_until(5_000, || percpu::started_count() >= want);
+    if expected > MAX_CPUS {
+        println!(
+            "note: QEMU has {expected} CPUs; this kernel runs {MAX_CPUS}, the rest are parked"
+        );
+    }
+    let entered = boot::cpus_entered();
+    if (entered as usize) < want {
+        println!("warning: only {entered} of {want} CPUs entered long mode");
+    }
+    percpu::started_count()
+}
+
+/// An AP's Rust entry (from the boot assembly, on its own stack, interrupts masked).
+#[unsafe(no_mangle)]
+extern "C" fn ap_main(cpu: u32) -> ! {
+    let cpu = cpu as usize;
+    // SAFETY: `cpu` came from the boot code's atomic counter: unique, < MAX_CPUS.
+    unsafe { percpu::init_this_cpu(cpu) };
+    crate::enable_sse();
+    apic::enable();
+    percpu::mark_started(cpu);
+    let engine = platform::engine();
+    engine
+        .mark_online(cpu)
+        .expect("cpu index within the storage");
+    // SAFETY: IDT, TSS and APIC are set up.
+    unsafe { arch::enable_irqs() };
+    percpu::idle_loop(cpu)
+}
