@@ -232,6 +232,7 @@ impl Ctx {
 pub const ROW_IDS: &[&str] = &[
     "floor",
     "sync_polling",
+    "sync_polling_nodiag",
     "sync_busy",
     "sync_sleeping",
     "crossbeam_blocking",
@@ -272,6 +273,7 @@ fn row_meta(id: &str, topo: &Topology) -> (String, Category, Side) {
     let (name, cat, side) = match id {
         "floor" => ("floor: cache-line ping-pong".into(), Single, Floor),
         "sync_polling" => ("smpcall call_single → polling CPU".into(), Single, Ours),
+        "sync_polling_nodiag" => ("  same, per-call diagnostics off".into(), Single, Ours),
         "sync_busy" => (
             "smpcall call_single → busy CPU (signal)".into(),
             Single,
@@ -354,6 +356,12 @@ fn measure_row(ctx: &Ctx, id: &str, name: &str) -> Result<Measured, BenchError> 
     match id {
         "floor" => lat(peers::floor(ctx, name)?),
         "sync_polling" => ours_lat(ours::sync_single(ctx, name, TargetState::Polling)?),
+        "sync_polling_nodiag" => ours_lat(ours::sync_single_diag(
+            ctx,
+            name,
+            TargetState::Polling,
+            false,
+        )?),
         "sync_busy" => ours_lat(ours::sync_single(ctx, name, TargetState::Busy)?),
         "sync_sleeping" => ours_lat(ours::sync_single(ctx, name, TargetState::Sleeping)?),
         "crossbeam_blocking" => lat(peers::crossbeam_rr(ctx, name, false)?),

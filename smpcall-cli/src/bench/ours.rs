@@ -173,9 +173,21 @@ pub fn sync_single(
     what: &str,
     state: TargetState,
 ) -> Result<(Histogram<u64>, Delivery), BenchError> {
+    sync_single_diag(ctx, what, state, true)
+}
+
+/// [`sync_single`] with the engine's per-call diagnostics (route and function name recorded in
+/// every call's data) switched on or off — the C9 "always-on diagnostics are cheap" check.
+pub fn sync_single_diag(
+    ctx: &Ctx,
+    what: &str,
+    state: TargetState,
+    per_call_diagnostics: bool,
+) -> Result<(Histogram<u64>, Delivery), BenchError> {
     let c = ctx.clone();
     let w = what.to_string();
     on_cpu0(ctx, what, 2, state, move |e| {
+        e.set_call_diagnostics(per_call_diagnostics);
         let pause = match state {
             TargetState::Sleeping => c.clock.ticks(c.cfg.sleep_pause),
             _ => 0,

@@ -273,6 +273,13 @@ const TARGETS: &[(&str, Against, f64, bool, &str)] = &[
         "faster than crossbeam busy-polling req/resp",
     ),
     (
+        "sync_polling",
+        Against::Latency("sync_polling_nodiag"),
+        1.05,
+        false,
+        "per-call diagnostics cost ≤ 5% (vs. off)",
+    ),
+    (
         "sync_busy",
         Against::Latency("tgkill"),
         1.2,
