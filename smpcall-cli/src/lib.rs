@@ -3,11 +3,11 @@
 //!
 //! * [`torture`] — `smpcall torture`: the exactly-once workload and its verifier.
 //! * [`bench`](mod@bench) — `smpcall bench`: our calls side by side with their peers, as ratios.
+//! * [`dump`] — `smpcall dump`: every CPU's state with calls in flight, and an NMI report.
 //! * [`duration`] — parsing of durations given on the command line.
-//!
-//! (`dump` will join them.)
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod dump;
 pub mod duration;
 pub mod torture;

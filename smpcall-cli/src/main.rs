@@ -3,12 +3,16 @@
 //! ```text
 //! smpcall torture [--cpus N] [--duration 5s] [--idle poll|sleep|mixed] [--seed S]
 //!                 [--weight-KIND W | --weight KIND=W]... [--long-wait]
+//!                 [--onoff INTERVAL] [--drop-ipi P] [--delay-ipi P] [--stall-threshold D]
+//!                 [--dump-on-stall] [--verbose] [--rcu]
 //!                 [--stat-interval 1s] [--json PATH|-]
 //! smpcall bench [--quick] [--iterations N] [--json FILE] [--plot FILE.svg]
+//! smpcall dump [--cpus N]
 //! ```
 //!
 //! Exit status: 0 on success, 1 when the torture run found a violation, 2 when it could not
-//! be set up (bad arguments, the machine would not start) or a bench row failed.
+//! be set up (bad arguments, the machine would not start), a bench row failed, or the dump
+//! scenario could not complete.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,12 +35,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the exactly-once workload on every CPU and verify every call ran exactly once on
-    /// the CPU it was meant for.
-    Torture(TortureArgs),
+    /// the CPU it was meant for; optionally under CPU hotplug cycling (--onoff), IPI fault
+    /// injection (--drop-ipi, --delay-ipi) and with an RCU workload (--rcu).
+    Torture(Box<TortureArgs>),
     /// Measure our calls side by side with their peers (channels, signals, rayon, membarrier)
     /// and print the ratios to the floor and to the best peer.
     Bench(BenchArgs),
-    // Later: Dump(DumpArgs).
+    /// Print every CPU's state (counters, masks, waits, calls in flight) while one CPU is held
+    /// with interrupts masked and others call it, plus an NMI report of every CPU; then
+    /// release it and shut down.
+    Dump(smpcall_cli::dump::DumpArgs),
 }
 
 /// What an idle CPU does.
@@ -173,7 +181,8 @@ fn torture(args: TortureArgs) -> ExitCode {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Torture(args) => torture(args),
+        Command::Torture(args) => torture(*args),
         Command::Bench(args) => bench(args),
+        Command::Dump(args) => smpcall_cli::dump::run_command(&args),
     }
 }

@@ -249,6 +249,7 @@ fn offline_refusals_are_counted_on_their_own() {
     l.note_error(id, &Error::Offline(1));
     let v = verify(&l);
     assert_eq!(v.offline_refusals(), 1);
-    // No CPU goes offline during a torture run yet: such a refusal is unexpected.
+    // Without --onoff no CPU goes offline during a run: such a refusal is unexpected (with
+    // it, the worker records it with `note_offline` instead: see `torture_modes.rs`).
     assert_eq!(classes(&v), [(Violation::UnexpectedError, 1)]);
 }

@@ -128,6 +128,7 @@ impl<P: Platform, S: Storage> Drop for RcuReadGuard<'_, P, S> {
 impl<P: Platform, S: Storage> Engine<P, S> {
     /// Enters an RCU read-side critical section on the current CPU (nestable, cheap: no
     /// shared write, no fence). Works in task context, call handlers and NMI handlers.
+    /// Refused with [`Error::Offline`] on an offline CPU.
     pub fn rcu_read_lock(&self) -> Result<RcuReadGuard<'_, P, S>, Error> {
         let cpu = self.current_cpu().ok_or(Error::NotOnCpu)?;
         let rcu = &self.per_cpu(cpu).rcu;
@@ -136,6 +137,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         rcu.nesting.store(n + 1, Ordering::Relaxed);
         // The section's accesses stay after the increment (same-CPU ordering).
         compiler_fence(Ordering::SeqCst);
+        // Then check we are online: increment first, so a cpu_down that interrupts us here
+        // sees the reader and refuses; if the CPU already left, undo and refuse — grace periods
+        // do not wait for offline CPUs.
+        if !self.is_online(cpu) {
+            compiler_fence(Ordering::SeqCst);
+            rcu.nesting.store(n, Ordering::Relaxed);
+            return Err(Error::Offline(cpu));
+        }
         Ok(RcuReadGuard {
             engine: self,
             cpu,
@@ -244,6 +253,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     pub fn rcu_gp_seq(&self) -> u64 {
         // Relaxed: an observation.
         self.rcu.gp_seq.load(Ordering::Relaxed)
+    }
+
+    /// Whether `cpu` is inside a read-side section (checked on `cpu` itself by `cpu_down`).
+    pub(crate) fn rcu_reader_on(&self, cpu: CpuId) -> bool {
+        // Relaxed: read on `cpu` itself, which the reader's code runs on (program order).
+        self.per_cpu(cpu).rcu.nesting.load(Ordering::Relaxed) > 0
     }
 
     /// The quiescent-state check, run as a call handler on `cpu`.

@@ -208,7 +208,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Takes `cpu` offline (C10): new calls to it are refused with [`Error::Offline`]; calls
     /// queued to it while it was online run before it leaves (on it); many-calls skip it from
-    /// then on. Refuses the last online CPU and the calling CPU itself.
+    /// then on. Refuses the last online CPU, the calling CPU itself, and a CPU that is inside an
+    /// RCU read-side section (it would keep its references while grace periods skip it).
     pub fn cpu_down(&self, cpu: CpuId) -> Result<(), Error> {
         let me = self.enter()?;
         self.check_can_wait(me)?;
@@ -235,12 +236,26 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // masked push region; stop_machine below cannot start before they have pushed.
         self.accepting.clear(cpu);
         let participants = self.online.load();
+        let reader = core::sync::atomic::AtomicBool::new(false);
         let dying = |c: CpuId| {
             if c == cpu {
-                self.die(cpu);
+                if self.rcu_reader_on(cpu) {
+                    // The code we interrupted is inside an RCU read-side section: it would go
+                    // on holding references on an offline CPU, which grace periods skip.
+                    // Relaxed: read by the caller after stop_machine (stage Release/Acquire).
+                    reader.store(true, Ordering::Relaxed);
+                } else {
+                    self.die(cpu);
+                }
             }
         };
         self.stop_locked(me, &participants, &CpuMask::single(cpu), &dying);
+        if reader.load(Ordering::Relaxed) {
+            self.accepting.set(cpu);
+            return Err(Error::Hotplug(
+                "the CPU is inside an RCU read-side critical section; try again later",
+            ));
+        }
         // Relaxed: statistics.
         self.hotplug.downs.fetch_add(1, Ordering::Relaxed);
         Ok(())

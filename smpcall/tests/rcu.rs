@@ -305,7 +305,10 @@ fn pointer_swap_never_frees_what_a_reader_holds() {
         0,
         "a reader saw a reclaimed node"
     );
-    assert!(reads.load(Ordering::Relaxed) > SWAPS as usize, "readers actually read");
+    assert!(
+        reads.load(Ordering::Relaxed) > SWAPS as usize,
+        "readers actually read"
+    );
     let s = m.engine().rcu_stats();
     assert_eq!(s.grace_periods, SWAPS);
     eprintln!(
@@ -315,5 +318,45 @@ fn pointer_swap_never_frees_what_a_reader_holds() {
     // SAFETY: all readers and the writer are done.
     let last = unsafe { Box::from_raw(head.load(Ordering::SeqCst)) };
     assert_eq!(last.value, SWAPS);
+    m.shutdown().unwrap();
+}
+
+#[test]
+fn a_cpu_inside_a_reader_is_not_taken_down_and_offline_cpus_cannot_read() {
+    let m = Machine::builder()
+        .cpus(3)
+        .idle(IdlePolicy::Sleep)
+        .build()
+        .unwrap();
+    let inside = flag();
+    let release = flag();
+    let (ins, rel) = (Arc::clone(&inside), Arc::clone(&release));
+    let reader = m.run_on(2, move |e| {
+        let _r = e.rcu_read_lock().unwrap();
+        ins.store(true, Ordering::SeqCst);
+        wait_until(LIMIT, "the test to end the reader", || {
+            rel.load(Ordering::SeqCst)
+        });
+    });
+    wait_until(LIMIT, "the reader to start", || {
+        inside.load(Ordering::SeqCst)
+    });
+    let refused = m.cpu_down(2);
+    assert!(matches!(refused, Err(Error::Hotplug(_))), "{refused:?}");
+    assert!(m.engine().is_accepting(2), "CPU 2 accepts calls again");
+    release.store(true, Ordering::SeqCst);
+    reader.join_timeout(LIMIT).unwrap();
+    // Now it can go; a task still running there cannot start a reader.
+    let parked = flag();
+    let p2 = Arc::clone(&parked);
+    let late = m.run_on(2, move |e| {
+        wait_until(LIMIT, "CPU 2 to go offline", || !e.is_online(2));
+        p2.store(true, Ordering::SeqCst);
+        e.rcu_read_lock().map(|_| ())
+    });
+    m.cpu_down(2).unwrap();
+    assert_eq!(late.join_timeout(LIMIT).unwrap(), Err(Error::Offline(2)));
+    assert!(parked.load(Ordering::SeqCst));
+    m.cpu_up(2).unwrap();
     m.shutdown().unwrap();
 }

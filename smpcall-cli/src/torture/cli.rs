@@ -22,6 +22,7 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::faults::parse_probability;
 use super::kind::{Kind, Mix, WeightSpec};
 use super::report::{self, Report};
 use super::{run_observed, Config, Fault, Phase, Progress, LONG_WAIT_NS, LONG_WAIT_ONE_IN};
@@ -97,6 +98,37 @@ pub struct TortureOptions {
     /// stderr).
     #[arg(long, value_name = "PATH|-")]
     pub json: Option<String>,
+    /// Hotplug cycling: CPU 0 takes a random other CPU offline, brings it back after
+    /// INTERVAL, and so on for the whole run (e.g. 20ms). Calls refused as offline are
+    /// expected and counted; a call that reaches an offline CPU is a violation.
+    #[arg(long, value_name = "INTERVAL", value_parser = parse_duration)]
+    pub onoff: Option<Duration>,
+    /// IPI fault injection: drop each IPI (signal or futex wake) with probability P (0..1 or
+    /// a %). Stuck calls must be reported and recovered by the stall diagnostics: the run
+    /// fails if a call is lost, or if IPIs were dropped, some call waited longer than twice
+    /// the stall threshold to run, and no stall at all was reported.
+    #[arg(long, value_name = "P", value_parser = parse_probability, default_value_t = 0.0)]
+    pub drop_ipi: f64,
+    /// IPI fault injection: delay each IPI by 1-50 µs with probability P.
+    #[arg(long, value_name = "P", value_parser = parse_probability, default_value_t = 0.0)]
+    pub delay_ipi: f64,
+    /// The engine's stall threshold: waits and queues stuck longer are reported and their
+    /// IPI re-sent (default 20ms with --drop-ipi/--delay-ipi, else 1s; 0 disables).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub stall_threshold: Option<Duration>,
+    /// Print the machine's dump (every CPU's counters, waits, calls in flight) to stderr when
+    /// the first stall is reported.
+    #[arg(long)]
+    pub dump_on_stall: bool,
+    /// Write every stall report of the engine to stderr (with fault injection they are only
+    /// counted by default).
+    #[arg(long)]
+    pub verbose: bool,
+    /// RCU torture: readers on every CPU (tasks and call handlers), writers swapping a pointer
+    /// and reclaiming through expedited grace periods; a reader that sees a reclaimed node is
+    /// a violation. Mixed with the calls; with --weight '*=0' it runs alone.
+    #[arg(long)]
+    pub rcu: bool,
 }
 
 impl TortureOptions {
@@ -132,12 +164,24 @@ impl TortureOptions {
             })
     }
 
-    /// Applies the weights, minimum call count, long waits and fault injection to `cfg`.
+    /// Applies the weights, minimum call count, long waits, fault self-test, hotplug, IPI
+    /// fault injection, stall options and RCU to `cfg`.
     pub fn apply(&self, cfg: &mut Config) {
         cfg.mix = self.mix(cfg.mix);
         cfg.min_calls_per_cpu = cfg.min_calls_per_cpu.max(self.min_calls_per_cpu);
         cfg.long_wait |= self.long_wait;
         cfg.inject = self.inject_fault.or(cfg.inject);
+        cfg.onoff = self.onoff.or(cfg.onoff);
+        if self.drop_ipi > 0.0 {
+            cfg.drop_ipi = self.drop_ipi;
+        }
+        if self.delay_ipi > 0.0 {
+            cfg.delay_ipi = self.delay_ipi;
+        }
+        cfg.stall_threshold = self.stall_threshold.or(cfg.stall_threshold);
+        cfg.dump_on_stall |= self.dump_on_stall;
+        cfg.verbose_reports |= self.verbose;
+        cfg.rcu |= self.rcu;
     }
 }
 
@@ -229,12 +273,22 @@ pub fn banner(cfg: &Config) -> String {
         None => String::new(),
         Some(f) => format!(", INJECTING FAULT {f:?} (self-test: must end in FAILURE)"),
     };
+    let rcu_share = if cfg.rcu && cfg.mix.total() > 0 {
+        format!(
+            "\n  (with --rcu, 1 step in {} is an RCU step instead of a call)",
+            super::rcu::RCU_STEP_ONE_IN
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "smpcall torture: running {} CPUs for {:?}, idle {}, seed {:#x}, long waits {long}{fault}\n{}",
+        "smpcall torture: running {} CPUs for {:?}, idle {}, seed {:#x}, long waits \
+         {long}{fault}{}\n{}{rcu_share}",
         cfg.cpus,
         cfg.duration,
         report::idle_name(cfg.idle),
         cfg.seed,
+        report::stresses(cfg),
         report::mix_table(cfg).trim_end()
     )
 }
@@ -322,7 +376,7 @@ pub fn stat_line(p: &Progress, rate: u64) -> String {
         Phase::Running => "",
         Phase::Draining => " draining",
     };
-    format!(
+    let mut line = format!(
         "[{:>6.1}s{phase}] calls {} ({}/s) | IPIs sent {} elided {} recv {} | in-order {} \
          out-order {} rpc-timeout {} dup {} wrong-cpu {} orphan {}",
         p.elapsed.as_secs_f64(),
@@ -337,5 +391,22 @@ pub fn stat_line(p: &Progress, rate: u64) -> String {
         l.duplicated,
         l.wrong_cpu,
         l.orphans
-    )
+    );
+    if let Some(h) = &p.hotplug {
+        line.push_str(&format!(
+            " | onoff down {} up {} offline-runs {}",
+            h.downs, h.ups, e.offline_runs
+        ));
+    }
+    if let Some(dropped) = p.ipis_dropped {
+        let d = &p.diag;
+        line.push_str(&format!(
+            " | dropped {dropped} stalls {} queue-stalls {} resends {} recoveries {}",
+            d.stall_reports, d.queue_stall_reports, d.ipi_resends, d.recoveries
+        ));
+    }
+    if let Some((gps, bad)) = p.rcu {
+        line.push_str(&format!(" | rcu gps {gps} violations {bad}"));
+    }
+    line
 }

@@ -22,6 +22,24 @@
 //! Tokens are derived from the record id through a bijection, so they differ from call to
 //! call and are never 0; records are never reused. A stale or missing write cannot pass.
 //!
+//! # Under hotplug (`--onoff`)
+//!
+//! * A call refused with `Error::Offline` is an *expected* refusal ([`Ledger::note_offline`]),
+//!   not an error: nothing may run for it.
+//! * A many-call's expected CPUs are the mask the engine returned (the CPUs it actually queued
+//!   to or ran on), set with [`Ledger::settle_expected`] before any check that uses them.
+//! * The hotplug driver marks a CPU in [`Ledger::set_offline`] only *after* its `cpu_down`
+//!   returned and clears it *before* calling `cpu_up`: a function that runs on a CPU while it
+//!   is marked ran on an offline CPU for certain ([`Violation::IpiToOffline`]), unless it is a
+//!   local run by the caller itself (counted apart, see [`Ledger::local_offline_runs`]).
+//!
+//! # Call delays (`--drop-ipi`)
+//!
+//! With [`Ledger::set_delay_threshold`], [`Ledger::begin`] stamps each call with the clock and
+//! its first function run measures how long the call waited to run; calls that waited longer
+//! than the threshold are counted ([`Ledger::delayed_calls`]), independently of the engine's
+//! own stall reports, so that the two can be compared.
+//!
 //! # Signal context
 //!
 //! [`Ledger::deliver`] runs inside call functions, which on the hosted backend run in a signal
@@ -84,6 +102,14 @@ const META_IN_BAD: u64 = 1 << 11;
 const META_OUT_BAD: u64 = 1 << 12;
 /// The rpc caller gave up waiting for the completion.
 const META_RPC_TIMEOUT: u64 = 1 << 13;
+/// Refused with `Error::Offline` under hotplug: an expected refusal, nothing may run.
+const META_OFFLINE: u64 = 1 << 14;
+/// ... and the offline CPU was the caller's own.
+const META_OFFLINE_SELF: u64 = 1 << 15;
+/// A function ran on a CPU the hotplug driver knew was offline (set by the function).
+const META_OFFLINE_RUN: u64 = 1 << 24;
+/// The call waited longer than the delay threshold to run (set by its first function).
+const META_DELAYED: u64 = 1 << 25;
 const META_ERROR_CLASS_SHIFT: u32 = 16;
 
 /// One call's record. Bit `c` of each mask stands for CPU `c`.
@@ -113,6 +139,8 @@ pub struct Record {
     out_seen: AtomicU64,
     /// Function runs completed (Release increments): what an rpc caller waits for.
     done: AtomicU64,
+    /// When the call was issued (monotonic ns), only with a delay threshold set.
+    issued_ns: AtomicU64,
 }
 
 /// One sender CPU's records. Aligned so that senders' counters do not share cache lines.
@@ -174,6 +202,29 @@ pub struct Ledger {
     orphans: AtomicU64,
     /// Violations as they are found ([`LiveViolations`]); written only when one is found.
     live: [AtomicU64; 5],
+    /// CPUs the hotplug driver knows are offline (bit `c` = CPU `c`).
+    offline_now: AtomicU64,
+    /// Function runs on a CPU marked offline (any caller, ledger-side "IPI to offline").
+    offline_runs: AtomicU64,
+    /// Local runs by a caller whose own CPU was marked offline (informational).
+    local_offline_runs: AtomicU64,
+    /// Calls that waited longer than this (ns) to run are counted (0: not measured).
+    delay_threshold_ns: AtomicU64,
+    /// Calls that waited longer than the threshold.
+    delayed_calls: AtomicU64,
+    /// Longest wait of a call to run, ns (measured only with a threshold).
+    max_delay_ns: AtomicU64,
+}
+
+/// The monotonic clock in nanoseconds (`clock_gettime`: async-signal-safe, no allocation).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The splitmix64 finaliser: a bijection of `u64` that maps 0 to 0 and scatters the rest.
@@ -298,7 +349,61 @@ impl Ledger {
             capacity,
             orphans: AtomicU64::new(0),
             live: Default::default(),
+            offline_now: AtomicU64::new(0),
+            offline_runs: AtomicU64::new(0),
+            local_offline_runs: AtomicU64::new(0),
+            delay_threshold_ns: AtomicU64::new(0),
+            delayed_calls: AtomicU64::new(0),
+            max_delay_ns: AtomicU64::new(0),
         })
+    }
+
+    /// Marks CPU `cpu` offline (`true`: only after its `cpu_down` returned) or online again
+    /// (`false`: before calling `cpu_up`). See the module docs.
+    pub fn set_offline(&self, cpu: CpuId, offline: bool) {
+        // SeqCst: the functions' loads must not see a mark made after they ran (it is set after
+        // `cpu_down` returned, which follows every run on the dying CPU) and must see a clear
+        // made before `cpu_up` (ordered through the online mask and the call's push).
+        if offline {
+            self.offline_now.fetch_or(bit(cpu), Ordering::SeqCst);
+        } else {
+            self.offline_now.fetch_and(!bit(cpu), Ordering::SeqCst);
+        }
+    }
+
+    /// CPUs marked offline right now (bit `c` = CPU `c`).
+    pub fn offline_mask(&self) -> u64 {
+        self.offline_now.load(Ordering::SeqCst)
+    }
+
+    /// Function runs seen on a CPU marked offline, by a caller other than that CPU.
+    pub fn offline_runs(&self) -> u64 {
+        self.offline_runs.load(Ordering::Relaxed)
+    }
+
+    /// Local runs (a call to the caller's own CPU, or the caller's part of a many-call) that
+    /// happened after the caller's CPU had gone offline: the caller passed the engine's online
+    /// check, then its CPU went down before the local run. Informational.
+    pub fn local_offline_runs(&self) -> u64 {
+        self.local_offline_runs.load(Ordering::Relaxed)
+    }
+
+    /// Measure how long each call waits to run, and count those that wait longer than
+    /// `threshold` (0 turns it off). Set before the first call.
+    pub fn set_delay_threshold(&self, threshold: Duration) {
+        let ns = u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX);
+        self.delay_threshold_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Calls that waited longer than the delay threshold to run.
+    pub fn delayed_calls(&self) -> u64 {
+        self.delayed_calls.load(Ordering::Relaxed)
+    }
+
+    /// The longest a call waited to run (`None` when delays are not measured).
+    pub fn max_delay(&self) -> Option<Duration> {
+        (self.delay_threshold_ns.load(Ordering::Relaxed) != 0)
+            .then(|| Duration::from_nanos(self.max_delay_ns.load(Ordering::Relaxed)))
     }
 
     /// Number of sender CPUs.
@@ -367,6 +472,9 @@ impl Ledger {
         // in `deliver` exists to catch a call path that fails to.
         rec.meta.store(kind.index() as u64, Ordering::Relaxed);
         rec.expected.store(expected, Ordering::Relaxed);
+        if self.delay_threshold_ns.load(Ordering::Relaxed) != 0 {
+            rec.issued_ns.store(now_ns(), Ordering::Relaxed);
+        }
         rec.token_in.store(in_token(id), Ordering::Relaxed);
         cl.begun[kind.index()].fetch_add(1, Ordering::Relaxed);
         Some(id)
@@ -429,6 +537,19 @@ impl Ledger {
         match ran_on {
             Some(cpu) if cpu < MAX_TORTURE_CPUS => {
                 let b = bit(cpu);
+                // SeqCst: see `set_offline`.
+                if self.offline_now.load(Ordering::SeqCst) & b != 0 {
+                    if cpu == id.sender() {
+                        self.local_offline_runs.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        rec.meta.fetch_or(META_OFFLINE_RUN, Ordering::Relaxed);
+                        self.offline_runs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let threshold = self.delay_threshold_ns.load(Ordering::Relaxed);
+                if threshold != 0 {
+                    self.note_delay(rec, threshold);
+                }
                 // Relaxed: per-location atomicity is all the duplicate check needs; the
                 // verifier reads after the machine shut down (thread joins order everything).
                 if rec.ran.fetch_or(b, Ordering::Relaxed) & b != 0 {
@@ -452,6 +573,24 @@ impl Ledger {
         rec.out.fetch_add(out_part(id, here), Ordering::Relaxed);
         // Release: the rpc completion; the rpc caller's Acquire load pairs with it.
         rec.done.fetch_add(1, Ordering::Release);
+    }
+
+    /// A function of `rec` runs now: how long did the call wait? Counts it once if longer than
+    /// `threshold_ns`. Async-signal-safe.
+    fn note_delay(&self, rec: &Record, threshold_ns: u64) {
+        // Relaxed: the issue stamp travels with the call (Release push / Acquire take), like
+        // the "in" token; a stale 0 only makes the delay look huge, so skip it.
+        let issued = rec.issued_ns.load(Ordering::Relaxed);
+        if issued == 0 {
+            return;
+        }
+        let waited = now_ns().saturating_sub(issued);
+        self.max_delay_ns.fetch_max(waited, Ordering::Relaxed);
+        if waited > threshold_ns
+            && rec.meta.fetch_or(META_DELAYED, Ordering::Relaxed) & META_DELAYED == 0
+        {
+            self.delayed_calls.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The "out" check, by a caller whose call `id` returned after waiting (or whose rpc
@@ -510,6 +649,26 @@ impl Ledger {
         }
     }
 
+    /// The call behind `id` was refused with `Error::Offline` while CPUs go offline and come
+    /// back (hotplug): an expected refusal, nothing may run. `own_cpu`: the offline CPU was
+    /// the caller's own (its task keeps running while it is offline).
+    pub fn note_offline(&self, id: RecordId, own_cpu: bool) {
+        if let Some(rec) = self.record(id) {
+            rec.expected.store(0, Ordering::Relaxed);
+            let flags = META_OFFLINE | if own_cpu { META_OFFLINE_SELF } else { 0 };
+            rec.meta.fetch_or(flags, Ordering::Relaxed);
+        }
+    }
+
+    /// Under hotplug, a many-call's CPUs are the mask the engine returned (offline CPUs were
+    /// pruned): the call must run exactly once on each of `expected` and nowhere else. Set it
+    /// right after the call returned, before any "out" check.
+    pub fn settle_expected(&self, id: RecordId, expected: u64) {
+        if let Some(rec) = self.record(id) {
+            rec.expected.store(expected, Ordering::Relaxed);
+        }
+    }
+
     /// The call behind `id` was refused as expected and never issued: nothing may run.
     pub fn note_refused(&self, id: RecordId) {
         if let Some(rec) = self.record(id) {
@@ -539,6 +698,7 @@ impl Ledger {
             in_bad: rec.in_bad.load(Ordering::Relaxed),
             in_seen: rec.in_seen.load(Ordering::Relaxed),
             out_seen: rec.out_seen.load(Ordering::Relaxed),
+            outcome: outcome_name(meta),
         })
     }
 
@@ -582,11 +742,17 @@ pub enum Violation {
     UnexpectedError,
     /// A call function ran with an id naming no record.
     Orphan,
+    /// A call ran on a CPU that was offline (the torture's hotplug driver had taken it down;
+    /// or the engine's `offline_runs` counter): an "IPI to an offline CPU".
+    IpiToOffline,
+    /// An RCU reader saw a node that had been poisoned after its grace period: the grace
+    /// period ended while a reader that could see the node was still running (`--rcu`).
+    Rcu,
 }
 
 impl Violation {
     /// Number of classes.
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 12;
     /// Every class, in index order.
     pub const ALL: [Violation; Violation::COUNT] = [
         Violation::Lost,
@@ -599,6 +765,8 @@ impl Violation {
         Violation::MaskMismatch,
         Violation::UnexpectedError,
         Violation::Orphan,
+        Violation::IpiToOffline,
+        Violation::Rcu,
     ];
 
     /// Dense index.
@@ -619,6 +787,8 @@ impl Violation {
             Violation::MaskMismatch => "mask-mismatch",
             Violation::UnexpectedError => "unexpected-error",
             Violation::Orphan => "orphan",
+            Violation::IpiToOffline => "ipi-to-offline",
+            Violation::Rcu => "rcu",
         }
     }
 }
@@ -637,6 +807,8 @@ pub struct KindTally {
     pub gave_up: u64,
     /// Calls that returned an unexpected error.
     pub errors: u64,
+    /// Calls refused with `Error::Offline` under hotplug (expected).
+    pub offline: u64,
     /// Function runs expected (sum over calls of the target count).
     pub deliveries: u64,
 }
@@ -662,6 +834,25 @@ pub struct RecordView {
     pub in_seen: u64,
     /// What a waiting caller saw of the "out" value, when it was wrong.
     pub out_seen: u64,
+    /// How the call ended for its caller (see [`outcome_name`]).
+    pub outcome: &'static str,
+}
+
+/// How a call ended for its caller, from its record's flags: `accepted`, `refused-offline`,
+/// `refused-offline-own-cpu` (the caller's CPU was offline), `gave-up` (every caller-owned
+/// call data busy) or `error`.
+fn outcome_name(meta: u64) -> &'static str {
+    if meta & META_ERROR != 0 {
+        "error"
+    } else if meta & META_OFFLINE_SELF != 0 {
+        "refused-offline-own-cpu"
+    } else if meta & META_OFFLINE != 0 {
+        "refused-offline"
+    } else if meta & META_REFUSED != 0 {
+        "gave-up"
+    } else {
+        "accepted"
+    }
 }
 
 /// One call that violated exactly-once, for the report.
@@ -688,6 +879,10 @@ pub struct Verification {
     pub errors_by_class: [u64; ERROR_CLASSES.len()],
     /// The first few violating calls.
     pub examples: Vec<Example>,
+    /// Calls refused with `Error::Offline` under hotplug (expected refusals).
+    pub offline_expected: u64,
+    /// ... of which the caller's own CPU was the offline one.
+    pub offline_own_cpu: u64,
 }
 
 impl Verification {
@@ -712,11 +907,11 @@ impl Verification {
         self.total_violations() == 0
     }
 
-    /// Calls refused because a target CPU was offline. No CPU goes offline during a run yet
-    /// (no hotplug), so these are also counted as unexpected errors; once hotplug exists they
-    /// become expected refusals.
+    /// Calls refused with `Error::Offline`: under hotplug (`--onoff`) expected refusals
+    /// ([`Ledger::note_offline`]); without it no CPU goes offline, and such a refusal is also
+    /// counted as an unexpected error. This is the sum of both.
     pub fn offline_refusals(&self) -> u64 {
-        self.errors_by_class[OFFLINE_CLASS]
+        self.offline_expected + self.errors_by_class[OFFLINE_CLASS]
     }
 }
 
@@ -754,12 +949,20 @@ pub fn verify(ledger: &Ledger) -> Verification {
                 t.issued += 1;
                 if meta & META_ERROR != 0 {
                     t.errors += 1;
+                } else if meta & META_OFFLINE != 0 {
+                    t.offline += 1;
                 } else if meta & META_REFUSED != 0 {
                     t.gave_up += 1;
                 } else {
                     t.accepted += 1;
                 }
                 t.deliveries += u64::from(expected.count_ones());
+            }
+            if meta & META_OFFLINE != 0 {
+                v.offline_expected += 1;
+                if meta & META_OFFLINE_SELF != 0 {
+                    v.offline_own_cpu += 1;
+                }
             }
             if meta & META_ERROR != 0 {
                 let class = (meta >> META_ERROR_CLASS_SHIFT) as usize & 0xff;
@@ -777,6 +980,7 @@ pub fn verify(ledger: &Ledger) -> Verification {
                 (Violation::RpcTimeout, meta & META_RPC_TIMEOUT != 0),
                 (Violation::MaskMismatch, meta & META_MASK_MISMATCH != 0),
                 (Violation::UnexpectedError, meta & META_ERROR != 0),
+                (Violation::IpiToOffline, meta & META_OFFLINE_RUN != 0),
             ];
             let mut first = None;
             for (class, shown) in shows {
@@ -798,6 +1002,7 @@ pub fn verify(ledger: &Ledger) -> Verification {
                             in_bad,
                             in_seen: rec.in_seen.load(Ordering::Relaxed),
                             out_seen: rec.out_seen.load(Ordering::Relaxed),
+                            outcome: outcome_name(meta),
                         },
                         class,
                     });

@@ -24,16 +24,33 @@
 //! # Ok::<(), smpcall::Error>(())
 //! ```
 //!
+//! Optional stresses on top of the call workload:
+//!
+//! * **Hotplug cycling** ([`Config::onoff`], `--onoff INTERVAL`): CPU 0 takes a random other CPU
+//!   down and brings it back up every interval; refusals with `Error::Offline` become expected,
+//!   many-calls are checked against the mask the engine returned, and a call that runs on an
+//!   offline CPU is an `ipi-to-offline` violation. See [`hotplug`].
+//! * **IPI fault injection** ([`Config::drop_ipi`], [`Config::delay_ipi`]): the hosted platform
+//!   drops or delays IPIs; the engine's stall diagnostics must report and recover every stuck
+//!   call. Reports go through a counting sink. See [`faults`] for the detection rule.
+//! * **RCU** ([`Config::rcu`]): readers on every CPU, writers swapping a pointer and reclaiming
+//!   through expedited grace periods; a reader that sees a reclaimed (poisoned) node is an
+//!   `rcu` violation. See [`rcu`].
+//!
 //! Layout, for extension: [`kind`] (what is issued, and the weighted [`Mix`]), [`ledger`] (the
 //! per-call records, the function's bookkeeping and checks, the verifier and its violation
 //! classes), [`latency`] (per-kind histograms), [`report`] (statistics, their text and JSON
-//! forms), [`cli`] (the command's options, progress bar and statistics lines), and here the
-//! driver ([`run_observed`]) and the per-CPU workload (`Worker`).
+//! forms), [`cli`] (the command's options, progress bar and statistics lines), [`hotplug`],
+//! [`faults`] and [`rcu`] (the optional stresses), and here the driver ([`run_observed`]) and
+//! the per-CPU workload (`Worker`).
 
 pub mod cli;
+pub mod faults;
+pub mod hotplug;
 pub mod kind;
 pub mod latency;
 pub mod ledger;
+pub mod rcu;
 pub mod report;
 pub mod rng;
 
@@ -44,14 +61,17 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use smpcall::hosted::{HostEngine, IdlePolicy, Machine};
-use smpcall::{CpuId, CpuMask, CpuStats, Csd, Error};
+use smpcall::hosted::{Faults, HostEngine, IdlePolicy, Machine};
+use smpcall::{CpuId, CpuMask, CpuStats, Csd, DiagStats, Error, HotplugStats};
 
+pub use faults::FaultSummary;
+pub use hotplug::HotplugSummary;
 pub use kind::{Kind, Mix, WeightSpec};
 pub use latency::{Latencies, LatencySummary};
 pub use ledger::{
     verify, Ledger, LiveViolations, RecordId, Verification, Violation, MAX_TORTURE_CPUS,
 };
+pub use rcu::{RcuSummary, RcuTorture};
 pub use report::Report;
 use rng::Rng;
 
@@ -88,8 +108,11 @@ pub const FAULT_EVERY: u64 = 256;
 /// How often [`run_observed`] reports progress.
 pub const PROGRESS_TICK: Duration = Duration::from_millis(100);
 
+/// The engine's stall threshold when IPI faults are injected and none is given: 20 ms.
+pub const FAULT_STALL_THRESHOLD: Duration = Duration::from_millis(20);
+
 /// What to run.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// CPUs of the hosted machine (1..=64; more than the host's cores is fine).
     pub cpus: usize,
@@ -116,6 +139,37 @@ pub struct Config {
     pub timeout: Duration,
     /// A fault to inject (self-test of the checks; `None` for a real run).
     pub inject: Option<Fault>,
+    /// Hotplug cycling: CPU 0 takes a random other CPU down, and after this interval up
+    /// again, and so on for the whole run (needs 2 CPUs or more; see [`hotplug`]).
+    pub onoff: Option<Duration>,
+    /// IPI fault injection: the probability (0..=1) that the hosted platform drops an IPI
+    /// (the signal or futex wake is not sent; see [`faults`]).
+    pub drop_ipi: f64,
+    /// The probability (0..=1) that an IPI is delayed (1–50 µs).
+    pub delay_ipi: f64,
+    /// The engine's stall threshold; `None`: [`FAULT_STALL_THRESHOLD`] with fault injection,
+    /// else the machine's default (1 s).
+    pub stall_threshold: Option<Duration>,
+    /// Print the machine's dump to stderr when the first stall is reported.
+    pub dump_on_stall: bool,
+    /// Write every engine report to stderr (else, with fault injection on, they are only
+    /// counted; without it they are always written).
+    pub verbose_reports: bool,
+    /// Run the RCU torture alongside the calls (or alone, with every call kind at weight 0).
+    pub rcu: bool,
+}
+
+impl Config {
+    /// Whether IPI faults are injected.
+    pub fn injects_ipi_faults(&self) -> bool {
+        self.drop_ipi > 0.0 || self.delay_ipi > 0.0
+    }
+
+    /// The stall threshold to build the machine with (`None`: the machine's default).
+    pub fn machine_stall_threshold(&self) -> Option<Duration> {
+        self.stall_threshold
+            .or(self.injects_ipi_faults().then_some(FAULT_STALL_THRESHOLD))
+    }
 }
 
 impl Default for Config {
@@ -133,6 +187,13 @@ impl Default for Config {
             long_wait: false,
             timeout: Duration::from_secs(30),
             inject: None,
+            onoff: None,
+            drop_ipi: 0.0,
+            delay_ipi: 0.0,
+            stall_threshold: None,
+            dump_on_stall: false,
+            verbose_reports: false,
+            rcu: false,
         }
     }
 }
@@ -165,6 +226,14 @@ pub struct Progress {
     pub cpus: usize,
     /// CPUs whose task has finished.
     pub tasks_done: usize,
+    /// Hotplug counters (with `--onoff`).
+    pub hotplug: Option<HotplugStats>,
+    /// IPIs dropped so far (with fault injection).
+    pub ipis_dropped: Option<u64>,
+    /// The engine's diagnostic counters.
+    pub diag: DiagStats,
+    /// Grace periods so far and RCU violations (with `--rcu`).
+    pub rcu: Option<(u64, u64)>,
 }
 
 impl Progress {
@@ -198,16 +267,50 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
             "torture supports between 1 and 64 CPUs",
         ));
     }
-    if cfg.mix.total() == 0 {
-        return Err(Error::InvalidConfig("every call kind has weight 0"));
+    if cfg.mix.total() == 0 && !cfg.rcu {
+        return Err(Error::InvalidConfig(
+            "every call kind has weight 0 (that is allowed only with --rcu)",
+        ));
+    }
+    if let Some(interval) = cfg.onoff {
+        if cfg.cpus < 2 {
+            return Err(Error::InvalidConfig(
+                "--onoff needs at least 2 CPUs (CPU 0 drives, the others go down)",
+            ));
+        }
+        if interval.is_zero() {
+            return Err(Error::InvalidConfig("--onoff needs an interval above 0"));
+        }
     }
     let n = cfg.cpus;
     let ledger = Arc::new(Ledger::new(n, cfg.max_calls_per_cpu)?);
-    let machine = Machine::builder()
+    let faults_on = cfg.injects_ipi_faults();
+    let sink_before = faults::sink_counts();
+    let mut builder = Machine::builder()
         .cpus(n)
         .idle(cfg.idle)
         .timeout(cfg.timeout)
-        .build()?;
+        .report_sink(if cfg.verbose_reports || !faults_on {
+            faults::verbose_sink
+        } else {
+            faults::quiet_sink
+        });
+    if let Some(threshold) = cfg.machine_stall_threshold() {
+        builder = builder.stall_threshold(threshold);
+    }
+    if faults_on {
+        builder = builder.faults(Faults {
+            drop_ipi: cfg.drop_ipi,
+            delay_ipi: cfg.delay_ipi,
+            seed: cfg.seed,
+        });
+    }
+    let machine = builder.build()?;
+    let stall_ns = machine.engine().stall_threshold_ns();
+    if cfg.drop_ipi > 0.0 && stall_ns != 0 {
+        ledger.set_delay_threshold(faults::delay_threshold(Duration::from_nanos(stall_ns)));
+    }
+    let rcu = cfg.rcu.then(|| Arc::new(RcuTorture::new()));
     let gate = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(AtomicUsize::new(0));
     let mut incidents = Vec::new();
@@ -222,9 +325,10 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
             let gate = Arc::clone(&gate);
             let done = DoneGuard(Arc::clone(&finished));
             let cfg = cfg.clone();
+            let rcu = rcu.clone();
             machine.run_on(cpu, move |engine| {
                 let _done = done;
-                Worker::run(engine, cpu, &cfg, ledger, &gate)
+                Worker::run(engine, cpu, &cfg, ledger, rcu, &gate)
             })
         })
         .collect();
@@ -238,6 +342,32 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
         live: ledger.live(),
         cpus: n,
         tasks_done: finished.load(Ordering::SeqCst).min(n),
+        hotplug: cfg.onoff.map(|_| engine.hotplug_stats()),
+        ipis_dropped: faults_on.then(|| engine.platform().ipis_dropped()),
+        diag: engine.diag_stats(),
+        rcu: rcu
+            .as_ref()
+            .map(|r| (engine.rcu_stats().grace_periods, r.violations())),
+    };
+    // `--dump-on-stall`: the first stall reported (by the engine's counters, or a stall line
+    // counted by the report sink) prints the machine's dump once, from this thread.
+    let mut stall_dump_at = None;
+    let mut dump_on_stall = |elapsed: Duration| {
+        if !cfg.dump_on_stall || stall_dump_at.is_some() {
+            return;
+        }
+        let d = engine.diag_stats();
+        let engine_stalls =
+            d.stall_reports + d.queue_stall_reports + engine.hotplug_stats().stalls_reported;
+        if engine_stalls == 0 && faults::sink_counts().since(&sink_before).stalls() == 0 {
+            return;
+        }
+        stall_dump_at = Some(elapsed);
+        eprintln!(
+            "smpcall torture: first stall reported at {:.3} s; machine dump:\n{}",
+            elapsed.as_secs_f64(),
+            machine.dump().trim_end()
+        );
     };
     let phase_now = || {
         if start.elapsed() < cfg.duration {
@@ -251,6 +381,7 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
     let join_deadline = start + cfg.duration + cfg.timeout;
     loop {
         observe(&snapshot(phase_now()));
+        dump_on_stall(start.elapsed());
         let now = Instant::now();
         if finished.load(Ordering::SeqCst) >= n || now >= join_deadline {
             break;
@@ -258,6 +389,7 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
         thread::sleep(PROGRESS_TICK.min(join_deadline - now));
     }
     let mut hung = Vec::new();
+    let mut rcu_errors = 0usize;
     for (cpu, task) in tasks.into_iter().enumerate() {
         // Every task has finished, or the bound is spent: this does not wait long.
         let left = join_deadline
@@ -269,6 +401,13 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
                     capacity_reached.push(cpu);
                 }
                 latencies.merge(&outcome.latencies);
+                for e in outcome.hotplug_errors {
+                    incidents.push(format!("hotplug: {e}"));
+                }
+                rcu_errors += outcome.rcu_errors.len();
+                for e in outcome.rcu_errors.into_iter().take(4) {
+                    incidents.push(format!("CPU {cpu}: rcu: {e}"));
+                }
             }
             Ok(Ok(Err(why))) => {
                 latency_missing.push(cpu);
@@ -308,11 +447,15 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
     let elapsed = start.elapsed();
 
     // Asynchronous calls may still be queued or running: wait for them (bounded).
+    if rcu_errors > 4 {
+        incidents.push(format!("rcu: {rcu_errors} unexpected errors in all"));
+    }
     let mut last_tick = Instant::now();
     let mut tick = || {
         if last_tick.elapsed() >= PROGRESS_TICK {
             last_tick = Instant::now();
             observe(&snapshot(Phase::Draining));
+            dump_on_stall(start.elapsed());
         }
     };
     if hung.is_empty() && !wait_for(cfg.timeout, &mut tick, || engine.is_quiescent()) {
@@ -337,13 +480,63 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
         ));
     }
     observe(&snapshot(Phase::Draining));
+    dump_on_stall(start.elapsed());
     let signals_sent = engine.platform().signals_sent();
     let futex_wakes = engine.platform().futex_wakes();
+    let diag = engine.diag_stats();
+    let hotplug_stats = engine.hotplug_stats();
+    let mut fault_summary = FaultSummary {
+        drop_ipi: cfg.drop_ipi,
+        delay_ipi: cfg.delay_ipi,
+        stall_threshold_ms: stall_ns as f64 / 1e6,
+        ipis_dropped: engine.platform().ipis_dropped(),
+        ipis_delayed: engine.platform().ipis_delayed(),
+        stall_reports: diag.stall_reports,
+        queue_stall_reports: diag.queue_stall_reports,
+        stop_stall_reports: hotplug_stats.stalls_reported,
+        ipi_resends: diag.ipi_resends,
+        recoveries: diag.recoveries,
+        delayed_calls: ledger.delayed_calls(),
+        max_call_delay_ms: ledger.max_delay().map(|d| d.as_secs_f64() * 1e3),
+        sink: faults::sink_counts().since(&sink_before),
+        unreported_stall: false,
+    };
+    fault_summary.judge();
+    if fault_summary.unreported_stall {
+        incidents.push(format!(
+            "lost-IPI detection: {} IPIs were dropped and {} calls waited longer than {:.0} ms \
+             (twice the stall threshold) to run, but no stall was reported",
+            fault_summary.ipis_dropped,
+            fault_summary.delayed_calls,
+            2.0 * fault_summary.stall_threshold_ms
+        ));
+    }
+    let rcu_stats = engine.rcu_stats();
     // Shutting down joins the CPU threads, which orders every record write before the check.
     if let Err(e) = machine.shutdown() {
         incidents.push(format!("machine shutdown: {e}"));
     }
-    let verification = verify(&ledger);
+    let mut verification = verify(&ledger);
+    let rcu_summary = rcu.as_ref().map(|r| r.summary(rcu_stats));
+    // Engine-side "IPI to an offline CPU": calls an offline CPU found and ran. The ledger sees
+    // the same from the functions' side (calls on a CPU the driver had taken down); either
+    // must be 0, and the class counts the larger of the two.
+    let offline_class = &mut verification.violations[Violation::IpiToOffline.index()];
+    *offline_class = (*offline_class).max(stats.offline_runs);
+    if let Some(r) = &rcu_summary {
+        verification.violations[Violation::Rcu.index()] = r.violations;
+    }
+    let hotplug = cfg.onoff.map(|interval| HotplugSummary {
+        interval_ms: interval.as_secs_f64() * 1e3,
+        cycles_offline: hotplug_stats.downs,
+        cycles_online: hotplug_stats.ups,
+        stop_machines: hotplug_stats.stop_machines,
+        offline_refusals: verification.offline_refusals(),
+        offline_refusals_own_cpu: verification.offline_own_cpu,
+        offline_runs: stats.offline_runs,
+        offline_runs_seen: ledger.offline_runs(),
+        local_runs_after_offline: ledger.local_offline_runs(),
+    });
 
     Ok(Report {
         config: cfg.clone(),
@@ -356,6 +549,10 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
         futex_wakes,
         capacity_reached,
         incidents,
+        hotplug,
+        faults: fault_summary,
+        rcu: rcu_summary,
+        stall_dump_at,
     })
 }
 
@@ -414,6 +611,10 @@ fn bits_of(mask: &CpuMask) -> Option<u64> {
 struct Outcome {
     capacity_reached: bool,
     latencies: Latencies,
+    /// Failed hotplug operations (CPU 0's driver).
+    hotplug_errors: Vec<String>,
+    /// Unexpected errors of RCU steps.
+    rcu_errors: Vec<String>,
 }
 
 /// One CPU's side of the workload.
@@ -433,6 +634,16 @@ struct Worker<'a> {
     /// The fault this CPU injects (only CPU 0 does), and how many fitting calls it saw.
     inject: Option<Fault>,
     fitting: u64,
+    /// Hotplug cycling is on: `Offline` refusals are expected, many-call masks settle.
+    hotplug: bool,
+    /// How long to sleep when this CPU finds itself offline.
+    backoff: Duration,
+    /// CPU 0's hotplug driver.
+    driver: Option<hotplug::Driver>,
+    /// The RCU torture, and this CPU's writer state.
+    rcu: Option<Arc<RcuTorture>>,
+    writer: rcu::Writer,
+    rcu_errors: Vec<String>,
 }
 
 impl<'a> Worker<'a> {
@@ -443,6 +654,7 @@ impl<'a> Worker<'a> {
         me: CpuId,
         cfg: &Config,
         ledger: Arc<Ledger>,
+        rcu: Option<Arc<RcuTorture>>,
         gate: &AtomicUsize,
     ) -> Result<Outcome, String> {
         ledger::set_this_cpu(me);
@@ -481,6 +693,18 @@ impl<'a> Worker<'a> {
             latencies: Latencies::new(),
             inject: cfg.inject.filter(|_| me == 0),
             fitting: 0,
+            hotplug: cfg.onoff.is_some(),
+            backoff: cfg
+                .onoff
+                .map_or(Duration::ZERO, |i| (i / 4).max(Duration::from_micros(100))),
+            // Starts only now, after the barrier: every task runs already.
+            driver: cfg
+                .onoff
+                .filter(|_| me == 0)
+                .map(|interval| hotplug::Driver::new(n, interval, cfg.seed)),
+            rcu,
+            writer: rcu::Writer::default(),
+            rcu_errors: Vec::new(),
         };
         let begin = Instant::now();
         let deadline = begin + cfg.duration;
@@ -494,12 +718,28 @@ impl<'a> Worker<'a> {
             if now >= deadline && (issued >= cfg.min_calls_per_cpu || now >= hard_deadline) {
                 break;
             }
+            if let Some(driver) = &mut w.driver {
+                driver.tick(engine, &w.ledger);
+            }
+            if w.rcu.is_some() && (cfg.mix.total() == 0 || w.rng.one_in(rcu::RCU_STEP_ONE_IN)) {
+                w.rcu_step();
+                issued += 1;
+                continue;
+            }
             let kind = cfg.mix.pick(&mut w.rng);
             if w.issue(kind).is_none() {
                 capacity_reached = true;
                 break;
             }
             issued += 1;
+        }
+        let mut hotplug_errors = Vec::new();
+        if let Some(mut driver) = w.driver.take() {
+            driver.finish(engine, &w.ledger);
+            hotplug_errors = driver.errors;
+        }
+        if let Some(rcu) = w.rcu.take() {
+            w.writer.finish(&rcu);
         }
 
         // Dropping a busy Csd spins until its target took it; wait here instead, serving our
@@ -519,7 +759,61 @@ impl<'a> Worker<'a> {
         Ok(Outcome {
             capacity_reached,
             latencies: w.latencies,
+            hotplug_errors,
+            rcu_errors: w.rcu_errors,
         })
+    }
+
+    /// Sleeps a quarter of the hotplug interval: this CPU is offline, its calls are refused.
+    fn back_off(&self) {
+        if !self.backoff.is_zero() {
+            smpcall::hosted::sleep(self.backoff);
+        }
+    }
+
+    /// A call was refused with `e`: under hotplug an `Offline` refusal is expected (and backs
+    /// off if it was this CPU that is offline); anything else is an unexpected error.
+    fn refused(&mut self, id: RecordId, e: &Error) {
+        match *e {
+            Error::Offline(cpu) if self.hotplug => {
+                let own = cpu == self.me;
+                self.ledger.note_offline(id, own);
+                if own {
+                    self.back_off();
+                }
+            }
+            _ => self.ledger.note_error(id, e),
+        }
+    }
+
+    /// One RCU step (see [`rcu`]): mostly a read in task context, sometimes a read in
+    /// another CPU's handler (one CPU or all others), now and then a write (swap + grace
+    /// period + reclaim).
+    fn rcu_step(&mut self) {
+        let (engine, me) = (self.engine, self.me);
+        let choice = self.rng.below(16);
+        let target = (choice == 1 && self.n > 1).then(|| self.pick_other());
+        let Some(rcu) = self.rcu.as_deref() else {
+            return;
+        };
+        let result = match choice {
+            0 => self.writer.write(engine, rcu, me),
+            1 if target.is_some() => rcu.handler_read(engine, me, target),
+            2 if self.n > 1 => rcu.handler_read(engine, me, None),
+            _ => match rcu.task_read(engine, me) {
+                rcu::ReadOutcome::Read => Ok(()),
+                rcu::ReadOutcome::Offline => Err(Error::Offline(me)),
+            },
+        };
+        match result {
+            Ok(()) => {}
+            Err(Error::Offline(c)) if c == me && self.hotplug => self.back_off(),
+            Err(e) => {
+                if self.rcu_errors.len() < 64 {
+                    self.rcu_errors.push(e.to_string());
+                }
+            }
+        }
     }
 
     /// Another CPU for a single call (this one only on a 1-CPU machine).
@@ -617,7 +911,7 @@ impl<'a> Worker<'a> {
             match result {
                 Ok(()) => self.finish(kind, id, start, 1),
                 Err(Error::Busy) if use_csd => self.ledger.note_refused(id),
-                Err(e) => self.ledger.note_error(id, &e),
+                Err(e) => self.refused(id, &e),
             }
         } else {
             let (requested, pred) = match kind {
@@ -626,7 +920,8 @@ impl<'a> Worker<'a> {
                 Kind::Cond | Kind::CondAsync => (self.pick_mask(), self.rng.next_u64()),
                 _ => (self.pick_mask(), u64::MAX),
             };
-            // Every CPU is online for the whole run: the engine must reach exactly these.
+            // Without hotplug every CPU is online for the whole run: the engine must reach
+            // exactly these. With it, the engine prunes offline CPUs: see below.
             let intended = requested & self.all & pred;
             let id = self.ledger.begin(me, kind, intended)?;
             self.maybe_inject(kind, id, intended);
@@ -647,12 +942,27 @@ impl<'a> Worker<'a> {
             };
             match result {
                 Ok(sent) => {
-                    if bits_of(&sent) != Some(intended) {
-                        self.ledger.note_mask_mismatch(id);
-                    }
-                    self.finish(kind, id, start, u64::from(intended.count_ones()));
+                    let runs = match bits_of(&sent) {
+                        Some(got) if self.hotplug => {
+                            // The CPUs the engine queued to (or ran on) are the expected ones:
+                            // a subset of the intended CPUs, never without CPU 0 (which never
+                            // goes down) if it was intended.
+                            if got & !intended != 0 || intended & !got & 1 != 0 {
+                                self.ledger.note_mask_mismatch(id);
+                            }
+                            self.ledger.settle_expected(id, got);
+                            got.count_ones()
+                        }
+                        got => {
+                            if got != Some(intended) {
+                                self.ledger.note_mask_mismatch(id);
+                            }
+                            intended.count_ones()
+                        }
+                    };
+                    self.finish(kind, id, start, u64::from(runs));
                 }
-                Err(e) => self.ledger.note_error(id, &e),
+                Err(e) => self.refused(id, &e),
             }
         }
         Some(())

@@ -8,9 +8,12 @@ use serde::Serialize;
 use smpcall::hosted::IdlePolicy;
 use smpcall::{CpuId, CpuMask, CpuStats};
 
+use super::faults::FaultSummary;
+use super::hotplug::HotplugSummary;
 use super::kind::Kind;
 use super::latency::LatencySummary;
 use super::ledger::{Verification, Violation, ERROR_CLASSES};
+use super::rcu::RcuSummary;
 use super::Config;
 
 /// Everything a run found out. `Display` prints the statistics block; its last line is
@@ -36,8 +39,17 @@ pub struct Report {
     /// CPUs that used up their record capacity before the deadline (informational).
     pub capacity_reached: Vec<CpuId>,
     /// Run-level failures: a task that did not finish, calls that did not drain, counters
-    /// that disagree, a shutdown that timed out. Each is a violation.
+    /// that disagree, a shutdown that timed out, a failed hotplug operation, a stall the
+    /// diagnostics did not report. Each is a violation.
     pub incidents: Vec<String>,
+    /// Hotplug cycling (`--onoff`), if on.
+    pub hotplug: Option<HotplugSummary>,
+    /// IPI faults and stall diagnostics (zeros without fault injection).
+    pub faults: FaultSummary,
+    /// The RCU torture (`--rcu`), if on.
+    pub rcu: Option<RcuSummary>,
+    /// When the first stall was reported, if `--dump-on-stall` printed the dump.
+    pub stall_dump_at: Option<Duration>,
 }
 
 impl Report {
@@ -146,8 +158,16 @@ pub struct JsonReport {
     pub violations: Vec<JsonCount>,
     /// Unexpected errors per class (every class, zeros included).
     pub errors: Vec<JsonCount>,
-    /// Calls refused because a target was offline.
+    /// Calls refused because a target (or the caller) was offline.
     pub offline_refusals: u64,
+    /// Hotplug cycling (`--onoff`); `null` when off.
+    pub hotplug: Option<HotplugSummary>,
+    /// IPI fault injection and the stall diagnostics (always present; zeros when off).
+    pub faults: FaultSummary,
+    /// The RCU torture (`--rcu`); `null` when off.
+    pub rcu: Option<RcuSummary>,
+    /// Seconds into the run when `--dump-on-stall` printed the dump; `null` if it did not.
+    pub stall_dump_at_s: Option<f64>,
     /// The first few violating calls, as text.
     pub examples: Vec<String>,
     /// Engine IPI counters.
@@ -183,6 +203,18 @@ pub struct JsonConfig {
     pub min_calls_per_cpu: u64,
     /// Bound on each wait, seconds.
     pub timeout_s: f64,
+    /// Hotplug interval, seconds (`null`: no hotplug cycling).
+    pub onoff_s: Option<f64>,
+    /// Probability that an IPI is dropped.
+    pub drop_ipi: f64,
+    /// Probability that an IPI is delayed.
+    pub delay_ipi: f64,
+    /// The stall threshold asked for, ms (`null`: the default).
+    pub stall_threshold_ms: Option<f64>,
+    /// Whether `--dump-on-stall` was given.
+    pub dump_on_stall: bool,
+    /// Whether the RCU torture ran.
+    pub rcu: bool,
 }
 
 /// One kind's line of [`JsonReport`].
@@ -206,6 +238,8 @@ pub struct JsonKind {
     pub gave_up: u64,
     /// Calls that returned an unexpected error.
     pub errors: u64,
+    /// Calls refused because a CPU was offline (expected under hotplug).
+    pub offline: u64,
     /// Function runs expected.
     pub runs: u64,
     /// What the latency measures.
@@ -267,6 +301,12 @@ impl From<&Report> for JsonReport {
                 max_calls_per_cpu: c.max_calls_per_cpu,
                 min_calls_per_cpu: c.min_calls_per_cpu,
                 timeout_s: c.timeout.as_secs_f64(),
+                onoff_s: c.onoff.map(|d| d.as_secs_f64()),
+                drop_ipi: c.drop_ipi,
+                delay_ipi: c.delay_ipi,
+                stall_threshold_ms: c.stall_threshold.map(|d| d.as_secs_f64() * 1e3),
+                dump_on_stall: c.dump_on_stall,
+                rcu: c.rcu,
             },
             elapsed_s: r.elapsed.as_secs_f64(),
             kinds: Kind::ALL
@@ -283,6 +323,7 @@ impl From<&Report> for JsonReport {
                         refusals: t.refusals,
                         gave_up: t.gave_up,
                         errors: t.errors,
+                        offline: t.offline,
                         runs: t.deliveries,
                         latency_measures: k.latency_meaning(),
                         latency_us: r.latency[k.index()],
@@ -305,6 +346,10 @@ impl From<&Report> for JsonReport {
                 .map(|(&class, count)| JsonCount { class, count })
                 .collect(),
             offline_refusals: v.offline_refusals(),
+            hotplug: r.hotplug,
+            faults: r.faults,
+            rcu: r.rcu,
+            stall_dump_at_s: r.stall_dump_at.map(|d| d.as_secs_f64()),
             examples: v.examples.iter().map(example_line).collect(),
             ipis: JsonIpis {
                 sent: r.engine.ipi_sent,
@@ -329,11 +374,12 @@ impl From<&Report> for JsonReport {
 pub fn example_line(e: &super::ledger::Example) -> String {
     let r = &e.record;
     let mut line = format!(
-        "{}: call {}#{} ({}) expected {} ran {} twice {} wrong-arg {}",
+        "{}: call {}#{} ({}, {}) expected {} ran {} twice {} wrong-arg {}",
         e.class.name(),
         r.id.sender(),
         r.id.index(),
         r.kind.map_or("?", Kind::name),
+        r.outcome,
         cpulist(r.expected),
         cpulist(r.ran),
         cpulist(r.duplicated),
@@ -357,6 +403,28 @@ pub fn example_line(e: &super::ledger::Example) -> String {
         );
     }
     line
+}
+
+/// The optional stresses of `c`, as a suffix for the first line (empty when none is on).
+pub fn stresses(c: &Config) -> String {
+    let mut out = String::new();
+    if let Some(i) = c.onoff {
+        let _ = write!(out, ", hotplug every {i:?}");
+    }
+    if c.injects_ipi_faults() {
+        let _ = write!(out, ", drop-ipi {} delay-ipi {}", c.drop_ipi, c.delay_ipi);
+    }
+    if let Some(t) = c.machine_stall_threshold() {
+        let _ = write!(out, ", stall threshold {t:?}");
+    }
+    if c.rcu {
+        out.push_str(if c.mix.total() == 0 {
+            ", rcu only"
+        } else {
+            ", rcu"
+        });
+    }
+    out
 }
 
 /// A human name for an idle policy.
@@ -392,12 +460,13 @@ impl fmt::Display for Report {
         let v = &self.verification;
         writeln!(
             f,
-            "smpcall torture: {} CPUs, {:?}, idle {}, seed {:#x}, long waits {}",
+            "smpcall torture: {} CPUs, {:?}, idle {}, seed {:#x}, long waits {}{}",
             c.cpus,
             c.duration,
             idle_name(c.idle),
             c.seed,
-            if c.long_wait { "on" } else { "off" }
+            if c.long_wait { "on" } else { "off" },
+            stresses(c)
         )?;
         if let Some(fault) = c.inject {
             writeln!(f, "{:<12}fault {fault:?} injected (self-test)", "note")?;
@@ -509,6 +578,85 @@ impl fmt::Display for Report {
             sum(|t| t.refusals),
             sum(|t| t.gave_up)
         )?;
+        if let Some(h) = &self.hotplug {
+            writeln!(
+                f,
+                "{:<12}every {:.1} ms: {} offline / {} online cycles ({} stop_machines); \
+                 offline refusals {} ({} by an offline caller); offline runs {} (engine), {} \
+                 (seen by functions); local runs after going offline {}",
+                "hotplug",
+                h.interval_ms,
+                h.cycles_offline,
+                h.cycles_online,
+                h.stop_machines,
+                h.offline_refusals,
+                h.offline_refusals_own_cpu,
+                h.offline_runs,
+                h.offline_runs_seen,
+                h.local_runs_after_offline
+            )?;
+        }
+        let fs = &self.faults;
+        if fs.worth_reporting() {
+            let delays = match fs.max_call_delay_ms {
+                Some(max) => format!(
+                    "; calls delayed > {:.0} ms: {} (longest {max:.1} ms)",
+                    2.0 * fs.stall_threshold_ms,
+                    fs.delayed_calls
+                ),
+                None => String::new(),
+            };
+            writeln!(
+                f,
+                "{:<12}drop {} delay {} (stall threshold {:.0} ms): IPIs dropped {}, delayed {}; \
+                 stall reports {} (queue {}, stop_machine {}), re-sends {}, recoveries {}{delays}; \
+                 report lines {}{}",
+                "faults",
+                fs.drop_ipi,
+                fs.delay_ipi,
+                fs.stall_threshold_ms,
+                fs.ipis_dropped,
+                fs.ipis_delayed,
+                fs.stall_reports,
+                fs.queue_stall_reports,
+                fs.stop_stall_reports,
+                fs.ipi_resends,
+                fs.recoveries,
+                fs.sink.lines,
+                if fs.unreported_stall {
+                    "; UNREPORTED STALL"
+                } else {
+                    ""
+                }
+            )?;
+        }
+        if let Some(r) = &self.rcu {
+            writeln!(
+                f,
+                "{:<12}grace periods {} (CPUs IPI'd {}, skipped as idle {}, quiescent states \
+                 deferred to unlock {}); reads {} in tasks, {} in handlers ({} skipped offline); \
+                 swaps {}, nodes freed {}; violations {}",
+                "rcu",
+                r.grace_periods,
+                r.cpus_ipid,
+                r.cpus_skipped_idle,
+                r.deferred_to_unlock,
+                r.task_reads,
+                r.handler_reads,
+                r.reads_skipped_offline,
+                r.writes,
+                r.nodes_freed,
+                r.violations
+            )?;
+        }
+        if let Some(at) = self.stall_dump_at {
+            writeln!(
+                f,
+                "{:<12}first stall reported at {:.3} s: machine dump printed to stderr",
+                "note",
+                at.as_secs_f64()
+            )?;
+        }
         let e = &self.engine;
         writeln!(
             f,
