@@ -155,7 +155,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Called from a wait loop every so often: reports and re-sends once the wait is longer
     /// than the threshold, at doubling intervals.
-    pub(crate) fn check_wait_stall(&self, me: CpuId, csd: &Csd, watch: &mut Option<WaitWatch>) {
+    pub(crate) fn check_wait_stall(
+        &self,
+        me: CpuId,
+        target: CpuId,
+        csd: &Csd,
+        watch: &mut Option<WaitWatch>,
+    ) {
         let threshold = self.stall_threshold_ns();
         if threshold == 0 {
             return;
@@ -164,7 +170,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         if now == 0 {
             return;
         }
-        let target = csd.route().map(|(_, dst)| dst);
+        let target = Some(target);
         let w = watch.get_or_insert_with(|| {
             let d = &self.per_cpu(me).diag;
             // Relaxed: diagnostics, read racily by dumps.

@@ -15,7 +15,7 @@
 
 use core::marker::PhantomData;
 use core::pin::Pin;
-use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::cpumask::{AtomicCpuMask, CpuId, CpuMask, MAX_CPUS};
 use crate::csd::{run_inline, run_once, run_once_inline, run_shared, Csd, OnceCall, Payload};
@@ -60,19 +60,25 @@ impl core::ops::Add for CpuStats {
 }
 
 /// One CPU's engine state. Opaque: create them through a [`Storage`].
-#[repr(align(128))]
+///
+/// Layout: the first cache line holds everything a *sender* touches on the fast path — the
+/// queue head (CAS), the polling flag (read), and the two counters senders bump — so a call
+/// moves that one line, not several; what only the owner writes lives in the lines after it.
+#[repr(C, align(128))]
 #[derive(Debug)]
 pub struct PerCpu {
+    // --- line 0: shared with senders ---
     queue: CallQueue,
     /// The CPU is idle and polling its queue: senders need not send an IPI.
     polling: AtomicBool,
+    calls_queued: AtomicU64,
+    ipi_elided: AtomicU64,
+    // --- owner's lines ---
+    ipi_sent: AtomicU64,
     /// How many queue flushes are running on this CPU (nested through waits). Non-zero means
     /// "in a call handler".
     handler_depth: AtomicU32,
-    ipi_sent: AtomicU64,
-    ipi_elided: AtomicU64,
     ipi_received: AtomicU64,
-    calls_queued: AtomicU64,
     calls_run: AtomicU64,
     flushes: AtomicU64,
     /// Calls this CPU ran while offline (an "IPI to an offline CPU"; should stay 0).
@@ -536,7 +542,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // it released (unwinding out of here aborts).
             let in_flight = AbortOnUnwind;
             self.send_ipis(&ipis);
-            self.wait_csd(me, &csd);
+            self.wait_csd(me, cpu, &csd);
             core::mem::forget(in_flight);
             // SAFETY: released (waited above), ours again, and it holds the `OnceCall` we wrote.
             let mut call: OnceCall<F, R> = unsafe { csd.take_inline() };
@@ -562,7 +568,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // (unwinding out of here aborts).
         let in_flight = AbortOnUnwind;
         self.send_ipis(&ipis);
-        self.wait_csd(me, &csd);
+        self.wait_csd(me, cpu, &csd);
         core::mem::forget(in_flight);
         Ok(call
             .ret
@@ -692,7 +698,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             f(me);
         }
         for t in &queued {
-            self.wait_csd(me, self.slot(me, t));
+            self.wait_csd(me, t, self.slot(me, t));
         }
         core::mem::forget(in_flight);
         match refused {
@@ -868,11 +874,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
             self.platform.relax();
         }
-        // Relaxed store, then SeqCst fence, then queue check: the Dekker pair of `enqueue`'s
-        // push / fence / polling check. Either the sender sees `false` and sends an IPI, or we
-        // see its call here.
-        pc.polling.store(false, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        // SeqCst store, then SeqCst queue check: the Dekker pair of `enqueue`'s SeqCst push and
+        // polling load. Either the sender sees `false` and sends an IPI, or we see its call.
+        pc.polling.store(false, Ordering::SeqCst);
         if !pc.queue.is_empty() {
             self.serve_own(me);
         }
@@ -998,7 +1002,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // Busy: make sure what we queued so far is signalled before we wait on anyone.
             self.send_ipis(ipis);
             *ipis = CpuMask::new();
-            self.wait_csd(me, csd);
+            self.wait_csd(me, target, csd);
         }
     }
 
@@ -1021,11 +1025,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // Not the first entry: an IPI (or a flush that will find it) is already under way.
             return false;
         }
-        // SeqCst fence between the push and the polling check: pairs with `idle_poll`'s
-        // store / fence / queue check, so a polling CPU that stops polling sees our call.
-        fence(Ordering::SeqCst);
-        // Relaxed: ordered by the fences above.
-        if pc.polling.load(Ordering::Relaxed) {
+        // SeqCst load after the SeqCst push: with `idle_poll`'s SeqCst store of `false` and
+        // SeqCst queue check, either we see it still polling (and it will see our call) or it
+        // sees our call — so eliding the IPI never strands a call. (No fence: both sides are in
+        // the SeqCst total order.)
+        if pc.polling.load(Ordering::SeqCst) {
             pc.ipi_elided.fetch_add(1, Ordering::Relaxed);
             false
         } else {
@@ -1036,7 +1040,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Waits until `csd` is released, serving this CPU's own queue meanwhile (C7): a CPU that
     /// waits for another never stops answering it.
-    pub(crate) fn wait_csd(&self, me: CpuId, csd: &Csd) {
+    pub(crate) fn wait_csd(&self, me: CpuId, target: CpuId, csd: &Csd) {
         let mut watch = None;
         let mut spins: u32 = 0;
         while csd.is_busy() {
@@ -1045,7 +1049,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             spins = spins.wrapping_add(1);
             // Look at the clock only now and then: most waits end long before.
             if spins % 256 == 0 {
-                self.check_wait_stall(me, csd, &mut watch);
+                self.check_wait_stall(me, target, csd, &mut watch);
             }
         }
         self.end_wait(me, watch);
@@ -1150,6 +1154,22 @@ mod tests {
 
     fn on(cpu: CpuId) {
         CPU.with(|c| c.set(Some(cpu)));
+    }
+
+    #[test]
+    fn sender_fields_share_the_first_cache_line() {
+        let base = core::mem::offset_of!(PerCpu, queue);
+        for (name, off) in [
+            ("polling", core::mem::offset_of!(PerCpu, polling)),
+            ("calls_queued", core::mem::offset_of!(PerCpu, calls_queued)),
+            ("ipi_elided", core::mem::offset_of!(PerCpu, ipi_elided)),
+        ] {
+            assert!(off - base < 64, "{name} at {off} is not in the first line");
+        }
+        assert!(
+            core::mem::offset_of!(PerCpu, calls_run) >= 64,
+            "owner counters after it"
+        );
     }
 
     #[test]

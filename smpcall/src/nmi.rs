@@ -96,7 +96,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // unwinding aborts).
             unsafe { self.per_cpu(t).nmi_queue.push(&csd) };
             self.platform.send_nmi(t);
-            self.wait_csd(me, &csd);
+            self.wait_csd(me, t, &csd);
             core::mem::forget(in_flight);
             ran.set(t);
         }

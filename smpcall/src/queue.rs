@@ -67,6 +67,7 @@ impl List {
 }
 
 /// A CPU's queue of incoming calls.
+#[repr(C)]
 #[derive(Debug)]
 pub struct CallQueue {
     /// Lock-free stack of pushed, not yet taken call data (newest first).
@@ -122,13 +123,17 @@ impl CallQueue {
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
             // SAFETY: the caller holds `csd`, so its link is ours to write.
-            // Relaxed: published by the Release CAS below.
+            // Relaxed: published by the CAS below.
             unsafe { (*csd).next.store(head, Ordering::Relaxed) };
-            // Release: the call data's contents and link happen-before the flusher's Acquire
-            // swap (every later CAS on `head` continues this release sequence).
+            // SeqCst (a Release, plus): the call data's contents and link happen-before the
+            // flusher's Acquire swap (every later CAS on `head` continues this release
+            // sequence); and being in the single total order it pairs, Dekker-style, with the
+            // target's SeqCst "stop polling / sleeping, then look at the queue" — the sender
+            // then reads the target's polling or sleeping flag with a SeqCst load, no fence
+            // needed (on x86 this is the same `lock cmpxchg` as a Release CAS).
             match self
                 .head
-                .compare_exchange_weak(head, csd, Ordering::Release, Ordering::Relaxed)
+                .compare_exchange_weak(head, csd, Ordering::SeqCst, Ordering::Relaxed)
             {
                 Ok(_) => return head.is_null(),
                 Err(current) => head = current,
@@ -136,11 +141,10 @@ impl CallQueue {
         }
     }
 
-    /// Whether nothing is pushed and not yet taken. A hint for polling loops: the flush's swap
-    /// is what synchronises. Pair it with a `SeqCst` fence where a decision depends on it.
+    /// Whether nothing is pushed and not yet taken. SeqCst: the target's half of the Dekker
+    /// pair with `push` (see there); the flush's swap is what synchronises the contents.
     pub(crate) fn is_empty(&self) -> bool {
-        // Relaxed: see above.
-        self.head.load(Ordering::Relaxed).is_null()
+        self.head.load(Ordering::SeqCst).is_null()
     }
 
     /// Whether taken entries are waiting to run (owner only).

@@ -390,7 +390,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.send_ipis(&ipis);
         self.stop_participant(&st, me, true);
         for t in &others {
-            self.wait_csd(me, self.slot(me, t));
+            self.wait_csd(me, t, self.slot(me, t));
         }
         core::mem::forget(in_flight);
         // Relaxed: statistics.
