@@ -342,17 +342,25 @@ fn hosted_sleep_finishes_while_ipis_keep_arriving() {
     let m = machine(2);
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = Arc::clone(&stop);
+    let streaming = Arc::new(AtomicUsize::new(0));
+    let st2 = Arc::clone(&streaming);
     let sender = m.run_on(1, move |e| {
         let mut sent = 0u64;
         while !s2.load(Ordering::SeqCst) {
             if e.call_single_async(0, |_| ()).is_ok() {
                 sent += 1;
+                st2.store(1, Ordering::SeqCst);
             }
         }
         sent
     });
+    let st3 = Arc::clone(&streaming);
     let slept = m
-        .run_on(0, |_| {
+        .run_on(0, move |_| {
+            // Start sleeping only once the IPI stream is flowing.
+            wait_until(LIMIT, "CPU 1 to start sending", || {
+                st3.load(Ordering::SeqCst) == 1
+            });
             let t = std::time::Instant::now();
             for _ in 0..20 {
                 smpcall::hosted::sleep(std::time::Duration::from_micros(200));
