@@ -487,3 +487,49 @@ fn senders_taken_down_mid_call_get_offline_or_an_exact_mask() {
 fn bits(m: &CpuMask) -> u64 {
     m.iter().fold(0, |acc, c| acc | 1 << c)
 }
+
+static STOP_STALL: AtomicBool = AtomicBool::new(false);
+
+fn stop_sink(line: &str) {
+    if line.contains("stop_machine stuck in stage Prepare")
+        && line.contains("CPUs that have not acknowledged it: 2")
+    {
+        STOP_STALL.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_stuck_stop_machine_participant_is_reported_with_cpu_and_stage() {
+    let m = Machine::builder()
+        .cpus(3)
+        .idle(IdlePolicy::Sleep)
+        .stall_threshold(std::time::Duration::from_millis(5))
+        .report_sink(stop_sink)
+        .build()
+        .unwrap();
+    // CPU 2 spins with interrupts masked: it cannot join stop_machine's Prepare stage.
+    let ready = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
+    let (r2, rel2) = (Arc::clone(&ready), Arc::clone(&release));
+    let held = m.run_on(2, move |e| {
+        let _g = e.irq_save();
+        r2.store(true, Ordering::SeqCst);
+        wait_until(LIMIT, "the test to unmask CPU 2", || {
+            rel2.load(Ordering::SeqCst)
+        });
+    });
+    wait_until(LIMIT, "CPU 2 to mask", || ready.load(Ordering::SeqCst));
+    let stop = m.run_on(0, |e| e.stop_machine(1, || 7));
+    wait_until(LIMIT, "the stuck participant to be reported", || {
+        STOP_STALL.load(Ordering::SeqCst)
+    });
+    assert!(m.engine().hotplug_stats().stalls_reported >= 1);
+    release.store(true, Ordering::SeqCst);
+    held.join_timeout(LIMIT).unwrap();
+    assert_eq!(
+        stop.join_timeout(LIMIT).unwrap(),
+        Ok(7),
+        "completes once CPU 2 joins"
+    );
+    m.shutdown().unwrap();
+}
