@@ -103,6 +103,11 @@ pub struct PerCpu {
     pub(crate) ctx: crate::context::ContextTracker,
     /// RCU read-side state.
     pub(crate) rcu: crate::rcu::RcuCpu,
+    /// The call data that brings this CPU into a stop_machine. Its own, not a sender's slot:
+    /// a handler nested in the caller's Prepare stage may need that slot for a no-wait call,
+    /// while the stop call holds it until Exit (found by the simulator). One suffices:
+    /// stop_machines are serialised.
+    pub(crate) stop_csd: Csd,
 }
 
 macro_rules! per_cpu_init {
@@ -128,6 +133,7 @@ macro_rules! per_cpu_init {
             nmi_report_requested: AtomicBool::new(false),
             ctx: crate::context::ContextTracker::new(),
             rcu: crate::rcu::RcuCpu::new(),
+            stop_csd: Csd::new(),
         }
     };
 }
@@ -522,6 +528,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
         let csd = Csd::new();
         let mut ipis = CpuMask::new();
+        // Masked from the first push to the IPI send: an interrupt nested in between could
+        // wait for one of our targets before we signalled it (found by the simulator).
+        let masked = self.irq_save();
         if const { Payload::fits::<OnceCall<F, R>>() } {
             // Small closure and result: keep them in the call data itself, so the result comes
             // back in the cache line the caller spins on.
@@ -542,6 +551,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // it released (unwinding out of here aborts).
             let in_flight = AbortOnUnwind;
             self.send_ipis(&ipis);
+            drop(masked);
             self.wait_csd(me, cpu, &csd);
             core::mem::forget(in_flight);
             // SAFETY: released (waited above), ours again, and it holds the `OnceCall` we wrote.
@@ -568,6 +578,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // (unwinding out of here aborts).
         let in_flight = AbortOnUnwind;
         self.send_ipis(&ipis);
+        drop(masked);
         self.wait_csd(me, cpu, &csd);
         core::mem::forget(in_flight);
         Ok(call
@@ -594,6 +605,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
         let mut f = Some(f);
         let mut ipis = CpuMask::new();
+        // Masked from the first push to the IPI send: an interrupt nested in between could
+        // wait for one of our targets before we signalled it (found by the simulator).
+        let masked = self.irq_save();
         let result = self.queue_call(
             me,
             cpu,
@@ -609,6 +623,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             },
         );
         self.send_ipis(&ipis);
+        drop(masked);
         result.map(|_| ())
     }
 
@@ -647,6 +662,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
         let mut f = Some(f);
         let mut ipis = CpuMask::new();
+        // Masked from the first push to the IPI send: an interrupt nested in between could
+        // wait for one of our targets before we signalled it (found by the simulator).
+        let masked = self.irq_save();
         // Pinned, and its `Drop` waits while it is busy, so it outlives the call.
         let result = self.queue_call(me, cpu, csd, Target::RefuseBusy, &mut ipis, |csd| {
             let f = f.take().expect("filled once");
@@ -655,6 +673,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             self.note_call::<F>(csd, me, cpu);
         });
         self.send_ipis(&ipis);
+        drop(masked);
         result.map(|_| ())
     }
 
@@ -672,6 +691,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
         let in_flight = AbortOnUnwind;
         let mut ipis = CpuMask::new();
+        // Masked from the first push to the IPI send: an interrupt nested in between could
+        // wait for one of our targets before we signalled it (found by the simulator).
+        let masked = self.irq_save();
         let mut queued = CpuMask::new();
         let mut refused = None;
         for t in &others {
@@ -693,6 +715,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
         }
         self.send_ipis(&ipis);
+        drop(masked);
         if refused.is_none() && mask.test(me) {
             let _masked = self.irq_save();
             f(me);
@@ -727,6 +750,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         others.clear(me);
 
         let mut ipis = CpuMask::new();
+
+        // Masked from the first push to the IPI send: an interrupt nested in between could
+
+        // wait for one of our targets before we signalled it (found by the simulator).
+
+        let masked = self.irq_save();
         let mut queued = CpuMask::new();
         let mut refused = None;
         for t in &others {
@@ -747,6 +776,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
         }
         self.send_ipis(&ipis);
+        drop(masked);
         match refused {
             Some(e) if queued.is_empty() => Err(e),
             // Partly delivered before this CPU went offline: say where it went.

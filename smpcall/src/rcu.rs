@@ -169,7 +169,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         if self.per_cpu(me).rcu.nesting.load(Ordering::Relaxed) > 0 {
             return Err(Error::WouldDeadlock(DeadlockReason::InRcuReader));
         }
-        self.lock_stop(me);
+        self.lock_stop(me)?;
         let st = &self.rcu;
         // Relaxed: serialised by the stop lock.
         let gp = st.gp_seq.load(Ordering::Relaxed) + 1;

@@ -193,7 +193,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     {
         let me = self.enter()?;
         self.check_can_wait(me)?;
-        self.lock_stop(me);
+        self.lock_stop(me)?;
         let participants = self.online.load();
         let active = active.and(&participants);
         let result = if active.is_empty() {
@@ -214,7 +214,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let me = self.enter()?;
         self.check_can_wait(me)?;
         let cpu = self.check_cpu(cpu)?;
-        self.lock_stop(me);
+        self.lock_stop(me)?;
         let result = self.cpu_down_locked(me, cpu);
         self.unlock_stop();
         result
@@ -271,7 +271,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 "that CPU was never brought up by the platform (mark_online)",
             ));
         }
-        self.lock_stop(me);
+        self.lock_stop(me)?;
         if !self.online.test(cpu) {
             self.online.set(cpu);
             self.accepting.set(cpu);
@@ -337,8 +337,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// Takes the stop/hotplug lock, serving our own queue while another CPU holds it (its
-    /// stop_machine needs us to take part).
-    pub(crate) fn lock_stop(&self, me: CpuId) {
+    /// stop_machine needs us to take part). Fails — without the lock — if this CPU went
+    /// offline meanwhile (a cpu_down of us ran while we waited: found by the simulator).
+    pub(crate) fn lock_stop(&self, me: CpuId) -> Result<(), Error> {
         // Acquire: the previous holder's hotplug changes are visible to us.
         while self
             .stop_lock
@@ -348,6 +349,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             self.serve_own(me);
             self.platform.relax();
         }
+        if !self.online.test(me) {
+            self.unlock_stop();
+            return Err(Error::Offline(me));
+        }
+        Ok(())
     }
 
     pub(crate) fn unlock_stop(&self) {
@@ -374,23 +380,33 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let participate = |cpu: CpuId| self.stop_participant(&st, cpu, false);
         let in_flight = AbortOnUnwind;
         let mut ipis = CpuMask::new();
+        // Masked from the first push to the IPI send: an interrupt nested in between could
+        // wait for one of our targets before we signalled it (found by the simulator).
+        let masked = self.irq_save();
         let mut others = *participants;
         others.clear(me);
         for t in &others {
             // Force: a CPU going down no longer accepts calls, but must take part.
-            let queued =
-                self.queue_call(me, t, self.slot(me, t), Target::Force, &mut ipis, |slot| {
+            let queued = self.queue_call(
+                me,
+                t,
+                &self.per_cpu(t).stop_csd,
+                Target::Force,
+                &mut ipis,
+                |slot| {
                     let (run, payload) = shared_call(&participate);
                     // SAFETY: we hold the slot; `participate` outlives the waits below.
                     unsafe { slot.set_call(run, payload, true) };
                     self.note_call::<StopState<'_>>(slot, me, t);
-                });
+                },
+            );
             debug_assert_eq!(queued, Ok(true));
         }
         self.send_ipis(&ipis);
+        drop(masked);
         self.stop_participant(&st, me, true);
         for t in &others {
-            self.wait_csd(me, t, self.slot(me, t));
+            self.wait_csd(me, t, &self.per_cpu(t).stop_csd);
         }
         core::mem::forget(in_flight);
         // Relaxed: statistics.
