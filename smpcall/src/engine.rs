@@ -281,6 +281,16 @@ pub(crate) struct AbortOnUnwind;
 
 impl Drop for AbortOnUnwind {
     fn drop(&mut self) {
+        // Reached either while unwinding (a panic in a call's function) or, by a bug, on a
+        // normal return. Either way the process must not go on: panic, and panic again from a
+        // drop during that unwinding, which always aborts (no_std has no `abort`).
+        struct Again;
+        impl Drop for Again {
+            fn drop(&mut self) {
+                panic!("smpcall: aborting: call data was in flight");
+            }
+        }
+        let _again = Again;
         panic!(
             "smpcall: panic while a cross-CPU call was in flight; aborting to protect call data"
         );

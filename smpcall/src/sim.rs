@@ -22,9 +22,10 @@
 //! * **IPI faults**, decided by the seeded generator per IPI: *dropped* (never arrives),
 //!   *delayed* (arrives 1..=`max_delay_steps` steps later), *duplicated* (arrives, and a copy
 //!   arrives again later).
-//! * **Virtual time.** Every scheduling step advances the clock by [`NS_PER_STEP`]; the engine's
-//!   stall threshold is set from [`SimConfig::stall_threshold_steps`], so stuck-wait reports and
-//!   IPI re-sends happen at deterministic points. The scheduler runs the engine's watchdog
+//! * **Virtual time.** Every scheduling step (of any CPU) advances the clock by [`NS_PER_STEP`];
+//!   with `n` runnable CPUs a CPU's own loop sees time pass about `n` steps per iteration. The
+//!   engine's stall threshold is set from [`SimConfig::stall_threshold_steps`], so stuck-wait
+//!   reports and IPI re-sends happen at deterministic points. The scheduler runs the engine's watchdog
 //!   ([`Engine::check_stalls`]) every [`SimConfig::watchdog_interval_steps`].
 //! * **Idle.** A CPU whose program returned goes idle: halted (not runnable until an IPI is
 //!   pending — `hlt`) or idle-polling ([`Engine::idle_poll`]), per [`SimIdle`]. When every CPU
@@ -335,6 +336,9 @@ impl Sim {
     /// assert!(report.counters.ipis_dropped == 0 || report.diag.ipi_resends > 0);
     /// # Ok::<(), smpcall::sim::SimFailure>(())
     /// ```
+    // A failure is returned at most once per run (which spawns threads): its size is irrelevant,
+    // and a plain `SimFailure` is easier to inspect in tests than a box.
+    #[allow(clippy::result_large_err)]
     pub fn run(config: SimConfig, programs: Vec<Program>) -> Result<SimReport, SimFailure> {
         let early = |reason: String| SimFailure {
             config,
@@ -545,7 +549,8 @@ unsafe impl Platform for SimPlatform {
 
     fn current_cpu(&self) -> Option<CpuId> {
         let c = CURRENT.with(Cell::get);
-        (c.shared == Arc::as_ptr(&self.shared)).then_some(c.cpu)
+        // The watchdog the scheduler runs on a CPU's thread is not that CPU.
+        (c.shared == Arc::as_ptr(&self.shared) && !c.no_sched).then_some(c.cpu)
     }
 
     fn send_ipi(&self, cpu: CpuId) {
@@ -847,6 +852,7 @@ impl Shared {
             }
             s.irr[me] = false;
             s.counters.interrupts += 1;
+            // Relaxed (both): see `masked`. Interrupt entry masks; the return unmasks.
             self.masked[me].store(true, Ordering::Relaxed);
             drop(s);
             engine.handle_ipi();
@@ -962,8 +968,11 @@ impl Shared {
         let now = self.now();
         s.recent.push_back((now, next));
         s.baton = Some(next);
+        // Notify with the lock released, so the woken CPU does not block on it again; the
+        // baton is re-checked under the lock, so a hand-back that comes first is not missed.
+        drop(s);
         self.cv[next].notify_one();
-        self.wait_baton(s, me)
+        self.wait_baton(self.lock(), me)
     }
 
     fn runnable(&self, s: &State, cpu: CpuId) -> bool {

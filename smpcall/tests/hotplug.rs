@@ -421,8 +421,8 @@ fn senders_taken_down_mid_call_get_offline_or_an_exact_mask() {
                         r[sender][i].fetch_or(1 << cpu, Ordering::SeqCst);
                     };
                     let res = match i % 3 {
-                        0 => e.call_single(3, |cpu| mark(cpu)).map(|()| 1u64 << 3),
-                        1 => e.call_all(|cpu| mark(cpu)).map(|m| bits(&m)),
+                        0 => e.call_single(3, &mark).map(|()| 1u64 << 3),
+                        1 => e.call_all(&mark).map(|m| bits(&m)),
                         _ => e.call_all_async(mark).map(|m| bits(&m)),
                     };
                     if matches!(res, Err(Error::Offline(_))) {
