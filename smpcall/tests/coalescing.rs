@@ -4,7 +4,7 @@
 mod common;
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::{wait_until, LIMIT};
@@ -19,18 +19,7 @@ fn masked_target_gets_one_ipi_for_many_calls_and_runs_all_at_unmask() {
         .idle(IdlePolicy::Sleep)
         .build()
         .unwrap();
-    // Hold CPU 1 busy in a task with interrupts masked.
-    let ready = Arc::new(AtomicBool::new(false));
-    let release = Arc::new(AtomicBool::new(false));
-    let (r2, rel2) = (Arc::clone(&ready), Arc::clone(&release));
-    let held = m.run_on(1, move |e| {
-        let _masked = e.irq_save();
-        r2.store(true, Ordering::SeqCst);
-        wait_until(LIMIT, "the test to unmask CPU 1", || {
-            rel2.load(Ordering::SeqCst)
-        });
-    });
-    wait_until(LIMIT, "CPU 1 to mask", || ready.load(Ordering::SeqCst));
+    let held = common::MaskedCpu::hold(&m, 1);
 
     let before = m.engine().stats(1);
     let signals_before = m.engine().platform().signals_sent();
@@ -63,8 +52,7 @@ fn masked_target_gets_one_ipi_for_many_calls_and_runs_all_at_unmask() {
         "the IPI waits for the unmask"
     );
 
-    release.store(true, Ordering::SeqCst);
-    held.join_timeout(LIMIT).unwrap();
+    held.release();
     wait_until(LIMIT, "all N calls to run after the unmask", || {
         runs.load(Ordering::SeqCst) == N
     });

@@ -166,28 +166,10 @@ fn self_call_runs_locally_with_interrupts_masked() {
     m.shutdown().unwrap();
 }
 
-/// Holds CPU `cpu` in a task with interrupts masked until the returned flag is set.
-fn hold_masked(m: &Machine, cpu: usize) -> (Arc<AtomicBool>, smpcall::hosted::Task<()>) {
-    let ready = Arc::new(AtomicBool::new(false));
-    let release = Arc::new(AtomicBool::new(false));
-    let (r2, rel2) = (Arc::clone(&ready), Arc::clone(&release));
-    let task = m.run_on(cpu, move |e| {
-        let _masked = e.irq_save();
-        r2.store(true, Ordering::SeqCst);
-        wait_until(LIMIT, "the test to release the masked CPU", || {
-            rel2.load(Ordering::SeqCst)
-        });
-    });
-    wait_until(LIMIT, "the target CPU to mask interrupts", || {
-        ready.load(Ordering::SeqCst)
-    });
-    (release, task)
-}
-
 #[test]
 fn busy_caller_owned_csd_is_refused_then_accepted() {
     let m = machine(2);
-    let (release, held) = hold_masked(&m, 1);
+    let held = common::MaskedCpu::hold(&m, 1);
     let csd: Pin<Arc<Csd>> = Arc::pin(Csd::new());
     let runs = Arc::new(AtomicUsize::new(0));
     let (c2, r2) = (csd.clone(), Arc::clone(&runs));
@@ -218,8 +200,7 @@ fn busy_caller_owned_csd_is_refused_then_accepted() {
         "target is masked: nothing ran yet"
     );
 
-    release.store(true, Ordering::SeqCst);
-    held.join_timeout(LIMIT).unwrap();
+    held.release();
     wait_until(LIMIT, "the caller-owned csd to be released", || {
         !csd.is_busy()
     });

@@ -154,17 +154,7 @@ fn dump_shows_every_cpu_and_in_flight_calls() {
         .idle(IdlePolicy::Sleep)
         .build()
         .unwrap();
-    let ready = Arc::new(AtomicBool::new(false));
-    let release = Arc::new(AtomicBool::new(false));
-    let (r2, rel2) = (Arc::clone(&ready), Arc::clone(&release));
-    let held = m.run_on(2, move |e| {
-        let _g = e.irq_save();
-        r2.store(true, Ordering::SeqCst);
-        wait_until(LIMIT, "the test to unmask CPU 2", || {
-            rel2.load(Ordering::SeqCst)
-        });
-    });
-    wait_until(LIMIT, "CPU 2 to mask", || ready.load(Ordering::SeqCst));
+    let held = common::MaskedCpu::hold(&m, 2);
     m.run_on(0, |e| e.call_single_async(2, |_| ()))
         .join_timeout(LIMIT)
         .unwrap()
@@ -180,8 +170,7 @@ fn dump_shows_every_cpu_and_in_flight_calls() {
     assert!(dump.contains("in flight: slot 0->2 no-wait"), "{dump}");
     assert!(dump.contains("CPU 2: requested 1 responded 0"), "{dump}");
     assert!(dump.contains("masked yes"), "{dump}");
-    release.store(true, Ordering::SeqCst);
-    held.join_timeout(LIMIT).unwrap();
+    held.release();
     wait_until(LIMIT, "the call to run after the unmask", || {
         !m.dump().contains("in flight")
     });

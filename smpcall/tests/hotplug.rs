@@ -213,18 +213,7 @@ fn offline_cpu_refuses_calls_is_pruned_and_comes_back() {
 #[test]
 fn calls_queued_while_online_run_before_the_cpu_leaves() {
     let m = machine(3, IdlePolicy::Sleep);
-    // Hold CPU 2 masked so calls pile up in its queue.
-    let ready = Arc::new(AtomicBool::new(false));
-    let release = Arc::new(AtomicBool::new(false));
-    let (r2, rel2) = (Arc::clone(&ready), Arc::clone(&release));
-    let held = m.run_on(2, move |e| {
-        let _g = e.irq_save();
-        r2.store(true, Ordering::SeqCst);
-        wait_until(LIMIT, "the test to unmask CPU 2", || {
-            rel2.load(Ordering::SeqCst)
-        });
-    });
-    wait_until(LIMIT, "CPU 2 to mask", || ready.load(Ordering::SeqCst));
+    let held = common::MaskedCpu::hold(&m, 2);
     let ran_online = Arc::new(AtomicUsize::new(0));
     let ro = Arc::clone(&ran_online);
     // CPU 1 queues a call (it can't run yet), then CPU 0 takes CPU 2 down.
@@ -244,8 +233,7 @@ fn calls_queued_while_online_run_before_the_cpu_leaves() {
     let down = m.run_on(0, |e| e.cpu_down(2));
     // cpu_down waits for CPU 2 to join stop_machine; let it.
     std::thread::sleep(std::time::Duration::from_millis(20));
-    release.store(true, Ordering::SeqCst);
-    held.join_timeout(LIMIT).unwrap();
+    held.release();
     down.join_timeout(LIMIT).unwrap().unwrap();
     assert_eq!(
         ran_online.load(Ordering::SeqCst),
@@ -507,25 +495,13 @@ fn a_stuck_stop_machine_participant_is_reported_with_cpu_and_stage() {
         .report_sink(stop_sink)
         .build()
         .unwrap();
-    // CPU 2 spins with interrupts masked: it cannot join stop_machine's Prepare stage.
-    let ready = Arc::new(AtomicBool::new(false));
-    let release = Arc::new(AtomicBool::new(false));
-    let (r2, rel2) = (Arc::clone(&ready), Arc::clone(&release));
-    let held = m.run_on(2, move |e| {
-        let _g = e.irq_save();
-        r2.store(true, Ordering::SeqCst);
-        wait_until(LIMIT, "the test to unmask CPU 2", || {
-            rel2.load(Ordering::SeqCst)
-        });
-    });
-    wait_until(LIMIT, "CPU 2 to mask", || ready.load(Ordering::SeqCst));
+    let held = common::MaskedCpu::hold(&m, 2);
     let stop = m.run_on(0, |e| e.stop_machine(1, || 7));
     wait_until(LIMIT, "the stuck participant to be reported", || {
         STOP_STALL.load(Ordering::SeqCst)
     });
     assert!(m.engine().hotplug_stats().stalls_reported >= 1);
-    release.store(true, Ordering::SeqCst);
-    held.join_timeout(LIMIT).unwrap();
+    held.release();
     assert_eq!(
         stop.join_timeout(LIMIT).unwrap(),
         Ok(7),

@@ -11,22 +11,6 @@ use common::{wait_until, LIMIT};
 use smpcall::hosted::{IdlePolicy, Machine};
 use smpcall::{CpuMask, DeadlockReason, Error};
 
-/// Holds `cpu` in a task with interrupts masked until the returned flag is set.
-fn hold_masked(m: &Machine, cpu: usize) -> (Arc<AtomicBool>, smpcall::hosted::Task<()>) {
-    let ready = Arc::new(AtomicBool::new(false));
-    let release = Arc::new(AtomicBool::new(false));
-    let (r2, rel2) = (Arc::clone(&ready), Arc::clone(&release));
-    let task = m.run_on(cpu, move |e| {
-        let _masked = e.irq_save();
-        r2.store(true, Ordering::SeqCst);
-        wait_until(LIMIT, "the test to release the masked CPU", || {
-            rel2.load(Ordering::SeqCst)
-        });
-    });
-    wait_until(LIMIT, "the CPU to mask", || ready.load(Ordering::SeqCst));
-    (release, task)
-}
-
 #[test]
 fn nmi_reaches_every_cpu_including_one_spinning_masked() {
     let m = Machine::builder()
@@ -34,7 +18,7 @@ fn nmi_reaches_every_cpu_including_one_spinning_masked() {
         .idle(IdlePolicy::Sleep)
         .build()
         .unwrap();
-    let (release, held) = hold_masked(&m, 2);
+    let held = common::MaskedCpu::hold(&m, 2);
     // answered[cpu] = 1 + (masked ? 2 : 0) + (in_nmi ? 4 : 0)
     let answered: Arc<Vec<AtomicU64>> = Arc::new((0..4).map(|_| AtomicU64::new(0)).collect());
     let a2 = Arc::clone(&answered);
@@ -68,8 +52,7 @@ fn nmi_reaches_every_cpu_including_one_spinning_masked() {
         assert_eq!(a[cpu] & 5, 5, "CPU {cpu} answered in NMI context: {a:?}");
     }
     assert!(m.engine().nmis_received(2) >= 1);
-    release.store(true, Ordering::SeqCst);
-    held.join_timeout(LIMIT).unwrap();
+    held.release();
     m.shutdown().unwrap();
 }
 
@@ -141,15 +124,14 @@ fn a_stalled_wait_asks_the_stuck_cpu_by_nmi_what_it_is_doing() {
         .report_sink(sink)
         .build()
         .unwrap();
-    let (release, held) = hold_masked(&m, 1);
+    let held = common::MaskedCpu::hold(&m, 1);
     let call = m.run_on(0, |e| e.call_single(1, |cpu| cpu));
     wait_until(
         LIMIT,
         "the stall report and the stuck CPU's NMI report",
         || STALL_REPORT.load(Ordering::SeqCst) && NMI_REPORT.load(Ordering::SeqCst),
     );
-    release.store(true, Ordering::SeqCst);
-    held.join_timeout(LIMIT).unwrap();
+    held.release();
     assert_eq!(call.join_timeout(LIMIT).unwrap(), Ok(1));
     m.shutdown().unwrap();
 }

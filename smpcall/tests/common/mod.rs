@@ -16,3 +16,40 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::yield_now();
     }
 }
+
+/// A CPU held busy in a task with interrupts masked; [`MaskedCpu::release`] lets it go.
+pub struct MaskedCpu {
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: smpcall::hosted::Task<()>,
+}
+
+impl MaskedCpu {
+    /// Holds `cpu` of `m` masked (returns once it is).
+    pub fn hold(m: &smpcall::hosted::Machine, cpu: usize) -> MaskedCpu {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let ready = Arc::new(AtomicBool::new(false));
+        let release = Arc::new(AtomicBool::new(false));
+        let (r2, rel2) = (Arc::clone(&ready), Arc::clone(&release));
+        let task = m.run_on(cpu, move |e| {
+            let _masked = e.irq_save();
+            r2.store(true, Ordering::SeqCst);
+            wait_until(LIMIT, "the test to release the masked CPU", || {
+                rel2.load(Ordering::SeqCst)
+            });
+        });
+        wait_until(LIMIT, &format!("CPU {cpu} to mask interrupts"), || {
+            ready.load(Ordering::SeqCst)
+        });
+        MaskedCpu { release, task }
+    }
+
+    /// Unmasks the CPU and waits for its task to end.
+    pub fn release(self) {
+        self.release
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task
+            .join_timeout(LIMIT)
+            .expect("the masked CPU's task ended");
+    }
+}
