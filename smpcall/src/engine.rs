@@ -700,32 +700,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         others.clear(me);
 
         let in_flight = AbortOnUnwind;
-        let mut ipis = CpuMask::new();
-        // Masked from the first push to the IPI send: an interrupt nested in between could
-        // wait for one of our targets before we signalled it (found by the simulator).
-        let masked = self.irq_save();
-        let mut queued = CpuMask::new();
-        let mut refused = None;
-        for t in &others {
-            let pushed =
-                self.queue_call(me, t, self.slot(me, t), Target::Prune, &mut ipis, |slot| {
-                    // SAFETY: we hold the slot; `f` outlives the waits below.
-                    unsafe { slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true) };
-                    self.note_call::<F>(slot, me, t);
-                });
-            match pushed {
-                Ok(true) => queued.set(t),
-                Ok(false) => {}
-                Err(e) => {
-                    // This CPU went offline under us: queue nothing more, but wait for what is
-                    // already in flight (it borrows `f`).
-                    refused = Some(e);
-                    break;
-                }
-            }
-        }
-        self.send_ipis(&ipis);
-        drop(masked);
+        let (mut queued, refused) = self.queue_on_slots(me, &others, |slot, t| {
+            // SAFETY: we hold the slot; `f` outlives the waits below.
+            unsafe { slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true) };
+            self.note_call::<F>(slot, me, t);
+        });
+        // On a refusal (this CPU went offline under us) still wait for what is already in
+        // flight: it borrows `f`.
         if refused.is_none() && mask.test(me) {
             let _masked = self.irq_save();
             f(me);
@@ -759,34 +740,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut others = mask.and(&self.accepting.load());
         others.clear(me);
 
-        let mut ipis = CpuMask::new();
-
-        // Masked from the first push to the IPI send: an interrupt nested in between could
-
-        // wait for one of our targets before we signalled it (found by the simulator).
-
-        let masked = self.irq_save();
-        let mut queued = CpuMask::new();
-        let mut refused = None;
-        for t in &others {
-            let pushed =
-                self.queue_call(me, t, self.slot(me, t), Target::Prune, &mut ipis, |slot| {
-                    // SAFETY: we hold the slot; inline payload matches `run_inline::<F>`.
-                    unsafe { slot.set_call(run_inline::<F>, Payload::inline(f.clone()), false) };
-                    self.note_call::<F>(slot, me, t);
-                });
-            match pushed {
-                Ok(true) => queued.set(t),
-                Ok(false) => {}
-                Err(e) => {
-                    // This CPU went offline under us (e.g. while waiting for a busy slot).
-                    refused = Some(e);
-                    break;
-                }
-            }
-        }
-        self.send_ipis(&ipis);
-        drop(masked);
+        let (mut queued, refused) = self.queue_on_slots(me, &others, |slot, t| {
+            // SAFETY: we hold the slot; inline payload matches `run_inline::<F>`.
+            unsafe { slot.set_call(run_inline::<F>, Payload::inline(f.clone()), false) };
+            self.note_call::<F>(slot, me, t);
+        });
         match refused {
             Some(e) if queued.is_empty() => Err(e),
             // Partly delivered before this CPU went offline: say where it went.
@@ -986,6 +944,38 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             .iter()
             .filter(|&c| cond(c))
             .collect()
+    }
+
+    /// Queues a call on every CPU of `others` through this CPU's per-target slots (`fill`
+    /// writes one), masked from the first push to the IPI send: an interrupt nested in between
+    /// could wait for one of our targets before we signalled it (found by the simulator).
+    /// Offline targets are skipped. Stops at the first refusal (this CPU went offline under
+    /// us) and returns it with the CPUs already queued to.
+    fn queue_on_slots(
+        &self,
+        me: CpuId,
+        others: &CpuMask,
+        mut fill: impl FnMut(&Csd, CpuId),
+    ) -> (CpuMask, Option<Error>) {
+        let mut ipis = CpuMask::new();
+        let masked = self.irq_save();
+        let mut queued = CpuMask::new();
+        let mut refused = None;
+        for t in others {
+            match self.queue_call(me, t, self.slot(me, t), Target::Prune, &mut ipis, |slot| {
+                fill(slot, t)
+            }) {
+                Ok(true) => queued.set(t),
+                Ok(false) => {}
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        self.send_ipis(&ipis);
+        drop(masked);
+        (queued, refused)
     }
 
     /// Claims `csd`, fills it with `fill` and pushes it on `target`'s queue, adding `target`
