@@ -138,8 +138,11 @@ pub fn run(args: &DumpArgs) -> Result<String, Error> {
         bounded(limit, "CPU 1's waiting call to be queued", || {
             machine.engine().stats(held).calls_queued >= machine.engine().stats(held).calls_run + 2
         })?;
-        // Let its wait register (the engine notes what a CPU waits for after a few spins).
-        thread::sleep(Duration::from_millis(5));
+        // Let its wait register (the engine notes what a CPU waits for after a few hundred
+        // spins, which can take a while when CPUs outnumber cores).
+        bounded(limit, "CPU 1's wait to show in the dump", || {
+            machine.dump().contains(&format!("waiting for CPU {held}"))
+        })?;
     }
     let _ = writeln!(
         out,
