@@ -1028,6 +1028,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 if policy == Target::RefuseBusy {
                     return Err(Error::Busy);
                 }
+                // Inside stop_machine past Prepare (e.g. the dying CPU's last flush, or the
+                // function of stop_machine itself) every other CPU is masked until it ends:
+                // waiting for a busy slot would never end (found by the simulator).
+                // Relaxed: this CPU's own stage.
+                let stage = self.per_cpu(me).stop_stage.load(Ordering::Relaxed);
+                if (crate::StopStage::DisableIrqInactive as u32..crate::StopStage::Exit as u32)
+                    .contains(&stage)
+                {
+                    return Err(Error::WouldDeadlock(DeadlockReason::StopMachine));
+                }
             }
             // Busy: make sure what we queued so far is signalled before we wait on anyone.
             self.send_ipis(ipis);

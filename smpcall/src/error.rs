@@ -19,6 +19,10 @@ pub enum DeadlockReason {
     /// The caller is inside an RCU read-side critical section: a grace period would wait
     /// for the caller itself.
     InRcuReader,
+    /// The caller runs inside stop_machine (its function, or a dying CPU's last flush) and a
+    /// no-wait call found its per-target slot busy: every other CPU is masked until the
+    /// machine restarts, so the slot could not be freed.
+    StopMachine,
 }
 
 /// Every refusal the engine can make. A call either runs, or returns one of these.
@@ -55,6 +59,10 @@ impl fmt::Display for Error {
             Error::WouldDeadlock(DeadlockReason::InterruptsMasked) => f.write_str(
                 "a waiting call with interrupts masked would risk deadlock; \
                  use a no-wait call or unmask first",
+            ),
+            Error::WouldDeadlock(DeadlockReason::StopMachine) => f.write_str(
+                "a no-wait call inside stop_machine found its call-data slot busy; every other \
+                 CPU is masked until stop_machine ends",
             ),
             Error::WouldDeadlock(DeadlockReason::InRcuReader) => f.write_str(
                 "a grace period from inside an RCU read-side section would wait for itself",

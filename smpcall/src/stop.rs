@@ -106,30 +106,80 @@ impl HotplugCounters {
 /// The state shared by the participants of one stop_machine (on the caller's stack).
 struct StopState<'a> {
     stage: AtomicU32,
-    /// Participants that have not yet acknowledged the current stage.
-    acks: AtomicU32,
+    /// `(participants that have not acknowledged the current stage) << 32 | (participants
+    /// serving their queue right now)`. The stage advances when this reaches zero: in Prepare,
+    /// not while anyone is still serving calls — a function run there may wait for another
+    /// participant's queue service, which ends once that one masks (found by the simulator).
+    acks: AtomicU64,
     participants: CpuMask,
     active: CpuMask,
     work: &'a (dyn Fn(CpuId) + Sync),
 }
+
+/// One acknowledgement in [`StopState::acks`].
+const ACK_ONE: u64 = 1 << 32;
+/// One participant serving its queue in [`StopState::acks`].
+const SERVE_ONE: u64 = 1;
 
 impl StopState<'_> {
     fn set_stage(&self, stage: u32) {
         // Relaxed: published by the Release store of `stage` below; nobody acks the new stage
         // before seeing it.
         self.acks
-            .store(self.participants.weight() as u32, Ordering::Relaxed);
+            .store((self.participants.weight() as u64) << 32, Ordering::Relaxed);
         // Release: the reset count, and (through the AcqRel ack chain) every participant's
         // actions in the previous stage, happen-before anyone acting on the new stage.
         self.stage.store(stage, Ordering::Release);
     }
 
-    fn ack(&self, stage: u32) {
-        // AcqRel: the last participant to ack sees every other participant's stage actions
-        // (release sequence on `acks`) before it publishes the next stage.
-        if self.acks.fetch_sub(1, Ordering::AcqRel) == 1 && stage < StopStage::Exit as u32 {
-            self.set_stage(stage + 1);
+    fn ack(&self) {
+        self.drop_count(ACK_ONE);
+    }
+
+    /// Removes `amount` from `acks`; whoever brings it to zero advances the stage.
+    fn drop_count(&self, amount: u64) {
+        // AcqRel: the one reaching zero sees every other participant's stage actions (release
+        // sequence on `acks`) before it publishes the next stage.
+        if self.acks.fetch_sub(amount, Ordering::AcqRel) == amount {
+            // Acquire: the stage cannot change before we advance it (the count is zero).
+            let stage = self.stage.load(Ordering::Acquire);
+            if stage < StopStage::Exit as u32 {
+                self.set_stage(stage + 1);
+            }
         }
+    }
+
+    /// Registers the caller as serving its queue in Prepare. Fails once Prepare is over (or
+    /// about to be: every ack in and nobody serving).
+    fn enter_serving(&self) -> bool {
+        // Acquire: see the current stage's count.
+        let mut w = self.acks.load(Ordering::Acquire);
+        loop {
+            if w == 0 {
+                return false;
+            }
+            match self.acks.compare_exchange_weak(
+                w,
+                w + SERVE_ONE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
+        }
+        // Acquire: pairs with `set_stage`. If Prepare ended before our increment, it counted
+        // against a later stage: take it back (that cannot complete the later stage, which
+        // still waits for our own acknowledgement).
+        if self.stage.load(Ordering::Acquire) != StopStage::Prepare as u32 {
+            self.drop_count(SERVE_ONE);
+            return false;
+        }
+        true
+    }
+
+    fn leave_serving(&self) {
+        self.drop_count(SERVE_ONE);
     }
 }
 
@@ -371,7 +421,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     ) {
         let st = StopState {
             stage: AtomicU32::new(StopStage::None as u32),
-            acks: AtomicU32::new(0),
+            acks: AtomicU64::new(0),
             participants: *participants,
             active: *active,
             work,
@@ -419,8 +469,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let pc = self.per_cpu(me);
         let active = st.active.test(me);
         let mut seen = StopStage::None as u32;
-        let mut masked = false;
-        let mut guard = None;
+        // The caller takes part from task context: it masks now and serves its queue
+        // explicitly, like the participants that run as call handlers, so that nothing it runs
+        // escapes the Prepare accounting.
+        let guard = is_caller.then(|| self.irq_save());
         let threshold = self.stall_threshold_ns.load(Ordering::Relaxed);
         let mut since = self.platform.now_ns();
         let mut report_after = threshold;
@@ -432,12 +484,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 let mask_now = (stage == StopStage::DisableIrqInactive as u32 && !active)
                     || (stage == StopStage::DisableIrqActive as u32 && active);
                 if mask_now {
-                    if is_caller {
-                        guard = Some(self.irq_save());
-                    }
-                    // Call handlers already run with interrupts masked; from now on they also
-                    // stop serving their queue.
-                    masked = true;
+                    // Everyone already runs with interrupts masked (handler, or the caller's
+                    // guard); "masking" here means: from now on this CPU serves no calls,
+                    // which it stopped doing at the end of Prepare already. Record the order.
                     // Relaxed: the order itself comes from the RMW on one counter.
                     let order = self.stop_seq.fetch_add(1, Ordering::Relaxed) + 1;
                     pc.stop_mask_seq.store(order, Ordering::Relaxed);
@@ -447,16 +496,18 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 }
                 // Relaxed: an observation; the ack below orders what matters.
                 pc.stop_stage.store(stage, Ordering::Relaxed);
-                st.ack(stage);
+                st.ack();
                 if stage == StopStage::Exit as u32 {
                     break;
                 }
                 since = self.platform.now_ns();
                 report_after = threshold;
             } else {
-                if !masked {
-                    // Prepare: interrupts are still on; keep serving calls.
+                if stage == StopStage::Prepare as u32 && st.enter_serving() {
+                    // Prepare: keep serving calls (a CPU that has not arrived yet may be
+                    // waiting for us); the stage does not advance while we do.
                     self.serve_own(me);
+                    st.leave_serving();
                 }
                 if is_caller && threshold != 0 {
                     let waited = self.platform.now_ns().saturating_sub(since);

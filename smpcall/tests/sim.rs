@@ -91,7 +91,14 @@ impl Ledger {
     fn refused(&self, e: Error) {
         if e == Error::Busy {
             self.busy.fetch_add(1, Ordering::SeqCst);
-        } else if self.allow_offline && matches!(e, Error::Offline(_) | Error::Hotplug(_)) {
+        } else if self.allow_offline
+            && matches!(
+                e,
+                Error::Offline(_)
+                    | Error::Hotplug(_)
+                    | Error::WouldDeadlock(smpcall::DeadlockReason::StopMachine)
+            )
+        {
             self.offline.fetch_add(1, Ordering::SeqCst);
         } else {
             // Program context only (`refused` is never called from a call's function with a
@@ -935,7 +942,6 @@ fn bug_stop_machine_from_a_cpu_that_went_offline_meanwhile_is_refused() {
 /// the next stage, so it never acknowledges it: stop_machine deadlocks (the re-send cannot
 /// help; CPU 2 is masked on purpose). 331 of 3000 seeds fail.
 #[test]
-#[ignore = "engine bug 2b: a stop_machine participant waits in Prepare for a CPU that masked"]
 fn bug_stop_machine_participant_survives_a_nested_wait_in_prepare() {
     fn nested(_cpu: CpuId) {
         sim::with_engine(|e| e.call_single_async(2, |_| {}).unwrap());
@@ -966,7 +972,6 @@ fn bug_stop_machine_participant_survives_a_nested_wait_in_prepare() {
 /// re-send off. With bugs 1–3 fixed, about 7 of 2000 seeds (`SMPCALL_SIM_SEEDS=20`) still
 /// deadlock through bug 2b (seed 0x184d replays it).
 #[test]
-#[ignore = "engine bug 2b (see above)"]
 fn nested_no_wait_calls_from_handlers_keep_exactly_once() {
     let nested = Mix {
         hotplug: false,
