@@ -48,6 +48,44 @@ fn wait_request(
     }
 }
 
+/// A worker's next message from `rx`: busy-polling `try_recv` when `spin` (bounded, and
+/// watching `stop`), else blocking in `recv_timeout`. `Ok(None)` when the sender is gone or
+/// `stop` was raised.
+fn next_message(
+    ctx: &Ctx,
+    relax: Relax,
+    stop: &AtomicBool,
+    what: &str,
+    rx: &crossbeam_channel::Receiver<u64>,
+    spin: bool,
+) -> Result<Option<u64>, BenchError> {
+    if spin {
+        let mut got = None;
+        let mut gone = false;
+        let next = wait_request(ctx, relax, stop, what, || match rx.try_recv() {
+            Ok(v) => {
+                got = Some(v);
+                true
+            }
+            Err(TryRecvError::Empty) => false,
+            Err(TryRecvError::Disconnected) => {
+                gone = true;
+                true
+            }
+        })?;
+        Ok(match next {
+            Next::Request if !gone => got,
+            _ => None,
+        })
+    } else {
+        match rx.recv_timeout(ctx.cfg.wait_bound) {
+            Ok(v) => Ok(Some(v)),
+            Err(RecvTimeoutError::Disconnected) => Ok(None),
+            Err(RecvTimeoutError::Timeout) => Err(ctx.timeout(what)),
+        }
+    }
+}
+
 /// Runs a requester/responder pair: `responder` on core 1, `requester` (which measures) on
 /// core 0. The stop flag handed to both is raised when the requester returns or panics.
 fn pair<R, Q, P>(ctx: &Ctx, what: &str, responder: P, requester: Q) -> Result<R, BenchError>
@@ -142,30 +180,8 @@ pub fn crossbeam_rr(ctx: &Ctx, what: &str, spin: bool) -> Result<Histogram<u64>,
         ctx,
         what,
         move |stop| loop {
-            let v = if spin {
-                let mut got = None;
-                let mut gone = false;
-                let next = wait_request(&c1, relax, stop, &w1, || match req_rx.try_recv() {
-                    Ok(v) => {
-                        got = Some(v);
-                        true
-                    }
-                    Err(TryRecvError::Empty) => false,
-                    Err(TryRecvError::Disconnected) => {
-                        gone = true;
-                        true
-                    }
-                })?;
-                match (next, got) {
-                    (Next::Request, Some(v)) if !gone => v,
-                    _ => return Ok(()),
-                }
-            } else {
-                match req_rx.recv_timeout(c1.cfg.wait_bound) {
-                    Ok(v) => v,
-                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
-                    Err(RecvTimeoutError::Timeout) => return Err(c1.timeout(&w1)),
-                }
+            let Some(v) = next_message(&c1, relax, stop, &w1, &req_rx, spin)? else {
+                return Ok(());
             };
             match resp_tx.try_send(v + 1) {
                 Ok(()) => {}
@@ -616,31 +632,7 @@ pub fn crossbeam_throughput(ctx: &Ctx, what: &str, spin: bool) -> Result<Through
         ctx,
         what,
         move |stop| loop {
-            let got = if spin {
-                let mut got = None;
-                let mut gone = false;
-                let next = wait_request(&c1, relax, stop, &w1, || match rx.try_recv() {
-                    Ok(v) => {
-                        got = Some(v);
-                        true
-                    }
-                    Err(TryRecvError::Empty) => false,
-                    Err(TryRecvError::Disconnected) => {
-                        gone = true;
-                        true
-                    }
-                })?;
-                match next {
-                    Next::Request if !gone => got,
-                    _ => None,
-                }
-            } else {
-                match rx.recv_timeout(c1.cfg.wait_bound) {
-                    Ok(v) => Some(v),
-                    Err(RecvTimeoutError::Disconnected) => None,
-                    Err(RecvTimeoutError::Timeout) => return Err(c1.timeout(&w1)),
-                }
-            };
+            let got = next_message(&c1, relax, stop, &w1, &rx, spin)?;
             match got {
                 Some(v) => {
                     black_box(v);
