@@ -23,6 +23,10 @@ pub enum DeadlockReason {
     /// no-wait call found its per-target slot busy: every other CPU is masked until the
     /// machine restarts, so the slot could not be freed.
     StopMachine,
+    /// A no-wait call from a call handler found its call data busy, and waiting for it (which
+    /// means serving this CPU's queue, one handler deeper) would exceed the nesting limit
+    /// ([`Platform::MAX_CALL_NESTING`](crate::Platform::MAX_CALL_NESTING)). Nothing was queued.
+    NestingLimit,
 }
 
 /// Every refusal the engine can make. A call either runs, or returns one of these.
@@ -47,6 +51,11 @@ pub enum Error {
     Hotplug(&'static str),
     /// The platform does not provide this facility (the message says which).
     Unsupported(&'static str),
+    /// The operation needed to run user code on this CPU, which was running code that user
+    /// functions may not interrupt (a hosted CPU interrupted outside a safe point, with calls
+    /// left that could only run there). Nothing was done; retry, or let that CPU reach a safe
+    /// point.
+    NotAtSafePoint(CpuId),
     /// A bounded wait of the hosted backend expired (the message says for what).
     TimedOut(&'static str),
 }
@@ -56,6 +65,11 @@ impl fmt::Display for Error {
         match self {
             Error::UnknownCpu(cpu) => write!(f, "CPU {cpu} does not exist on this machine"),
             Error::Offline(cpu) => write!(f, "CPU {cpu} is offline"),
+            Error::NotAtSafePoint(cpu) => write!(
+                f,
+                "CPU {cpu} is running code that call functions may not interrupt and has to run \
+                 user code for this; nothing was done (retry when it reaches a safe point)"
+            ),
             Error::WouldDeadlock(DeadlockReason::InterruptsMasked) => f.write_str(
                 "a waiting call with interrupts masked would risk deadlock; \
                  use a no-wait call or unmask first",
@@ -66,6 +80,10 @@ impl fmt::Display for Error {
             ),
             Error::WouldDeadlock(DeadlockReason::InRcuReader) => f.write_str(
                 "a grace period from inside an RCU read-side section would wait for itself",
+            ),
+            Error::WouldDeadlock(DeadlockReason::NestingLimit) => f.write_str(
+                "a no-wait call from a call handler found its call data busy at the handler \
+                 nesting limit; waiting would nest another handler (nothing was queued)",
             ),
             Error::WouldDeadlock(DeadlockReason::InNmi) => {
                 f.write_str("a waiting call from inside an NMI handler would risk deadlock")

@@ -169,7 +169,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         if self.per_cpu(me).rcu.nesting.load(Ordering::Relaxed) > 0 {
             return Err(Error::WouldDeadlock(DeadlockReason::InRcuReader));
         }
-        self.lock_stop(me)?;
+        self.lock_stop(Some(me))?;
         let st = &self.rcu;
         // Relaxed: serialised by the stop lock.
         let gp = st.gp_seq.load(Ordering::Relaxed) + 1;
@@ -208,7 +208,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let result = if call.is_empty() {
             Ok(())
         } else {
-            self.call_many(&call, |cpu| self.rcu_qs_check(cpu, gp))
+            // Any context: the check is atomics only (async-signal-safe), so it runs at once even
+            // where user calls are deferred.
+            self.call_many_inner(&call, |cpu| self.rcu_qs_check(cpu, gp), true)
                 .map(|queued| {
                     // A CPU the call could not reach will never report: stop waiting for it.
                     // (Cannot happen while we hold the hotplug lock; defensive.)

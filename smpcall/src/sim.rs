@@ -374,9 +374,8 @@ impl Sim {
         engine.set_stall_threshold_ns(config.stall_threshold_steps.saturating_mul(NS_PER_STEP));
         engine.set_resend_on_stall(config.resend_on_stall);
         for cpu in 0..config.cpus {
-            engine
-                .mark_online(cpu)
-                .map_err(|e| early(format!("engine: {e}")))?;
+            // SAFETY: every CPU gets a simulated thread below that serves its interrupts.
+            unsafe { engine.mark_online(cpu) }.map_err(|e| early(format!("engine: {e}")))?;
         }
         let engine = Arc::new(engine);
 
@@ -855,7 +854,9 @@ impl Shared {
             // Relaxed (both): see `masked`. Interrupt entry masks; the return unmasks.
             self.masked[me].store(true, Ordering::Relaxed);
             drop(s);
-            engine.handle_ipi();
+            // SAFETY: the simulated interrupt of CPU `me`, on its thread; simulated handlers may
+            // run any call (they model a kernel's interrupt context).
+            unsafe { engine.handle_ipi() };
             self.masked[me].store(false, Ordering::Relaxed);
         }
     }
@@ -1133,7 +1134,8 @@ impl Shared {
                     self.point(me, PointKind::Halt, engine);
                 }
             }
-            SimIdle::Poll => engine.idle_poll(over),
+            // SAFETY: the simulated CPU's idle loop, at task level.
+            SimIdle::Poll => unsafe { engine.idle_poll(over) },
         }
     }
 

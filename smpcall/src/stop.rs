@@ -114,6 +114,12 @@ struct StopState<'a> {
     participants: CpuMask,
     active: CpuMask,
     work: &'a (dyn Fn(CpuId) + Sync),
+    /// `work` is user code: an active CPU taking part from a restricted handler (one that may
+    /// not run user code) refuses the whole run instead.
+    user_work: bool,
+    /// The first active CPU that refused (`cpu + 1`; 0: none). Set before its Prepare ack,
+    /// read after Prepare: nobody runs `work` once it is set.
+    refused: core::sync::atomic::AtomicUsize,
 }
 
 /// One acknowledgement in [`StopState::acks`].
@@ -241,16 +247,20 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: Fn(CpuId) + Sync,
     {
-        let me = self.enter()?;
-        self.check_can_wait(me)?;
+        let me = self.enter_any()?;
+        if let Some(me) = me {
+            self.check_can_wait(me)?;
+        }
         self.lock_stop(me)?;
         let participants = self.online.load();
         let active = active.and(&participants);
         let result = if active.is_empty() {
             Err(Error::Offline(self.first_requested(active)))
         } else {
-            self.stop_locked(me, &participants, &active, &f);
-            Ok(active)
+            match self.stop_locked(me, &participants, &active, &f, true) {
+                Some(cpu) => Err(Error::NotAtSafePoint(cpu)),
+                None => Ok(active),
+            }
         };
         self.unlock_stop();
         result
@@ -260,9 +270,17 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// queued to it while it was online run before it leaves (on it); many-calls skip it from
     /// then on. Refuses the last online CPU, the calling CPU itself, and a CPU that is inside an
     /// RCU read-side section (it would keep its references while grace periods skip it).
+    ///
+    /// May be called from a thread that is not one of the engine's CPUs (the platform must then
+    /// allow [`current_cpu`](Platform::current_cpu) to return `None` there): it drives the
+    /// stop_machine without taking part. If the CPU going down is running code that may not
+    /// run user functions (a hosted CPU interrupted outside a safe point) while user calls are
+    /// still queued to it, nothing is done and [`Error::NotAtSafePoint`] is returned: retry.
     pub fn cpu_down(&self, cpu: CpuId) -> Result<(), Error> {
-        let me = self.enter()?;
-        self.check_can_wait(me)?;
+        let me = self.enter_any()?;
+        if let Some(me) = me {
+            self.check_can_wait(me)?;
+        }
         let cpu = self.check_cpu(cpu)?;
         self.lock_stop(me)?;
         let result = self.cpu_down_locked(me, cpu);
@@ -270,14 +288,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         result
     }
 
-    fn cpu_down_locked(&self, me: CpuId, cpu: CpuId) -> Result<(), Error> {
+    fn cpu_down_locked(&self, me: Option<CpuId>, cpu: CpuId) -> Result<(), Error> {
         if !self.online.test(cpu) {
             return Err(Error::Offline(cpu));
         }
         if self.online.load().weight() == 1 {
             return Err(Error::Hotplug("cannot take down the last online CPU"));
         }
-        if cpu == me {
+        if Some(cpu) == me {
             return Err(Error::Hotplug(
                 "a CPU cannot take itself down; call cpu_down from another CPU",
             ));
@@ -286,25 +304,35 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // masked push region; stop_machine below cannot start before they have pushed.
         self.accepting.clear(cpu);
         let participants = self.online.load();
-        let reader = core::sync::atomic::AtomicBool::new(false);
+        // 0: went down; 1: inside an RCU reader; 2: user calls left that it may not run here.
+        let refusal = core::sync::atomic::AtomicU32::new(0);
         let dying = |c: CpuId| {
             if c == cpu {
                 if self.rcu_reader_on(cpu) {
                     // The code we interrupted is inside an RCU read-side section: it would go
                     // on holding references on an offline CPU, which grace periods skip.
                     // Relaxed: read by the caller after stop_machine (stage Release/Acquire).
-                    reader.store(true, Ordering::Relaxed);
-                } else {
-                    self.die(cpu);
+                    refusal.store(1, Ordering::Relaxed);
+                } else if !self.die(cpu) {
+                    refusal.store(2, Ordering::Relaxed);
                 }
             }
         };
-        self.stop_locked(me, &participants, &CpuMask::single(cpu), &dying);
-        if reader.load(Ordering::Relaxed) {
-            self.accepting.set(cpu);
-            return Err(Error::Hotplug(
-                "the CPU is inside an RCU read-side critical section; try again later",
-            ));
+        // The going-down work is the engine's own: it runs in any context, and decides itself
+        // (in `die`) whether user calls it would have to run can run there.
+        self.stop_locked(me, &participants, &CpuMask::single(cpu), &dying, false);
+        match refusal.load(Ordering::Relaxed) {
+            0 => {}
+            1 => {
+                self.accepting.set(cpu);
+                return Err(Error::Hotplug(
+                    "the CPU is inside an RCU read-side critical section; try again later",
+                ));
+            }
+            _ => {
+                self.accepting.set(cpu);
+                return Err(Error::NotAtSafePoint(cpu));
+            }
         }
         // Relaxed: statistics.
         self.hotplug.downs.fetch_add(1, Ordering::Relaxed);
@@ -312,9 +340,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// Brings `cpu` back online: calls to it work again. Idempotent.
+    ///
+    /// Like [`cpu_down`](Engine::cpu_down), it may be called from a thread that is not a CPU.
     pub fn cpu_up(&self, cpu: CpuId) -> Result<(), Error> {
-        let me = self.enter()?;
-        self.check_can_wait(me)?;
+        let me = self.enter_any()?;
+        if let Some(me) = me {
+            self.check_can_wait(me)?;
+        }
         let cpu = self.check_cpu(cpu)?;
         if !self.possible.test(cpu) {
             return Err(Error::Hotplug(
@@ -389,21 +421,25 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// Takes the stop/hotplug lock, serving our own queue while another CPU holds it (its
     /// stop_machine needs us to take part). Fails — without the lock — if this CPU went
     /// offline meanwhile (a cpu_down of us ran while we waited: found by the simulator).
-    pub(crate) fn lock_stop(&self, me: CpuId) -> Result<(), Error> {
+    pub(crate) fn lock_stop(&self, me: Option<CpuId>) -> Result<(), Error> {
         // Acquire: the previous holder's hotplug changes are visible to us.
         while self
             .stop_lock
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            self.serve_own(me);
+            if let Some(me) = me {
+                self.serve_own(me);
+            }
             self.platform.relax();
         }
-        if !self.online.test(me) {
-            self.unlock_stop();
-            return Err(Error::Offline(me));
+        match me {
+            Some(me) if !self.online.test(me) => {
+                self.unlock_stop();
+                Err(Error::Offline(me))
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     pub(crate) fn unlock_stop(&self) {
@@ -411,20 +447,24 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.stop_lock.store(false, Ordering::Release);
     }
 
-    /// Runs the state machine on `participants` (the caller among them). Lock held.
+    /// Runs the state machine on `participants` (the caller among them, if it is a CPU). Lock
+    /// held. Returns the active CPU that refused to run user `work` (then nobody ran it).
     fn stop_locked(
         &self,
-        me: CpuId,
+        me: Option<CpuId>,
         participants: &CpuMask,
         active: &CpuMask,
         work: &(dyn Fn(CpuId) + Sync),
-    ) {
+        user_work: bool,
+    ) -> Option<CpuId> {
         let st = StopState {
             stage: AtomicU32::new(StopStage::None as u32),
             acks: AtomicU64::new(0),
             participants: *participants,
             active: *active,
             work,
+            user_work,
+            refused: core::sync::atomic::AtomicUsize::new(0),
         };
         st.set_stage(StopStage::Prepare as u32);
         let participate = |cpu: CpuId| self.stop_participant(&st, cpu, false);
@@ -434,33 +474,50 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // wait for one of our targets before we signalled it (found by the simulator).
         let masked = self.irq_save();
         let mut others = *participants;
-        others.clear(me);
+        if let Some(me) = me {
+            others.clear(me);
+        }
         for t in &others {
-            // Force: a CPU going down no longer accepts calls, but must take part.
-            let queued = self.queue_call(
-                me,
-                t,
-                &self.per_cpu(t).stop_csd,
-                Target::Force,
-                &mut ipis,
-                |slot| {
-                    let (run, payload) = shared_call(&participate);
-                    // SAFETY: we hold the slot; `participate` outlives the waits below.
-                    unsafe { slot.set_call(run, payload, true) };
-                    self.note_call::<StopState<'_>>(slot, me, t);
-                },
-            );
-            debug_assert_eq!(queued, Ok(true));
+            let fill = |slot: &crate::csd::Csd| {
+                let (run, payload) = shared_call(&participate);
+                // SAFETY: we hold the slot; `participate` outlives the waits below. The
+                // participant's own steps are atomics only (async-signal-safe); user `work`
+                // runs only where the participant may run user code (checked on arrival).
+                unsafe {
+                    slot.set_call(run, payload, true);
+                    slot.set_any_context();
+                }
+                self.note_call::<StopState<'_>>(slot, me.unwrap_or(crate::csd::FOREIGN), t);
+            };
+            let csd = &self.per_cpu(t).stop_csd;
+            match me {
+                // Force: a CPU going down no longer accepts calls, but must take part.
+                Some(me) => {
+                    let queued = self.queue_call(me, t, csd, Target::Force, &mut ipis, fill);
+                    debug_assert_eq!(queued, Ok(true));
+                }
+                // SAFETY: `csd` (a per-target stop csd: stop_machines are serialised, so it is
+                // free) outlives the wait below.
+                None => unsafe { self.queue_foreign(t, csd, &mut ipis, fill) },
+            }
         }
         self.send_ipis(&ipis);
         drop(masked);
-        self.stop_participant(&st, me, true);
+        if let Some(me) = me {
+            self.stop_participant(&st, me, true);
+        }
         for t in &others {
-            self.wait_csd(me, t, &self.per_cpu(t).stop_csd);
+            let csd = &self.per_cpu(t).stop_csd;
+            match me {
+                Some(me) => self.wait_csd(me, t, csd),
+                None => self.wait_foreign(csd),
+            }
         }
         core::mem::forget(in_flight);
         // Relaxed: statistics.
         self.hotplug.stop_machines.fetch_add(1, Ordering::Relaxed);
+        // Relaxed: ordered by the waits above (every participant released its csd).
+        st.refused.load(Ordering::Relaxed).checked_sub(1)
     }
 
     /// One CPU's run through the state machine. `is_caller`: the CPU that called
@@ -491,7 +548,28 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                     let order = self.stop_seq.fetch_add(1, Ordering::Relaxed) + 1;
                     pc.stop_mask_seq.store(order, Ordering::Relaxed);
                 }
-                if stage == StopStage::Run as u32 && active {
+                if stage == StopStage::Prepare as u32
+                    && active
+                    && st.user_work
+                    && !is_caller
+                    && pc.is_restricted()
+                {
+                    {
+                        // Relaxed: published by our Prepare ack (AcqRel) below; read in Run.
+                        let _ = st.refused.compare_exchange(
+                            0,
+                            me + 1,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                }
+                // Relaxed: written before every Prepare ack, read after the Run stage was
+                // published (the ack/stage Release/Acquire chain orders it).
+                if stage == StopStage::Run as u32
+                    && active
+                    && st.refused.load(Ordering::Relaxed) == 0
+                {
                     (st.work)(me);
                 }
                 // Relaxed: an observation; the ack below orders what matters.
@@ -543,14 +621,30 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// The going-down work, run on `cpu` in the Run stage: serve every call queued while it
-    /// was online, then leave the online mask.
-    fn die(&self, cpu: CpuId) {
+    /// was online, then leave the online mask. Returns `false` — and stays online — if user
+    /// calls remain that this context may not run (a restricted handler: they stay deferred to
+    /// the CPU's next safe point, and `cpu_down` is refused).
+    fn die(&self, cpu: CpuId) -> bool {
         let pc = self.per_cpu(cpu);
         // Relaxed: our own flag.
         pc.dying.store(true, Ordering::Relaxed);
         // We run as a call handler: `serve_own` also runs what the outer flush already took.
-        while self.serve_own(cpu) > 0 || self.has_queued(cpu) {}
-        self.online.clear(cpu);
+        // Restricted, it runs the engine's work and defers user calls.
+        loop {
+            let ran = self.serve_own(cpu);
+            // SeqCst (is_empty): nothing can be pushed any more (not accepting, and senders
+            // push inside a region stop_machine excludes), so an empty queue stays empty.
+            if ran == 0 && self.per_cpu(cpu).queue.is_empty() {
+                break;
+            }
+        }
+        // SAFETY (has_pending): on `cpu`, masked (we run as its call handler).
+        let left =
+            pc.deferred_len() > 0 || !pc.queue.is_empty() || unsafe { pc.queue.has_pending() };
+        if !left {
+            self.online.clear(cpu);
+        }
         pc.dying.store(false, Ordering::Relaxed);
+        !left
     }
 }

@@ -149,10 +149,10 @@ where
     } else {
         None
     };
-    let task = m.run_on(0, body);
+    let mut task = m.run_on(0, body);
     let result = task.join_timeout(ctx.row_bound());
     stop.store(true, Ordering::SeqCst);
-    let busy_done = busy.map(|t| t.join_timeout(ctx.cfg.wait_bound));
+    let busy_done = busy.map(|mut t| t.join_timeout(ctx.cfg.wait_bound));
     let down = m.shutdown();
     let r = match result {
         Ok(r) => r?,
@@ -217,7 +217,7 @@ pub fn broadcast(
     let m = machine(ctx, cpus, idle)?;
     let c = ctx.clone();
     let w = what.to_string();
-    let task = m.run_on(0, move |e: &HostEngine| {
+    let mut task = m.run_on(0, move |e: &HostEngine| {
         let before = counters(e);
         let mut calls = 0u64;
         let h = measure(&c.clock, &c.cfg, 0, || {

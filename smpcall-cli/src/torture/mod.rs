@@ -289,21 +289,24 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
     let mut builder = Machine::builder()
         .cpus(n)
         .idle(cfg.idle)
-        .timeout(cfg.timeout)
-        .report_sink(if cfg.verbose_reports || !faults_on {
-            faults::verbose_sink
-        } else {
-            faults::quiet_sink
-        });
+        .timeout(cfg.timeout);
+    let sink: fn(&str) = if cfg.verbose_reports || !faults_on {
+        faults::verbose_sink
+    } else {
+        faults::quiet_sink
+    };
+    // SAFETY: both sinks only bump atomic counters and write(2) to stderr: async-signal-safe.
+    builder = unsafe { builder.report_sink(sink) };
     if let Some(threshold) = cfg.machine_stall_threshold() {
         builder = builder.stall_threshold(threshold);
     }
     if faults_on {
-        builder = builder.faults(Faults {
-            drop_ipi: cfg.drop_ipi,
-            delay_ipi: cfg.delay_ipi,
-            seed: cfg.seed,
-        });
+        builder = builder.faults(
+            Faults::none()
+                .drop_ipi(cfg.drop_ipi)
+                .delay_ipi(cfg.delay_ipi)
+                .seed(cfg.seed),
+        );
     }
     let machine = builder.build()?;
     let stall_ns = machine.engine().stall_threshold_ns();
@@ -390,7 +393,7 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
     }
     let mut hung = Vec::new();
     let mut rcu_errors = 0usize;
-    for (cpu, task) in tasks.into_iter().enumerate() {
+    for (cpu, mut task) in tasks.into_iter().enumerate() {
         // Every task has finished, or the bound is spent: this does not wait long.
         let left = join_deadline
             .saturating_duration_since(Instant::now())

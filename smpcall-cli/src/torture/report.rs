@@ -433,6 +433,7 @@ pub fn idle_name(idle: IdlePolicy) -> String {
         IdlePolicy::Poll => "poll".to_owned(),
         IdlePolicy::Sleep => "sleep".to_owned(),
         IdlePolicy::PollThenSleep(d) => format!("mixed (poll {d:?}, then sleep)"),
+        other => format!("{other:?}"),
     }
 }
 

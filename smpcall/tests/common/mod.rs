@@ -45,11 +45,37 @@ impl MaskedCpu {
     }
 
     /// Unmasks the CPU and waits for its task to end.
-    pub fn release(self) {
+    pub fn release(mut self) {
         self.release
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.task
             .join_timeout(LIMIT)
             .expect("the masked CPU's task ended");
     }
+}
+
+/// Builder helpers for the tests' report sinks.
+pub trait TestSink {
+    /// `report_sink` for a sink that only matches on the text and stores atomics.
+    fn atomic_sink(self, sink: fn(&str)) -> Self;
+}
+
+impl TestSink for smpcall::hosted::MachineBuilder {
+    fn atomic_sink(self, sink: fn(&str)) -> Self {
+        // SAFETY: every sink the tests pass only reads the line and stores atomics (or does
+        // nothing): async-signal-safe.
+        unsafe { self.report_sink(sink) }
+    }
+}
+
+/// `nmi_call_many` for the tests' NMI functions, which only read engine state and store
+/// atomics.
+pub fn nmi_call_many<F: Fn(smpcall::CpuId) + Sync>(
+    e: &smpcall::hosted::HostEngine,
+    mask: &smpcall::CpuMask,
+    f: F,
+) -> Result<smpcall::CpuMask, smpcall::Error> {
+    // SAFETY: the tests' NMI functions store atomics and read engine state only
+    // (async-signal-safe), or make nested NMI calls that are refused.
+    unsafe { e.nmi_call_many(mask, f) }
 }
