@@ -481,11 +481,15 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             let fill = |slot: &crate::csd::Csd| {
                 let (run, payload) = shared_call(&participate);
                 // SAFETY: we hold the slot; `participate` outlives the waits below. The
-                // participant's own steps are atomics only (async-signal-safe); user `work`
-                // runs only where the participant may run user code (checked on arrival).
+                // participant's own steps are atomics only (async-signal-safe), so the call
+                // may run in any context — except on a CPU that runs user `work`: that one
+                // takes part at its next safe point, as Linux's stopper thread waits to be
+                // scheduled (a busy hosted CPU delays the stop_machine, never breaks it).
                 unsafe {
                     slot.set_call(run, payload, true);
-                    slot.set_any_context();
+                    if !(user_work && active.test(t)) {
+                        slot.set_any_context();
+                    }
                 }
                 self.note_call::<StopState<'_>>(slot, me.unwrap_or(crate::csd::FOREIGN), t);
             };

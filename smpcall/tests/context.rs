@@ -284,7 +284,7 @@ fn safe_point_delivery_runs_calls_only_at_safe_points() {
     // CPU 1 is busy in a task that reaches a safe point only when told to.
     let mut worker = m.run_on(1, move |_| {
         b2.store(true, Ordering::SeqCst);
-        wait_until(LIMIT, "the test to allow a safe point", || {
+        common::spin_until(LIMIT, "the test to allow a safe point", || {
             g2.load(Ordering::SeqCst)
         });
         safe_point()

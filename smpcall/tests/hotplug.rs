@@ -324,7 +324,7 @@ fn hotplug_cycling_under_call_load_keeps_exactly_once() {
         let pause = std::time::Duration::from_micros(500);
         let mut cycles = 0;
         while cycles < 200 {
-            e.cpu_down(3).expect("cpu_down");
+            common::cpu_down_retry(e, 3).expect("cpu_down");
             smpcall::hosted::sleep(pause);
             e.cpu_up(3).expect("cpu_up");
             smpcall::hosted::sleep(pause);
@@ -427,7 +427,7 @@ fn senders_taken_down_mid_call_get_offline_or_an_exact_mask() {
     let mut cycler = m.run_on(0, move |e| {
         for round in 0..40 {
             let victim = 1 + round % 3;
-            e.cpu_down(victim).expect("cpu_down");
+            common::cpu_down_retry(e, victim).expect("cpu_down");
             smpcall::hosted::sleep(std::time::Duration::from_micros(300));
             e.cpu_up(victim).expect("cpu_up");
             smpcall::hosted::sleep(std::time::Duration::from_micros(300));

@@ -255,6 +255,9 @@ fn pointer_swap_never_frees_what_a_reader_holds() {
                     }
                     reads.fetch_add(1, Ordering::Relaxed);
                     drop(_r);
+                    // Between sections, a safe point: the writer's no-wait calls run here
+                    // (they never run inside the reader's code, which a signal interrupted).
+                    smpcall::hosted::safe_point();
                     // 4 CPUs share 2 cores here: let the writer's CPU run.
                     std::thread::yield_now();
                 }

@@ -1,7 +1,7 @@
 //! The body of a CPU thread: tasks, the idle loop (poll, sleep, park while offline).
 
 use std::ptr;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{compiler_fence, fence, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -81,7 +81,20 @@ fn idle(inner: &Inner, cpu: CpuId, hc: &HostCpu) {
     // Idle time is an extended quiescent state: RCU skips this CPU (no IPI).
     // SAFETY: the idle loop of this CPU's thread, between tasks: no reader is open here.
     unsafe { engine.idle_enter() };
+    // The idle wait is interruptible: it polls atomics, reads the clock and sleeps on a futex
+    // (all async-signal-safe), so a signal landing here may run any call at once.
+    // Relaxed: this thread's own counter (see `interruptible`).
+    hc.interruptible.store(
+        hc.interruptible.load(Ordering::Relaxed) + 1,
+        Ordering::Relaxed,
+    );
+    compiler_fence(Ordering::SeqCst);
     idle_wait(inner, cpu, hc);
+    compiler_fence(Ordering::SeqCst);
+    hc.interruptible.store(
+        hc.interruptible.load(Ordering::Relaxed) - 1,
+        Ordering::Relaxed,
+    );
     // SAFETY: pairs with the idle_enter above, on this CPU.
     unsafe { engine.idle_exit() };
 }

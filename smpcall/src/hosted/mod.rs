@@ -51,7 +51,7 @@ mod signals;
 pub use builder::{Delivery, Faults, IdlePolicy, MachineBuilder, Pinning};
 pub use machine::{Machine, Task};
 pub use platform::{HostPlatform, ReportSink};
-pub use safe_points::{interruptible, safe_point, sleep};
+pub use safe_points::{interruptible, safe_point, sleep, with_engine};
 
 /// The engine as the hosted backend runs it.
 pub type HostEngine = crate::Engine<HostPlatform, crate::HeapStorage>;

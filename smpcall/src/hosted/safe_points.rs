@@ -117,3 +117,26 @@ pub unsafe fn interruptible<R>(f: impl FnOnce() -> R) -> R {
     drop(leave);
     r
 }
+
+/// Runs `f` with the engine of the machine whose CPU this thread is — from a task or from a
+/// call's function — so nested calls need no `Machine` in a `static`. `None` on a thread that
+/// is not a CPU.
+///
+/// ```
+/// use smpcall::hosted::{with_engine, Machine};
+/// let m = Machine::builder().cpus(2).build()?;
+/// let r = m.run_on(0, |e| {
+///     e.call_single(1, |_| with_engine(|e| e.current_cpu()).flatten())
+/// }).join()??;
+/// assert_eq!(r, Some(1));
+/// # m.shutdown()?; Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn with_engine<R>(f: impl FnOnce(&super::HostEngine) -> R) -> Option<R> {
+    let c = current();
+    if c.engine.is_null() {
+        return None;
+    }
+    // SAFETY: the pointer is set by this CPU thread while its machine is alive and cleared
+    // before the thread exits; `f` runs now, on this thread, and cannot keep the reference.
+    Some(f(unsafe { &*c.engine }))
+}

@@ -6,8 +6,22 @@ use std::time::{Duration, Instant};
 /// Generous bound for waits that normally take microseconds (the machine may be loaded).
 pub const LIMIT: Duration = Duration::from_secs(20);
 
-/// Spins (yielding) until `cond` holds; panics naming `what` after `limit`.
+/// Spins (yielding) until `cond` holds; panics naming `what` after `limit`. On a CPU thread
+/// each turn is a safe point: calls deferred to this CPU run (a task that waits for the effect
+/// of a call to itself must let it run).
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        smpcall::hosted::safe_point();
+        std::thread::yield_now();
+    }
+}
+
+/// Like [`wait_until`], but never a safe point: a task that spins here is "busy in user code".
+pub fn spin_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
         if Instant::now() > deadline {
@@ -78,4 +92,21 @@ pub fn nmi_call_many<F: Fn(smpcall::CpuId) + Sync>(
     // SAFETY: the tests' NMI functions store atomics and read engine state only
     // (async-signal-safe), or make nested NMI calls that are refused.
     unsafe { e.nmi_call_many(mask, f) }
+}
+
+/// `cpu_down` from a task, retried while the victim is busy outside a safe point with calls
+/// queued to it (`NotAtSafePoint`: nothing happened), for at most [`LIMIT`].
+pub fn cpu_down_retry(
+    e: &smpcall::hosted::HostEngine,
+    cpu: smpcall::CpuId,
+) -> Result<(), smpcall::Error> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        match e.cpu_down(cpu) {
+            Err(smpcall::Error::NotAtSafePoint(_)) if Instant::now() < deadline => {
+                smpcall::hosted::sleep(Duration::from_micros(100));
+            }
+            other => return other,
+        }
+    }
 }
