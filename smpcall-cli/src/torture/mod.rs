@@ -134,6 +134,10 @@ pub struct Config {
     /// [`LONG_WAIT_NS`] (besides the brief 1–5 µs busy-waits of one call in
     /// [`SHORT_SPIN_ONE_IN`], always on).
     pub long_wait: bool,
+    /// Run call functions inside the IPI signal handler wherever it lands (the machine's
+    /// `unsafe` `run_calls_in_signal_handlers`; the torture's functions are async-signal-safe).
+    /// Off: the sound default, where busy CPUs run calls at their safe points.
+    pub signal_calls: bool,
     /// Bound on each wait: after the deadline a task to finish, calls to drain, shutdown;
     /// half of it for an rpc's completion.
     pub timeout: Duration,
@@ -185,6 +189,7 @@ impl Default for Config {
             min_calls_per_cpu: 0,
             mix: Mix::default(),
             long_wait: false,
+            signal_calls: false,
             timeout: Duration::from_secs(30),
             inject: None,
             onoff: None,
@@ -307,6 +312,12 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
                 .delay_ipi(cfg.delay_ipi)
                 .seed(cfg.seed),
         );
+    }
+    if cfg.signal_calls {
+        // SAFETY: every function the torture sends (`on_call`, the RCU reader checks, the
+        // rpc replies) only touches atomics in the ledger, spins and reads the clock:
+        // async-signal-safe.
+        builder = unsafe { builder.run_calls_in_signal_handlers() };
     }
     let machine = builder.build()?;
     let stall_ns = machine.engine().stall_threshold_ns();
@@ -587,6 +598,7 @@ fn spin_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
+        smpcall::hosted::safe_point();
         thread::yield_now();
     }
 }
@@ -721,6 +733,9 @@ impl<'a> Worker<'a> {
             if now >= deadline && (issued >= cfg.min_calls_per_cpu || now >= hard_deadline) {
                 break;
             }
+            // A safe point per step: calls deferred to this CPU (it was busy in this loop when
+            // their IPI came) run here.
+            smpcall::hosted::safe_point();
             if let Some(driver) = &mut w.driver {
                 driver.tick(engine, &w.ledger);
             }

@@ -195,6 +195,8 @@ pub struct JsonConfig {
     pub seed: u64,
     /// Whether long waits were on.
     pub long_wait: bool,
+    /// Whether functions ran inside signal handlers (`--signal-calls`).
+    pub signal_calls: bool,
     /// The injected fault (self-test), if any.
     pub inject: Option<String>,
     /// Call records per CPU.
@@ -297,6 +299,7 @@ impl From<&Report> for JsonReport {
                 idle: idle_name(c.idle),
                 seed: c.seed,
                 long_wait: c.long_wait,
+                signal_calls: c.signal_calls,
                 inject: c.inject.map(|f| format!("{f:?}")),
                 max_calls_per_cpu: c.max_calls_per_cpu,
                 min_calls_per_cpu: c.min_calls_per_cpu,
@@ -461,12 +464,17 @@ impl fmt::Display for Report {
         let v = &self.verification;
         writeln!(
             f,
-            "smpcall torture: {} CPUs, {:?}, idle {}, seed {:#x}, long waits {}{}",
+            "smpcall torture: {} CPUs, {:?}, idle {}, seed {:#x}, long waits {}, calls run {}{}",
             c.cpus,
             c.duration,
             idle_name(c.idle),
             c.seed,
             if c.long_wait { "on" } else { "off" },
+            if c.signal_calls {
+                "in signal handlers (--signal-calls)"
+            } else {
+                "at safe points"
+            },
             stresses(c)
         )?;
         if let Some(fault) = c.inject {
