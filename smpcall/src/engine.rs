@@ -942,11 +942,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// calls ran.
     ///
     /// Safe to call anywhere: from task code it runs every queued call (this *is* a safe
-    /// point). With interrupts masked — which includes inside a call handler — it runs
-    /// nothing: a masked region takes no calls.
+    /// point, also with interrupts masked: an explicit flush, as a kernel's idle loop does);
+    /// nested inside a restricted handler it runs only the engine's own work; at the nesting
+    /// limit ([`Platform::MAX_CALL_NESTING`]) it runs nothing.
     pub fn serve_queue(&self) -> usize {
         match self.current_cpu() {
-            Some(_) if self.platform.irqs_masked() => 0,
             Some(me) => self.serve_own(me),
             None => 0,
         }

@@ -56,13 +56,21 @@ fn sleep_until_deadline(d: Duration) {
 
 /// A safe point: serves the current CPU's queue (for [`Delivery::SafePoint`], or to cut
 /// latency anywhere). Returns how many calls ran; 0 when not on a CPU thread.
+///
+/// With interrupts masked (an [`IrqGuard`](crate::IrqGuard) alive) it serves nothing: the
+/// masked region asked for no calls. (`Engine::serve_queue` is the explicit flush that serves
+/// regardless.)
 pub fn safe_point() -> usize {
     let c = current();
     if c.engine.is_null() {
         return 0;
     }
     // SAFETY: set by this CPU thread while its machine is alive.
-    unsafe { (*c.engine).serve_queue() }
+    let engine = unsafe { &*c.engine };
+    if engine.irqs_masked() {
+        return 0;
+    }
+    engine.serve_queue()
 }
 
 /// Runs `f` in a region where IPIs may run this CPU's calls *inside the signal handler* that
