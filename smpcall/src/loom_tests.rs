@@ -778,12 +778,18 @@ struct TwoStoreStages {
 }
 
 impl TwoStoreStages {
+    // The orderings below are the old stop.rs's, unchanged: the count store Relaxed (to be
+    // published by the stage's Release store), the stage Release/Acquire, the counts AcqRel.
     fn set_stage(&self, stage: u32) {
+        // Relaxed: the old code's (see above).
         self.acks.store(self.participants << 32, Ordering::Relaxed);
+        // Issue 16's window: an `enter_serving` here sees the fresh count and the old stage.
+        // Release: the old code's (see above).
         self.stage.store(stage, Ordering::Release);
     }
 
     fn drop_count(&self, amount: u64) {
+        // AcqRel / Acquire: the old code's (see above).
         if self.acks.fetch_sub(amount, Ordering::AcqRel) == amount {
             let stage = self.stage.load(Ordering::Acquire);
             if stage < StopStage::Exit as u32 {
@@ -804,12 +810,14 @@ impl StageProtocol for TwoStoreStages {
         s
     }
     fn stage(&self) -> u32 {
+        // Acquire: pairs with `set_stage`'s Release (the old code's).
         self.stage.load(Ordering::Acquire)
     }
     fn ack(&self) {
         self.drop_count(1 << 32);
     }
     fn enter_serving(&self) -> bool {
+        // Acquire / AcqRel: the old code's (see `set_stage`).
         let mut w = self.acks.load(Ordering::Acquire);
         loop {
             if w == 0 {
