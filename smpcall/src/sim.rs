@@ -11,9 +11,12 @@
 //!   CPU, and if so blocks until it gets it back. Between two points only one thread runs and
 //!   every decision comes from the seed, so a run replays exactly from its seed
 //!   ([`SimReport::trace_hash`] fingerprints the schedule).
-//! * **Scheduling points:** [`Platform::preempt_point`], [`Platform::relax`] (every engine wait
-//!   loop), [`Platform::send_ipi`] (after the send), [`Platform::irq_restore`] when it unmasks,
-//!   [`Platform::now_ns`], and [`yield_now`] for programs.
+//! * **Scheduling points:** [`Platform::preempt_point`] (the engine calls it inside a call's
+//!   claim-fill-push, and inside stop_machine's stage protocol: between reading and updating
+//!   the stage word, and before the last acknowledgement publishes the next stage),
+//!   [`Platform::relax`] (every engine wait loop), [`Platform::send_ipi`] (after the send),
+//!   [`Platform::irq_restore`] when it unmasks, [`Platform::now_ns`], and [`yield_now`] for
+//!   programs.
 //! * **Interrupts.** Each CPU has a soft mask and one pending-IPI bit (the local APIC's IRR bit:
 //!   an IPI sent while one is already pending *coalesces* with it). A CPU that holds the baton,
 //!   is unmasked and has its bit set takes the interrupt: the bit is cleared, the CPU masks, calls

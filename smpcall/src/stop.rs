@@ -29,13 +29,14 @@
 //! ([`CpuStats::offline_runs`](crate::CpuStats::offline_runs)).
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::cpumask::{CpuId, CpuMask};
 use crate::csd::shared_call;
 use crate::engine::{AbortOnUnwind, Engine, Storage, Target};
 use crate::error::Error;
 use crate::platform::Platform;
+use crate::sync;
 
 /// Default threshold after which a stuck stop_machine participant is reported: 5 s.
 pub(crate) const DEFAULT_STALL_NS: u64 = 5_000_000_000;
@@ -105,12 +106,7 @@ impl HotplugCounters {
 
 /// The state shared by the participants of one stop_machine (on the caller's stack).
 struct StopState<'a> {
-    stage: AtomicU32,
-    /// `(participants that have not acknowledged the current stage) << 32 | (participants
-    /// serving their queue right now)`. The stage advances when this reaches zero: in Prepare,
-    /// not while anyone is still serving calls — a function run there may wait for another
-    /// participant's queue service, which ends once that one masks (found by the simulator).
-    acks: AtomicU64,
+    counts: StageCounts,
     participants: CpuMask,
     active: CpuMask,
     work: &'a (dyn Fn(CpuId) + Sync),
@@ -122,70 +118,117 @@ struct StopState<'a> {
     refused: core::sync::atomic::AtomicUsize,
 }
 
-/// One acknowledgement in [`StopState::acks`].
-const ACK_ONE: u64 = 1 << 32;
-/// One participant serving its queue in [`StopState::acks`].
+/// The stage of one stop_machine and its counts, in **one** atomic word:
+/// `stage << 56 | (participants that have not acknowledged the stage) << 28 | (participants
+/// serving their queue right now)`.
+///
+/// The stage advances when both counts reach zero: in Prepare, not while anyone is still
+/// serving calls — a function run there may wait for another participant's queue service,
+/// which ends once that one masks (found by the simulator). Advancing is a single store of the
+/// next stage with a fresh count, and registering as serving is a CAS on the whole word that
+/// requires Prepare: so once the stage moved, nobody can start serving under it. (It used to
+/// be two words, the count stored before the stage; an `enter_serving` between the two stores
+/// saw a fresh count and the old stage, and served on into the next stage: issue 16.)
+///
+/// Under `--cfg loom` the atomic is loom's, and `loom_tests` drives this very type.
+pub(crate) struct StageCounts {
+    word: sync::AtomicU64,
+    participants: u64,
+}
+
+const STAGE_SHIFT: u32 = 56;
+const ACK_SHIFT: u32 = 28;
+/// Both counts (everything below the stage).
+const COUNTS: u64 = (1 << STAGE_SHIFT) - 1;
+/// One acknowledgement still missing.
+const ACK_ONE: u64 = 1 << ACK_SHIFT;
+/// One participant serving its queue.
 const SERVE_ONE: u64 = 1;
 
-impl StopState<'_> {
-    fn set_stage(&self, stage: u32) {
-        // Relaxed: published by the Release store of `stage` below; nobody acks the new stage
-        // before seeing it.
-        self.acks
-            .store((self.participants.weight() as u64) << 32, Ordering::Relaxed);
-        // Release: the reset count, and (through the AcqRel ack chain) every participant's
-        // actions in the previous stage, happen-before anyone acting on the new stage.
-        self.stage.store(stage, Ordering::Release);
-    }
-
-    fn ack(&self) {
-        self.drop_count(ACK_ONE);
-    }
-
-    /// Removes `amount` from `acks`; whoever brings it to zero advances the stage.
-    fn drop_count(&self, amount: u64) {
-        // AcqRel: the one reaching zero sees every other participant's stage actions (release
-        // sequence on `acks`) before it publishes the next stage.
-        if self.acks.fetch_sub(amount, Ordering::AcqRel) == amount {
-            // Acquire: the stage cannot change before we advance it (the count is zero).
-            let stage = self.stage.load(Ordering::Acquire);
-            if stage < StopStage::Exit as u32 {
-                self.set_stage(stage + 1);
-            }
+impl StageCounts {
+    /// Stage [`StopStage::None`]; [`start`](Self::start) enters Prepare.
+    pub(crate) fn new(participants: usize) -> Self {
+        debug_assert!(participants > 0 && (participants as u64) < SERVE_ONE << ACK_SHIFT);
+        StageCounts {
+            word: sync::AtomicU64::new(StopStage::None as u64),
+            participants: participants as u64,
         }
     }
 
-    /// Registers the caller as serving its queue in Prepare. Fails once Prepare is over (or
-    /// about to be: every ack in and nobody serving).
-    fn enter_serving(&self) -> bool {
-        // Acquire: see the current stage's count.
-        let mut w = self.acks.load(Ordering::Acquire);
+    /// Enters Prepare: every participant has to acknowledge it.
+    pub(crate) fn start(&self) {
+        self.publish(StopStage::Prepare as u32);
+    }
+
+    /// The current stage (a [`StopStage`] as `u32`).
+    pub(crate) fn stage(&self) -> u32 {
+        // Acquire: pairs with `publish`'s Release (and, through the release sequence of the
+        // RMWs after it, everything the previous stage's participants did before acking).
+        (self.word.load(sync::Ordering::Acquire) >> STAGE_SHIFT) as u32
+    }
+
+    /// Acknowledges the current stage (the caller saw it with [`stage`](Self::stage)).
+    /// `point` is called where another CPU's step matters (a scheduling point of the
+    /// simulator; empty elsewhere).
+    pub(crate) fn ack(&self, point: &impl Fn()) {
+        self.drop_count(ACK_ONE, point);
+    }
+
+    /// Registers the caller as serving its queue in Prepare. Fails once Prepare is over, or
+    /// about to be (every ack in and nobody serving: the last one is advancing the stage).
+    pub(crate) fn enter_serving(&self, point: &impl Fn()) -> bool {
+        // Acquire: as in `stage`.
+        let mut w = self.word.load(sync::Ordering::Acquire);
         loop {
-            if w == 0 {
+            if w >> STAGE_SHIFT != StopStage::Prepare as u64 || w & COUNTS == 0 {
                 return false;
             }
-            match self.acks.compare_exchange_weak(
+            point();
+            // The whole word, stage included, is compared: if the stage moved since we read
+            // it, this fails, and the retry sees the new stage. Success ordering AcqRel, and
+            // Acquire on failure: as in `stage`; serving starts after the increment.
+            match self.word.compare_exchange_weak(
                 w,
                 w + SERVE_ONE,
-                Ordering::AcqRel,
-                Ordering::Acquire,
+                sync::Ordering::AcqRel,
+                sync::Ordering::Acquire,
             ) {
-                Ok(_) => break,
+                Ok(_) => return true,
                 Err(now) => w = now,
             }
         }
-        // Acquire: pairs with `set_stage`. If Prepare ended before our increment, it counted
-        // against a later stage: take it back (that cannot complete the later stage, which
-        // still waits for our own acknowledgement).
-        if self.stage.load(Ordering::Acquire) != StopStage::Prepare as u32 {
-            self.drop_count(SERVE_ONE);
-            return false;
-        }
-        true
     }
 
-    fn leave_serving(&self) {
-        self.drop_count(SERVE_ONE);
+    /// Ends what a successful [`enter_serving`](Self::enter_serving) began.
+    pub(crate) fn leave_serving(&self, point: &impl Fn()) {
+        self.drop_count(SERVE_ONE, point);
+    }
+
+    /// Removes `amount` from the counts; whoever brings them to zero advances the stage.
+    fn drop_count(&self, amount: u64, point: &impl Fn()) {
+        // AcqRel: the one reaching zero sees every other participant's stage actions (release
+        // sequence on the word) before it publishes the next stage.
+        let before = self.word.fetch_sub(amount, sync::Ordering::AcqRel);
+        debug_assert!(before & COUNTS >= amount, "stop_machine count underflow");
+        if before & COUNTS == amount {
+            let stage = (before >> STAGE_SHIFT) as u32;
+            if stage < StopStage::Exit as u32 {
+                // Counts are zero: nobody else writes the word until we publish (acks wait for
+                // the next stage, `enter_serving` refuses a zero count).
+                point();
+                self.publish(stage + 1);
+            }
+        }
+    }
+
+    /// Stores `stage` with every acknowledgement missing and nobody serving: one store.
+    fn publish(&self, stage: u32) {
+        // Release: every participant's actions in the previous stage (through the AcqRel
+        // count chain) happen-before anyone acting on the new stage.
+        self.word.store(
+            (stage as u64) << STAGE_SHIFT | self.participants << ACK_SHIFT,
+            sync::Ordering::Release,
+        );
     }
 }
 
@@ -458,15 +501,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         user_work: bool,
     ) -> Option<CpuId> {
         let st = StopState {
-            stage: AtomicU32::new(StopStage::None as u32),
-            acks: AtomicU64::new(0),
+            counts: StageCounts::new(participants.weight()),
             participants: *participants,
             active: *active,
             work,
             user_work,
             refused: core::sync::atomic::AtomicUsize::new(0),
         };
-        st.set_stage(StopStage::Prepare as u32);
+        st.counts.start();
         let participate = |cpu: CpuId| self.stop_participant(&st, cpu, false);
         let in_flight = AbortOnUnwind;
         let mut ipis = CpuMask::new();
@@ -537,9 +579,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let threshold = self.stall_threshold_ns.load(Ordering::Relaxed);
         let mut since = self.platform.now_ns();
         let mut report_after = threshold;
+        // The simulator may switch CPUs inside the stage protocol (between reading and
+        // updating the shared word, and before the last ack publishes the next stage).
+        let point = || self.platform.preempt_point();
         loop {
-            // Acquire: pairs with `set_stage`'s Release.
-            let stage = st.stage.load(Ordering::Acquire);
+            let stage = st.counts.stage();
             if stage != seen {
                 seen = stage;
                 let mask_now = (stage == StopStage::DisableIrqInactive as u32 && !active)
@@ -578,18 +622,18 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 }
                 // Relaxed: an observation; the ack below orders what matters.
                 pc.stop_stage.store(stage, Ordering::Relaxed);
-                st.ack();
+                st.counts.ack(&point);
                 if stage == StopStage::Exit as u32 {
                     break;
                 }
                 since = self.platform.now_ns();
                 report_after = threshold;
             } else {
-                if stage == StopStage::Prepare as u32 && st.enter_serving() {
+                if stage == StopStage::Prepare as u32 && st.counts.enter_serving(&point) {
                     // Prepare: keep serving calls (a CPU that has not arrived yet may be
                     // waiting for us); the stage does not advance while we do.
                     self.serve_own(me);
-                    st.leave_serving();
+                    st.counts.leave_serving(&point);
                 }
                 if is_caller && threshold != 0 {
                     let waited = self.platform.now_ns().saturating_sub(since);

@@ -1,13 +1,13 @@
 //! The one place the engine gets its atomics and cells from.
 //!
 //! Under `--cfg loom` these are loom's model-checked types, so the very same engine code
-//! (`Csd`, `CallQueue`) is what the model checker explores. Otherwise they are `core`'s.
+//! (`Csd`, `CallQueue`, stop_machine's `StageCounts`) is what the model checker explores. Otherwise they are `core`'s.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 #[cfg(not(loom))]
-pub(crate) use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+pub(crate) use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// Spin-wait hint. Under loom it yields to the model scheduler, which loom requires of any
 /// loop that waits for another thread.

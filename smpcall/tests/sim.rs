@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use smpcall::sim::{self, Program, Sim, SimConfig, SimEngine, SimFailure, SimIdle, SimReport};
-use smpcall::{CpuId, CpuMask, Csd, Error};
+use smpcall::{CpuId, CpuMask, Csd, DeadlockReason, Error};
 
 // ---------------------------------------------------------------------------------------------
 // A seeded mixed workload with a per-call ledger.
@@ -965,6 +965,74 @@ fn bug_stop_machine_participant_survives_a_nested_wait_in_prepare() {
         Sim::run(config, programs)
             .map(drop)
             .map_err(|f| f.to_string())
+    });
+}
+
+/// Issue 16: advancing a stop_machine stage was two stores (the fresh count, then the stage). A
+/// participant whose `enter_serving` slipped between them saw a non-zero count and still
+/// Prepare, so it served on into the next stage. Here CPU 0 takes CPU 2 down while CPU 1 sends
+/// CPU 2 a no-wait call whose function makes two no-wait calls back to CPU 1: served by CPU 2
+/// in that window, the second waits for the slot 2→1 that only CPU 1 frees, and CPU 1 has
+/// meanwhile stopped serving in DisableIrqInactive: every CPU spins, `cpu_down` never returns
+/// (the run hits `max_steps`). The engine now gives the simulator scheduling points inside the
+/// stage protocol (`StageCounts`: between reading and updating the word, and before the last
+/// ack publishes the next stage). With the old two-store protocol and a scheduling point
+/// between its stores, 3 of these 2000 seeds deadlock (240 — CPU 2 waiting for slot 2→1, CPU 1
+/// masked in DisableIrqInactive —, 1176, 1701); without that point none of 4000 does (the
+/// simulator could not reach it). None does with the single-word protocol.
+#[test]
+fn issue16_stop_stage_is_one_store_so_nobody_serves_past_prepare() {
+    expect_all_seeds_pass("cpu_down + nested no-wait calls back", 0..2000, |seed| {
+        // Results that a call function may not assert on (it runs as a handler).
+        let unexpected = Arc::new(AtomicUsize::new(0));
+        let back = {
+            let unexpected = unexpected.clone();
+            move |_cpu: CpuId| {
+                for _ in 0..2 {
+                    let r = sim::with_engine(|e| e.call_single_async(1, |_| {}));
+                    // Refused inside stop_machine past Prepare (CPU 2's last flush) instead
+                    // of waiting for CPU 1, which is masked then; or refused because CPU 2
+                    // went down while this function waited for the slot (it served the
+                    // stop_machine call nested in that wait).
+                    if !matches!(
+                        r,
+                        Some(
+                            Ok(())
+                                | Err(Error::WouldDeadlock(DeadlockReason::StopMachine))
+                                | Err(Error::Offline(2))
+                        )
+                    ) {
+                        unexpected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        };
+        let programs: Vec<Program> = vec![
+            Box::new(|e| {
+                let r = e.cpu_down(2);
+                assert!(r.is_ok(), "cpu_down(2): {r:?}");
+            }),
+            Box::new(move |e| {
+                let r = e.call_single_async(2, back);
+                assert!(
+                    matches!(r, Ok(()) | Err(Error::Offline(2))),
+                    "call to CPU 2: {r:?}"
+                );
+            }),
+            Box::new(|_| {}),
+        ];
+        let config = SimConfig {
+            max_steps: 50_000,
+            ..bug_config(3, seed)
+        };
+        let run = Sim::run(config, programs)
+            .map(drop)
+            .map_err(|f| f.to_string());
+        let unexpected = unexpected.load(Ordering::Relaxed);
+        run.and_then(|()| match unexpected {
+            0 => Ok(()),
+            n => Err(format!("seed {seed}: {n} nested calls failed unexpectedly")),
+        })
     });
 }
 
