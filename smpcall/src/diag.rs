@@ -22,8 +22,9 @@
 //! backend runs periodically: a queue that stays non-empty longer than the threshold is
 //! reported and its CPU re-sent an IPI.
 
+use crate::sync::AtomicU64;
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::cpumask::CpuId;
 use crate::csd::Csd;

@@ -13,9 +13,10 @@
 //! 3. **Receiving.** The platform's IPI handler calls [`Engine::handle_ipi`], which masks
 //!    interrupts and flushes the queue (see [`crate::queue`]).
 
+use crate::sync::AtomicU64;
 use core::marker::PhantomData;
 use core::pin::Pin;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::cpumask::{AtomicCpuMask, CpuId, CpuMask, MAX_CPUS};
 use crate::csd::{run_inline, run_once, run_once_inline, run_shared, Csd, OnceCall, Payload};

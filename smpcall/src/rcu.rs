@@ -26,8 +26,9 @@
 //! (push Release / flush Acquire), so a reader that starts after the report sees them; for
 //! CPUs skipped as idle, the context tracker's fences give the same guarantee.
 
+use crate::sync::AtomicU64;
 use core::marker::PhantomData;
-use core::sync::atomic::{compiler_fence, fence, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{compiler_fence, fence, AtomicU32, Ordering};
 
 use crate::cpumask::{CpuId, CpuMask};
 use crate::engine::{Engine, Storage};

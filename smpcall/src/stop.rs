@@ -28,8 +28,9 @@
 //! reaches an offline CPU anyway is run, never dropped, and counted
 //! ([`CpuStats::offline_runs`](crate::CpuStats::offline_runs)).
 
+use crate::sync::AtomicU64;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::cpumask::{CpuId, CpuMask};
 use crate::csd::shared_call;
