@@ -1645,11 +1645,14 @@ fn t_lost_ipi(ctx: &Ctx) -> Outcome {
 fn lost_ipi_body(target: usize) -> Result<(u64, smpcall::DiagStats, smpcall::DiagStats), Buf> {
     let e = engine();
     let p = e.platform();
-    let sub = |a: smpcall::DiagStats, b: smpcall::DiagStats| smpcall::DiagStats {
-        stall_reports: a.stall_reports - b.stall_reports,
-        queue_stall_reports: a.queue_stall_reports - b.queue_stall_reports,
-        ipi_resends: a.ipi_resends - b.ipi_resends,
-        recoveries: a.recoveries - b.recoveries,
+    // `DiagStats` is non_exhaustive: start from a copy and subtract field by field.
+    let sub = |a: smpcall::DiagStats, b: smpcall::DiagStats| {
+        let mut d = a;
+        d.stall_reports -= b.stall_reports;
+        d.queue_stall_reports -= b.queue_stall_reports;
+        d.ipi_resends -= b.ipi_resends;
+        d.recoveries -= b.recoveries;
+        d
     };
     // Let the target halt, so that only an IPI can make it notice a call.
     time::delay_us(2_000);

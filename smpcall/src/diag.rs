@@ -33,6 +33,7 @@ use crate::platform::Platform;
 
 /// Counters of the diagnostics, from [`Engine::diag_stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DiagStats {
     /// Stuck-wait reports (a wait for call data exceeded the threshold).
     pub stall_reports: u64,

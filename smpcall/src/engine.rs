@@ -27,6 +27,7 @@ use crate::queue::CallQueue;
 /// Counters of one CPU, as returned by [`Engine::stats`]. "To" counters are counted by the
 /// senders, "by" counters by the CPU itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CpuStats {
     /// IPIs sent to this CPU (its queue went from empty to non-empty and it was not polling).
     pub ipi_sent: u64,
@@ -254,6 +255,12 @@ pub struct IrqGuard<'a, P: Platform> {
     state: P::IrqState,
     /// Must be dropped on the CPU that made it.
     _not_send: PhantomData<*const ()>,
+}
+
+impl<P: Platform> core::fmt::Debug for IrqGuard<'_, P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IrqGuard").finish_non_exhaustive()
+    }
 }
 
 impl<P: Platform> Drop for IrqGuard<'_, P> {

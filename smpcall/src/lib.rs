@@ -29,7 +29,7 @@
 //! at the root of the source repository; this crate's own README (shown on crates.io) is a
 //! summary.
 #![cfg_attr(not(feature = "std"), no_std)]
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 
 pub mod context;
 pub mod cpumask;

@@ -44,6 +44,7 @@ pub(crate) const DEFAULT_STALL_NS: u64 = 5_000_000_000;
 /// A stage of the stop_machine state machine (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u32)]
+#[non_exhaustive]
 pub enum StopStage {
     /// Not in stop_machine.
     None = 0,
@@ -74,6 +75,7 @@ impl StopStage {
 
 /// Hotplug and stop_machine counters, from [`Engine::hotplug_stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HotplugStats {
     /// Completed `cpu_down`s.
     pub downs: u64,
