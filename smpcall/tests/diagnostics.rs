@@ -171,7 +171,15 @@ fn dump_shows_every_cpu_and_in_flight_calls() {
         );
     }
     assert!(dump.contains("in flight: slot 0->2 no-wait"), "{dump}");
-    assert!(dump.contains("CPU 2: requested 1 responded 0"), "{dump}");
+    assert!(
+        dump.contains("CPU   2: online  requested 1 responded 0"),
+        "{dump}"
+    );
+    // Each CPU's line names the CPU and its counters once (they were printed twice).
+    for line in dump.lines().filter(|l| l.starts_with("  CPU ")) {
+        assert_eq!(line.matches("requested").count(), 1, "{line}");
+        assert_eq!(line.matches("CPU").count(), 1, "{line}");
+    }
     assert!(dump.contains("masked yes"), "{dump}");
     held.release();
     wait_until(LIMIT, "the call to run after the unmask", || {
