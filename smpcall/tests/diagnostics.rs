@@ -201,18 +201,15 @@ fn concurrent_senders_to_a_cpu_masking_at_random_never_strand_a_call() {
     let ran = Arc::new(AtomicUsize::new(0));
     let s0 = Arc::clone(&stop);
     let target = m.run_on(0, move |e| {
-        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
         let mut toggles = 0u64;
         while !s0.load(Ordering::SeqCst) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
             let g = e.irq_save();
-            for _ in 0..(x % 2000) {
+            for _ in 0..rng.u32(..2000) {
                 std::hint::spin_loop();
             }
             drop(g);
-            for _ in 0..((x >> 20) % 500) {
+            for _ in 0..rng.u32(..500) {
                 std::hint::spin_loop();
             }
             toggles += 1;
