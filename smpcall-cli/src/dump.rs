@@ -26,7 +26,7 @@ use clap::Args;
 use smpcall::hosted::{HostEngine, IdlePolicy, Machine};
 use smpcall::{CpuId, CpuMask, Error};
 
-use crate::duration::parse_duration;
+use crate::duration::parse_timeout;
 
 /// Options of `smpcall dump`.
 #[derive(Clone, Debug, Args)]
@@ -36,7 +36,7 @@ pub struct DumpArgs {
     #[arg(long, default_value_t = 4)]
     pub cpus: usize,
     /// Bound on each wait (the workload, the held CPU, the drain, shutdown).
-    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = parse_timeout)]
     pub timeout: Duration,
 }
 

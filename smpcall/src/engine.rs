@@ -13,9 +13,10 @@
 //! 3. **Receiving.** The platform's IPI handler calls [`Engine::handle_ipi`], which masks
 //!    interrupts and flushes the queue (see [`crate::queue`]).
 
+use crate::sync::AtomicU64;
 use core::marker::PhantomData;
 use core::pin::Pin;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::cpumask::{AtomicCpuMask, CpuId, CpuMask, MAX_CPUS};
 use crate::csd::{run_inline, run_once, run_once_inline, run_shared, Csd, OnceCall, Payload};
@@ -26,6 +27,7 @@ use crate::queue::{CallQueue, DeferredCalls};
 /// Counters of one CPU, as returned by [`Engine::stats`]. "To" counters are counted by the
 /// senders, "by" counters by the CPU itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CpuStats {
     /// IPIs sent to this CPU (its queue went from empty to non-empty and it was not polling).
     pub ipi_sent: u64,
@@ -274,6 +276,12 @@ pub struct IrqGuard<'a, P: Platform> {
     state: P::IrqState,
     /// Must be dropped on the CPU that made it.
     _not_send: PhantomData<*const ()>,
+}
+
+impl<P: Platform> core::fmt::Debug for IrqGuard<'_, P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IrqGuard").finish_non_exhaustive()
+    }
 }
 
 impl<P: Platform> Drop for IrqGuard<'_, P> {

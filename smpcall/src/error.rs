@@ -6,6 +6,7 @@ use crate::cpumask::CpuId;
 
 /// Why a synchronous call would risk a deadlock from here (see [`Error::WouldDeadlock`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum DeadlockReason {
     /// The calling CPU has interrupts masked: it could not serve a call another CPU makes to it
     /// while it waits, so two such CPUs would wait for each other forever.
@@ -60,6 +61,35 @@ pub enum Error {
     TimedOut(&'static str),
 }
 
+impl fmt::Display for DeadlockReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeadlockReason::InterruptsMasked => f.write_str(
+                "a waiting call with interrupts masked would risk deadlock; \
+                 use a no-wait call or unmask first",
+            ),
+            DeadlockReason::StopMachine => f.write_str(
+                "a no-wait call inside stop_machine found its call-data slot busy; every other \
+                 CPU is masked until stop_machine ends",
+            ),
+            DeadlockReason::InRcuReader => f.write_str(
+                "a grace period from inside an RCU read-side section would wait for itself",
+            ),
+            DeadlockReason::InNmi => {
+                f.write_str("a waiting call from inside an NMI handler would risk deadlock")
+            }
+            DeadlockReason::NestingLimit => f.write_str(
+                "a no-wait call from a call handler found its call data busy at the handler \
+                 nesting limit; waiting would nest another handler (nothing was queued)",
+            ),
+            DeadlockReason::InHandler => f.write_str(
+                "a waiting call from inside a cross-CPU call handler would risk deadlock; \
+                 use a no-wait call",
+            ),
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -70,28 +100,7 @@ impl fmt::Display for Error {
                 "CPU {cpu} is running code that call functions may not interrupt and has to run \
                  user code for this; nothing was done (retry when it reaches a safe point)"
             ),
-            Error::WouldDeadlock(DeadlockReason::InterruptsMasked) => f.write_str(
-                "a waiting call with interrupts masked would risk deadlock; \
-                 use a no-wait call or unmask first",
-            ),
-            Error::WouldDeadlock(DeadlockReason::StopMachine) => f.write_str(
-                "a no-wait call inside stop_machine found its call-data slot busy; every other \
-                 CPU is masked until stop_machine ends",
-            ),
-            Error::WouldDeadlock(DeadlockReason::InRcuReader) => f.write_str(
-                "a grace period from inside an RCU read-side section would wait for itself",
-            ),
-            Error::WouldDeadlock(DeadlockReason::NestingLimit) => f.write_str(
-                "a no-wait call from a call handler found its call data busy at the handler \
-                 nesting limit; waiting would nest another handler (nothing was queued)",
-            ),
-            Error::WouldDeadlock(DeadlockReason::InNmi) => {
-                f.write_str("a waiting call from inside an NMI handler would risk deadlock")
-            }
-            Error::WouldDeadlock(DeadlockReason::InHandler) => f.write_str(
-                "a waiting call from inside a cross-CPU call handler would risk deadlock; \
-                 use a no-wait call",
-            ),
+            Error::WouldDeadlock(reason) => reason.fmt(f),
             Error::Busy => f.write_str("call data is busy: its previous call is still in flight"),
             Error::ShutDown => f.write_str("the machine is shut down"),
             Error::NotOnCpu => f.write_str(

@@ -28,8 +28,9 @@
 //! reaches an offline CPU anyway is run, never dropped, and counted
 //! ([`CpuStats::offline_runs`](crate::CpuStats::offline_runs)).
 
+use crate::sync::AtomicU64;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 use crate::cpumask::{CpuId, CpuMask};
 use crate::csd::shared_call;
@@ -44,6 +45,7 @@ pub(crate) const DEFAULT_STALL_NS: u64 = 5_000_000_000;
 /// A stage of the stop_machine state machine (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u32)]
+#[non_exhaustive]
 pub enum StopStage {
     /// Not in stop_machine.
     None = 0,
@@ -74,6 +76,7 @@ impl StopStage {
 
 /// Hotplug and stop_machine counters, from [`Engine::hotplug_stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HotplugStats {
     /// Completed `cpu_down`s.
     pub downs: u64,
@@ -132,7 +135,7 @@ struct StopState<'a> {
 ///
 /// Under `--cfg loom` the atomic is loom's, and `loom_tests` drives this very type.
 pub(crate) struct StageCounts {
-    word: sync::AtomicU64,
+    word: sync::ModelU64,
     participants: u64,
 }
 
@@ -150,7 +153,7 @@ impl StageCounts {
     pub(crate) fn new(participants: usize) -> Self {
         debug_assert!(participants > 0 && (participants as u64) < SERVE_ONE << ACK_SHIFT);
         StageCounts {
-            word: sync::AtomicU64::new(StopStage::None as u64),
+            word: sync::ModelU64::new(StopStage::None as u64),
             participants: participants as u64,
         }
     }

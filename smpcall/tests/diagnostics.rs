@@ -161,7 +161,15 @@ fn dump_shows_every_cpu_and_in_flight_calls() {
         );
     }
     assert!(dump.contains("in flight: slot 0->2 no-wait"), "{dump}");
-    assert!(dump.contains("CPU 2: requested 1 responded 0"), "{dump}");
+    assert!(
+        dump.contains("CPU   2: online  requested 1 responded 0"),
+        "{dump}"
+    );
+    // Each CPU's line names the CPU and its counters once (they were printed twice).
+    for line in dump.lines().filter(|l| l.starts_with("  CPU ")) {
+        assert_eq!(line.matches("requested").count(), 1, "{line}");
+        assert_eq!(line.matches("CPU").count(), 1, "{line}");
+    }
     assert!(dump.contains("masked yes"), "{dump}");
     held.release();
     wait_until(LIMIT, "the call to run after the unmask", || {
@@ -183,18 +191,15 @@ fn concurrent_senders_to_a_cpu_masking_at_random_never_strand_a_call() {
     let ran = Arc::new(AtomicUsize::new(0));
     let s0 = Arc::clone(&stop);
     let mut target = m.run_on(0, move |e| {
-        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
         let mut toggles = 0u64;
         while !s0.load(Ordering::SeqCst) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
             let g = e.irq_save();
-            for _ in 0..(x % 2000) {
+            for _ in 0..rng.u32(..2000) {
                 std::hint::spin_loop();
             }
             drop(g);
-            for _ in 0..((x >> 20) % 500) {
+            for _ in 0..rng.u32(..500) {
                 std::hint::spin_loop();
             }
             toggles += 1;

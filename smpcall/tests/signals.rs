@@ -17,6 +17,10 @@ extern "C" fn user_handler(_: libc::c_int) {
     USER_HANDLER_RAN.fetch_add(1, Ordering::SeqCst);
 }
 
+fn user_handler_addr() -> usize {
+    user_handler as extern "C" fn(libc::c_int) as usize
+}
+
 /// The handler currently installed on `signo`.
 fn disposition(signo: i32) -> usize {
     // SAFETY: querying with a null `act` and a valid out pointer.
@@ -51,7 +55,7 @@ fn signals_are_owned_checked_at_every_build_and_released_by_a_failed_build() {
     let m = machine().unwrap();
     let s = m.platform().signal();
     m.shutdown().unwrap();
-    set_disposition(s, user_handler as usize);
+    set_disposition(s, user_handler_addr());
 
     // 2. The next machine does not reuse S, and leaves the user's handler alone.
     let m = machine().unwrap();
@@ -59,7 +63,7 @@ fn signals_are_owned_checked_at_every_build_and_released_by_a_failed_build() {
     let r = m.run_on(0, |e| e.call_single(1, |cpu| cpu)).join().unwrap();
     assert_eq!(r, Ok(1));
     m.shutdown().unwrap();
-    assert_eq!(disposition(s), user_handler as usize);
+    assert_eq!(disposition(s), user_handler_addr());
     assert_eq!(USER_HANDLER_RAN.load(Ordering::SeqCst), 0);
 
     // 3. Asking for S explicitly is refused, naming the IPI signal.
@@ -71,7 +75,7 @@ fn signals_are_owned_checked_at_every_build_and_released_by_a_failed_build() {
     // leaves no handler behind, and its error names the NMI signal.
     let (ipi, nmi) = (libc::SIGRTMAX() - 1, libc::SIGRTMAX());
     assert_eq!(disposition(ipi), libc::SIG_DFL);
-    set_disposition(nmi, user_handler as usize);
+    set_disposition(nmi, user_handler_addr());
     let e = Machine::builder()
         .cpus(2)
         .signal(ipi)

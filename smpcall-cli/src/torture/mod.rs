@@ -888,7 +888,7 @@ impl<'a> Worker<'a> {
             return;
         }
         self.fitting += 1;
-        if (self.fitting - 1) % FAULT_EVERY != 0 {
+        if !(self.fitting - 1).is_multiple_of(FAULT_EVERY) {
             return;
         }
         match fault {

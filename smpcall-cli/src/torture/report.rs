@@ -136,6 +136,8 @@ pub fn primitive(kind: Kind) -> &'static str {
 /// The JSON form of a [`Report`] (`smpcall torture --json`).
 #[derive(Debug, Serialize)]
 pub struct JsonReport {
+    /// The format's version ([`crate::JSON_SCHEMA_VERSION`]).
+    pub schema_version: u32,
     /// `SUCCESS` or `FAILURE`, as the text form's last line.
     pub result: &'static str,
     /// Whether the run passed.
@@ -193,6 +195,9 @@ pub struct JsonConfig {
     pub idle: String,
     /// The seed (repeat the run with `--seed`).
     pub seed: u64,
+    /// The same seed as a decimal string: JSON readers that hold numbers as doubles (jq,
+    /// JavaScript) round a 64-bit seed; this one survives them.
+    pub seed_str: String,
     /// Whether long waits were on.
     pub long_wait: bool,
     /// Whether functions ran inside signal handlers (`--signal-calls`).
@@ -290,6 +295,7 @@ impl From<&Report> for JsonReport {
         let v = &r.verification;
         let c = &r.config;
         JsonReport {
+            schema_version: crate::JSON_SCHEMA_VERSION,
             result: if r.success() { "SUCCESS" } else { "FAILURE" },
             success: r.success(),
             exit_code: r.exit_code(),
@@ -298,6 +304,7 @@ impl From<&Report> for JsonReport {
                 duration_s: c.duration.as_secs_f64(),
                 idle: idle_name(c.idle),
                 seed: c.seed,
+                seed_str: c.seed.to_string(),
                 long_wait: c.long_wait,
                 signal_calls: c.signal_calls,
                 inject: c.inject.map(|f| format!("{f:?}")),
