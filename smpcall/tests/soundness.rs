@@ -185,17 +185,22 @@ fn machine_cpu_down_needs_no_task_slot_and_an_error_means_nothing_happened() {
         .build()
         .unwrap();
     let release = Arc::new(AtomicBool::new(false));
+    let busy = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = [0, 1, 3]
         .into_iter()
         .map(|cpu| {
-            let r = Arc::clone(&release);
+            let (r, b) = (Arc::clone(&release), Arc::clone(&busy));
             m.run_on(cpu, move |_| {
+                b.fetch_add(1, Ordering::SeqCst);
                 spin_until(LIMIT, "the test to end the long tasks", || {
                     r.load(Ordering::SeqCst)
                 })
             })
         })
         .collect();
+    wait_until(LIMIT, "CPUs 0, 1, 3 to be busy", || {
+        busy.load(Ordering::SeqCst) == 3
+    });
     // CPUs 0, 1, 3 busy in long tasks: no task slot there, and none is needed — the calling
     // thread drives the hotplug. Nothing queued to CPU 2: it goes down at once.
     assert_eq!(m.cpu_down(2), Ok(()));
@@ -260,13 +265,16 @@ fn safe_point_delivery_sends_no_signal_even_for_a_stall_report() {
         .build()
         .unwrap();
     let release = Arc::new(AtomicBool::new(false));
-    let r2 = Arc::clone(&release);
+    let started = Arc::new(AtomicBool::new(false));
+    let (r2, s2) = (Arc::clone(&release), Arc::clone(&started));
     let mut busy = m.run_on(1, move |_| {
+        s2.store(true, Ordering::SeqCst);
         spin_until(LIMIT, "the stall to be reported", || {
             r2.load(Ordering::SeqCst)
         });
         smpcall::hosted::safe_point()
     });
+    wait_until(LIMIT, "CPU 1 to be busy", || started.load(Ordering::SeqCst));
     let mut waiter = m.run_on(0, |e| e.call_single(1, |cpu| cpu));
     wait_until(LIMIT, "a stall report", || {
         m.engine().diag_stats().stall_reports > 0
