@@ -86,6 +86,8 @@ pub struct HotplugStats {
     pub stop_machines: u64,
     /// Reports of a stop_machine stage taking longer than the stall threshold.
     pub stalls_reported: u64,
+    /// `cpu_down`s refused with [`Error::NotAtSafePoint`] (nothing happened).
+    pub downs_refused_not_at_safe_point: u64,
 }
 
 #[derive(Debug)]
@@ -94,6 +96,7 @@ pub(crate) struct HotplugCounters {
     ups: AtomicU64,
     stop_machines: AtomicU64,
     stalls_reported: AtomicU64,
+    downs_refused: AtomicU64,
 }
 
 impl HotplugCounters {
@@ -103,6 +106,7 @@ impl HotplugCounters {
             ups: AtomicU64::new(0),
             stop_machines: AtomicU64::new(0),
             stalls_reported: AtomicU64::new(0),
+            downs_refused: AtomicU64::new(0),
         }
     }
 }
@@ -377,6 +381,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
             _ => {
                 self.accepting.set(cpu);
+                // Relaxed: statistics.
+                self.hotplug.downs_refused.fetch_add(1, Ordering::Relaxed);
                 return Err(Error::NotAtSafePoint(cpu));
             }
         }
@@ -421,6 +427,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             ups: r(&self.hotplug.ups),
             stop_machines: r(&self.hotplug.stop_machines),
             stalls_reported: r(&self.hotplug.stalls_reported),
+            downs_refused_not_at_safe_point: r(&self.hotplug.downs_refused),
         }
     }
 
