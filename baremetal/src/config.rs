@@ -1,7 +1,9 @@
 //! Sizes and vector numbers.
 
 /// Most CPUs this kernel runs (the engine's `StaticStorage<MAX_CPUS>`); extra APs are parked.
-pub const MAX_CPUS: usize = 16;
+/// The kernel's own CPU sets are `u64` bitmasks, so 64 is the ceiling here; the xAPIC's 8-bit
+/// physical destination would allow 255.
+pub const MAX_CPUS: usize = 64;
 
 /// Each CPU's task stack.
 pub const KERNEL_STACK_BYTES: usize = 128 * 1024;

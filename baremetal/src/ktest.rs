@@ -30,7 +30,7 @@ macro_rules! ensure {
 /// What every test gets: the started CPUs (0..n, contiguous).
 struct Ctx {
     n: usize,
-    all: u32,
+    all: u64,
 }
 
 struct Test {
@@ -172,13 +172,13 @@ pub fn run_all() -> bool {
 // Helpers.
 // ---------------------------------------------------------------------------------------------
 
-fn mask_of(bits_: u32) -> CpuMask {
+fn mask_of(bits_: u64) -> CpuMask {
     bits(bits_).collect()
 }
 
-fn bits_of(mask: &CpuMask) -> u32 {
+fn bits_of(mask: &CpuMask) -> u64 {
     mask.iter()
-        .filter(|&c| c < 32)
+        .filter(|&c| c < 64)
         .fold(0, |acc, c| acc | 1 << c)
 }
 
@@ -198,6 +198,11 @@ impl Rng {
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11
+    }
+
+    /// 64 random bits (a random subset of up to 64 CPUs).
+    fn mask(&mut self) -> u64 {
+        self.next() ^ self.next().rotate_left(32)
     }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
@@ -248,12 +253,12 @@ const LEDGER_CAP: usize = 4096;
 
 struct Entry {
     /// CPUs the call was accepted for (set by the sender once the call returned).
-    expected: AtomicU32,
+    expected: AtomicU64,
     /// CPUs it ran on.
-    ran: AtomicU32,
+    ran: AtomicU64,
     /// CPUs a *refused* many-call may nevertheless have reached (the engine's partial delivery
     /// when the sender goes offline midway; see `t_hotplug`).
-    maybe: AtomicU32,
+    maybe: AtomicU64,
     /// For failure messages: kind + 1 | target << 8 | outcome << 16 (0 ok, 1 refused Offline
     /// of the target, 2 refused Offline of the sender, 3 Busy, 4 other).
     note: AtomicU32,
@@ -261,9 +266,9 @@ struct Entry {
 
 #[allow(clippy::declare_interior_mutable_const)]
 const ENTRY: Entry = Entry {
-    expected: AtomicU32::new(0),
-    ran: AtomicU32::new(0),
-    maybe: AtomicU32::new(0),
+    expected: AtomicU64::new(0),
+    ran: AtomicU64::new(0),
+    maybe: AtomicU64::new(0),
     note: AtomicU32::new(0),
 };
 static LEDGER: [[Entry; LEDGER_CAP]; MAX_CPUS] = [const { [ENTRY; LEDGER_CAP] }; MAX_CPUS];
@@ -297,8 +302,8 @@ fn ledger_next(sender: usize) -> Option<u32> {
 }
 
 /// Run on `cpu` by the call `sender`/`seq`, which was allowed to run on `allowed`.
-fn ledger_ran(sender: u8, seq: u32, allowed: u32, cpu: usize) {
-    let bit = 1u32 << cpu;
+fn ledger_ran(sender: u8, seq: u32, allowed: u64, cpu: usize) {
+    let bit = 1u64 << cpu;
     if allowed & bit == 0 {
         WRONG_CPU.fetch_add(1, Ordering::SeqCst);
     }
@@ -311,7 +316,7 @@ fn ledger_ran(sender: u8, seq: u32, allowed: u32, cpu: usize) {
     RAN_TOTAL.fetch_add(1, Ordering::SeqCst);
 }
 
-fn ledger_accepted(sender: usize, seq: u32, on: u32) {
+fn ledger_accepted(sender: usize, seq: u32, on: u64) {
     LEDGER[sender][seq as usize]
         .expected
         .fetch_or(on, Ordering::SeqCst);
@@ -396,7 +401,7 @@ fn t_basic(ctx: &Ctx) -> Outcome {
             "call_single({t}): in_handler = {in_handler}"
         );
     }
-    let ran = AtomicU32::new(0);
+    let ran = AtomicU64::new(0);
     let m = e.call_all(|c| {
         ran.fetch_or(1 << c, Ordering::SeqCst);
     });
@@ -430,7 +435,7 @@ fn t_basic(ctx: &Ctx) -> Outcome {
             ran.fetch_or(1 << c, Ordering::SeqCst);
         },
     );
-    let odd = ctx.all & 0xAAAA_AAAA;
+    let odd = ctx.all & 0xAAAA_AAAA_AAAA_AAAA;
     ensure!(
         m.as_ref().map(bits_of) == Ok(odd),
         "call_cond returned {m:?}"
@@ -489,6 +494,16 @@ fn t_roundtrip(ctx: &Ctx) -> Outcome {
     }
     let halted = bench::summarise(&mut samples);
 
+    // call_all: every CPU (the others halted), the caller's own share included.
+    let all_mask = mask_of(ctx.all);
+    for s in samples.iter_mut() {
+        let t0 = arch::rdtsc();
+        let r = e.call_all(|_| ());
+        *s = arch::rdtsc() - t0;
+        ensure!(r.as_ref() == Ok(&all_mask), "call_all = {r:?}");
+    }
+    let all = bench::summarise(&mut samples);
+
     // The engine, target idle-polling (IPI elided).
     set_idle_mode(target, IDLE_POLL);
     ensure!(
@@ -528,6 +543,10 @@ fn t_roundtrip(ctx: &Ctx) -> Outcome {
     }
     println!("  engine call_single 0->{target}, target halted (IPI):     {halted}");
     println!("  engine call_single 0->{target}, target polling (elided): {polling}");
+    println!(
+        "  engine call_all on {} CPUs, others halted:             {all}",
+        ctx.n
+    );
     println!("  engine call_single_async 0->{target} until it ran:       {asyncs}");
     for (slot, v) in
         RT_ENGINE
@@ -538,12 +557,15 @@ fn t_roundtrip(ctx: &Ctx) -> Outcome {
     }
     Ok(buf!(
         "TCG emulation, TSC {} MHz (not hardware figures): median raw IPI round trip {} cycles, \
-         call_single {} (halted target) / {} (polling target), async until run {}",
+         call_single {} (halted target) / {} (polling target), async until run {}, call_all on \
+         {} CPUs {}",
         time::tsc_hz() / 1_000_000,
         raw.median,
         halted.median,
         polling.median,
-        asyncs.median
+        asyncs.median,
+        ctx.n,
+        all.median
     ))
 }
 
@@ -609,9 +631,9 @@ fn t_torture(ctx: &Ctx) -> Outcome {
             let kind = rng.below(13);
             KIND_COUNTS[kind].fetch_add(1, Ordering::Relaxed);
             let t = rng.below(n);
-            let tb = 1u32 << t;
-            let sub = (rng.next() as u32) & all;
-            let res: Result<u32, Error> = match kind {
+            let tb = 1u64 << t;
+            let sub = rng.mask() & all;
+            let res: Result<u64, Error> = match kind {
                 0 => e
                     .call_single(t, move |c| {
                         ledger_ran(sender, seq, tb, c);
@@ -683,7 +705,7 @@ fn t_torture(ctx: &Ctx) -> Outcome {
                         ledger_ran(sender, seq, tb, c);
                         if let Some(s2) = ledger_next(c) {
                             let u = (c + 1 + seq as usize) % n;
-                            let ub = 1u32 << u;
+                            let ub = 1u64 << u;
                             let inner = c as u8;
                             match engine()
                                 .call_single_async(u, move |c2| ledger_ran(inner, s2, ub, c2))
@@ -1151,7 +1173,7 @@ fn t_stop_machine(ctx: &Ctx) -> Outcome {
         let r = e.stop_machine(k, || {
             let me = me();
             let snap = nmi::dump_all(2_000);
-            let (mut answered, mut irqs_on) = (0u32, 0u32);
+            let (mut answered, mut irqs_on) = (0u64, 0u64);
             for c in bits(all & !(1 << me)) {
                 if snap[c].answered {
                     answered |= 1 << c;
@@ -1181,7 +1203,7 @@ fn t_stop_machine(ctx: &Ctx) -> Outcome {
             ensure!(o < active, "stop_machine({k}): inactive CPU {c} masked at {o}, after the active one ({active})");
         }
     }
-    let count = AtomicU32::new(0);
+    let count = AtomicU64::new(0);
     let r = e.stop_machine_many(&mask_of(all), |c| {
         count.fetch_or(1 << c, Ordering::SeqCst);
     });
@@ -1275,8 +1297,8 @@ fn t_hotplug(ctx: &Ctx) -> Outcome {
                     continue;
                 };
                 let t = rng.below(n);
-                let tb = 1u32 << t;
-                let sub = (rng.next() as u32) & all;
+                let tb = 1u64 << t;
+                let sub = rng.mask() & all;
                 // Waiting calls only on request: the engine turns an Offline refusal of a
                 // waiting call that races with cpu_down into a panic (see the README).
                 let kinds = if sync_senders { 6 } else { 4 };
@@ -1363,7 +1385,7 @@ fn t_hotplug(ctx: &Ctx) -> Outcome {
                         return Err(buf!("ledger full"));
                     };
                     seqs[i] = seq;
-                    let vb = 1u32 << v;
+                    let vb = 1u64 << v;
                     let r = e.call_async_csd(Pin::static_ref(csd), v, move |c| {
                         ledger_ran(0, seq, vb, c)
                     });
@@ -1513,8 +1535,8 @@ fn t_nmi_dump(ctx: &Ctx) -> Outcome {
         let snap = nmi::dump_all(2_000);
         // The engine's NMI calls: a function run in NMI context on every CPU, the masked one
         // included (it records the IF of the code its NMI interrupted).
-        let nmi_ran = AtomicU32::new(0);
-        let nmi_masked = AtomicU32::new(0);
+        let nmi_ran = AtomicU64::new(0);
+        let nmi_masked = AtomicU64::new(0);
         let nmi_result = e.nmi_call_many(&mask_of(all), |c| {
             nmi_ran.fetch_or(1 << c, Ordering::SeqCst);
             if nmi::interrupted_irqs_masked() == Some(true) {
@@ -1524,7 +1546,7 @@ fn t_nmi_dump(ctx: &Ctx) -> Outcome {
         let call_ran_early = CALL_RAN.load(Ordering::SeqCst);
         RELEASE_SPIN.store(true, Ordering::SeqCst);
         println!("  NMI dump (APIC NMI to all-but-self, each handler on its own IST stack):");
-        let mut answered = 0u32;
+        let mut answered = 0u64;
         for c in bits(all) {
             let s = &snap[c];
             if s.answered {

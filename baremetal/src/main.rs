@@ -76,6 +76,7 @@ extern "C" fn kmain(pvh_start_info: u32) -> ! {
     let engine = platform::engine();
     engine.mark_online(0).expect("cpu 0");
     let expected = smp::fw_cfg_cpu_count();
+    percpu::set_present(expected);
     let started = smp::start_aps(expected);
     // SAFETY: IDT, TSS and APIC are set up on CPU 0.
     unsafe { arch::enable_irqs() };

@@ -85,7 +85,14 @@ pub fn dump_all(ms: u64) -> [Snapshot; MAX_CPUS] {
     for (i, c) in CPUS.iter().enumerate() {
         before[i] = c.nmi.seq.load(Ordering::Acquire);
     }
-    apic::send_nmi_all_but_self();
+    if percpu::all_present_started() {
+        apic::send_nmi_all_but_self();
+    } else {
+        // Not every present CPU booted: the shorthand would also reach CPUs without an IDT.
+        for i in percpu::bits(started & !(1 << me)) {
+            apic::send_nmi(CPUS[i].apic_id.load(Ordering::Relaxed));
+        }
+    }
     let answered = |i: usize| CPUS[i].nmi.seq.load(Ordering::Acquire) != before[i];
     time::wait_until(ms, || percpu::bits(started & !(1 << me)).all(answered));
     let mut out = [Snapshot::default(); MAX_CPUS];

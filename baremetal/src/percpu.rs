@@ -102,7 +102,7 @@ impl Cpu {
 pub static CPUS: [Cpu; MAX_CPUS] = [const { Cpu::new() }; MAX_CPUS];
 
 /// Bitmask of started CPUs.
-static STARTED_MASK: AtomicU32 = AtomicU32::new(0);
+static STARTED_MASK: AtomicU64 = AtomicU64::new(0);
 
 /// Points GS at CPU `cpu`'s data and loads its TSS (IST stacks) and the IDT. First thing each
 /// CPU does in Rust.
@@ -127,8 +127,22 @@ pub fn mark_started(cpu: usize) {
 }
 
 /// Started CPUs as a bitmask.
-pub fn started_mask() -> u32 {
+pub fn started_mask() -> u64 {
     STARTED_MASK.load(Ordering::SeqCst)
+}
+
+/// CPUs the machine has (QEMU's fw_cfg count), set once at boot.
+static PRESENT: AtomicUsize = AtomicUsize::new(0);
+
+/// Records how many CPUs the machine has.
+pub fn set_present(n: usize) {
+    PRESENT.store(n, Ordering::SeqCst);
+}
+
+/// Whether every CPU the machine has is started (none parked, none failed): the condition for
+/// the all-but-self shorthand, which reaches every CPU but the sender.
+pub fn all_present_started() -> bool {
+    started_count() == PRESENT.load(Ordering::SeqCst)
 }
 
 /// Number of started CPUs.
@@ -169,7 +183,7 @@ pub fn wake(cpu: usize) {
 /// Runs `f(cpu)` on every CPU of `mask` in task context (interrupts on), CPU 0's share on the
 /// caller, and returns when all have returned. Called on CPU 0 only. `f` may borrow: this does
 /// not return before every CPU is done with it.
-pub fn run_on(mask: u32, f: &(dyn Fn(CpuId) + Sync)) {
+pub fn run_on(mask: u64, f: &(dyn Fn(CpuId) + Sync)) {
     let me = current_index().expect("run_on from a CPU");
     assert_eq!(me, 0, "run_on is driven by CPU 0");
     let ptr: *const (dyn Fn(CpuId) + Sync + '_) = f;
@@ -204,8 +218,8 @@ pub fn run_on(mask: u32, f: &(dyn Fn(CpuId) + Sync)) {
 }
 
 /// The CPU indices set in `mask`.
-pub fn bits(mask: u32) -> impl Iterator<Item = usize> {
-    (0..32).filter(move |i| mask & (1 << i) != 0)
+pub fn bits(mask: u64) -> impl Iterator<Item = usize> {
+    (0..64).filter(move |i| mask & (1 << i) != 0)
 }
 
 fn task_posted(c: &Cpu) -> bool {

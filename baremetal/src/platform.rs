@@ -109,7 +109,7 @@ unsafe impl Platform for ApicPlatform {
         let Some(me) = percpu::current_index() else {
             return;
         };
-        let mut bits = 0u32;
+        let mut bits = 0u64;
         let mut beyond = false;
         for cpu in mask {
             if cpu < MAX_CPUS {
@@ -118,8 +118,16 @@ unsafe impl Platform for ApicPlatform {
                 beyond = true;
             }
         }
+        // Linux's rule for the all-but-self shorthand: the targets are every CPU but me, and
+        // every CPU present has booted (the shorthand also reaches CPUs we never started, e.g.
+        // APs parked beyond MAX_CPUS or ones that failed to come up).
         let others = percpu::started_mask() & !(1 << me);
-        if !beyond && bits == others && others.count_ones() >= 2 && !self.drop_pending() {
+        if !beyond
+            && bits == others
+            && others.count_ones() >= 2
+            && percpu::all_present_started()
+            && !self.drop_pending()
+        {
             self.broadcasts.fetch_add(1, Ordering::Relaxed);
             apic::send_fixed_all_but_self(CALL_VECTOR);
         } else {
