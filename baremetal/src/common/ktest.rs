@@ -1,4 +1,5 @@
-//! The in-kernel test suite: the engine, unchanged, on real local-APIC IPIs and NMIs.
+//! The in-kernel test suite: the engine, unchanged, on real IPIs and NMI-class signals (the
+//! same suite on every architecture).
 //!
 //! Every test runs from CPU 0 in task context (interrupts on); `percpu::run_on` runs code on
 //! the APs in task context too. Each prints `PASS name: details` or `FAIL name: reason`; the
@@ -470,26 +471,26 @@ fn t_basic(ctx: &Ctx) -> Outcome {
 
 static RT_ENGINE: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 
-/// IPI round trips in TSC cycles (emulation figures).
+/// IPI round trips in counter ticks (emulation figures).
 fn t_roundtrip(ctx: &Ctx) -> Outcome {
     const N: usize = 200;
     let e = engine();
     let target = 1;
     let far = ctx.n - 1;
     let mut samples = [0u64; N];
-    let raw = bench::apic_ping_pong(target, &mut samples);
+    let raw = bench::raw_ipi_ping_pong(target, &mut samples);
     ensure!(
         raw.is_some(),
-        "raw APIC ping-pong with CPU {target}: no answer within 1 s"
+        "raw IPI ping-pong with CPU {target}: no answer within 1 s"
     );
     let raw = raw.unwrap_or_default();
-    let raw_far = bench::apic_ping_pong(far, &mut samples).unwrap_or_default();
+    let raw_far = bench::raw_ipi_ping_pong(far, &mut samples).unwrap_or_default();
 
     // The engine, target halted (needs the IPI).
     for s in samples.iter_mut() {
-        let t0 = arch::rdtsc();
+        let t0 = arch::cycles();
         let r = e.call_single(target, |c| c);
-        *s = arch::rdtsc() - t0;
+        *s = arch::cycles() - t0;
         ensure!(r == Ok(target), "call_single({target}) = {r:?}");
     }
     let halted = bench::summarise(&mut samples);
@@ -497,9 +498,9 @@ fn t_roundtrip(ctx: &Ctx) -> Outcome {
     // call_all: every CPU (the others halted), the caller's own share included.
     let all_mask = mask_of(ctx.all);
     for s in samples.iter_mut() {
-        let t0 = arch::rdtsc();
+        let t0 = arch::cycles();
         let r = e.call_all(|_| ());
-        *s = arch::rdtsc() - t0;
+        *s = arch::cycles() - t0;
         ensure!(r.as_ref() == Ok(&all_mask), "call_all = {r:?}");
     }
     let all = bench::summarise(&mut samples);
@@ -511,9 +512,9 @@ fn t_roundtrip(ctx: &Ctx) -> Outcome {
         "CPU {target} did not start polling"
     );
     for s in samples.iter_mut() {
-        let t0 = arch::rdtsc();
+        let t0 = arch::cycles();
         let r = e.call_single(target, |c| c);
-        *s = arch::rdtsc() - t0;
+        *s = arch::cycles() - t0;
         ensure!(r == Ok(target), "call_single({target}) = {r:?}");
     }
     let polling = bench::summarise(&mut samples);
@@ -523,23 +524,23 @@ fn t_roundtrip(ctx: &Ctx) -> Outcome {
     static FLAG: AtomicU64 = AtomicU64::new(0);
     for (i, s) in samples.iter_mut().enumerate() {
         let want = i as u64 + 1;
-        let t0 = arch::rdtsc();
+        let t0 = arch::cycles();
         let r = e.call_single_async(target, move |_| FLAG.store(want, Ordering::Release));
         ensure!(r.is_ok(), "call_single_async = {r:?}");
         ensure!(
             time::wait_until(1_000, || FLAG.load(Ordering::Acquire) == want),
             "async call {i} did not run within 1 s"
         );
-        *s = arch::rdtsc() - t0;
+        *s = arch::cycles() - t0;
     }
     let asyncs = bench::summarise(&mut samples);
     FLAG.store(0, Ordering::Relaxed);
 
     let m1 = bench::mem_ping_pong(target, &mut samples);
     println!("  shared-memory ping-pong 0<->{target} (both spinning, pause): {m1}");
-    println!("  raw APIC IPI ping-pong 0<->{target}: {raw}");
+    println!("  raw IPI ping-pong 0<->{target}: {raw}");
     if far != target {
-        println!("  raw APIC IPI ping-pong 0<->{far}: {raw_far}");
+        println!("  raw IPI ping-pong 0<->{far}: {raw_far}");
     }
     println!("  engine call_single 0->{target}, target halted (IPI):     {halted}");
     println!("  engine call_single 0->{target}, target polling (elided): {polling}");
@@ -556,10 +557,10 @@ fn t_roundtrip(ctx: &Ctx) -> Outcome {
         slot.store(v, Ordering::Relaxed);
     }
     Ok(buf!(
-        "TCG emulation, TSC {} MHz (not hardware figures): median raw IPI round trip {} cycles, \
+        "TCG emulation, counter {} MHz (not hardware figures): median raw IPI round trip {} cycles, \
          call_single {} (halted target) / {} (polling target), async until run {}, call_all on \
          {} CPUs {}",
-        time::tsc_hz() / 1_000_000,
+        time::counter_hz() / 1_000_000,
         raw.median,
         halted.median,
         polling.median,
@@ -1563,8 +1564,8 @@ fn t_nmi_dump(ctx: &Ctx) -> Outcome {
                 "    cpu {c}: {} IF={} rip={:#x} rsp={:#x} {what}",
                 if s.answered { "answered" } else { "NO ANSWER" },
                 s.irqs_on() as u8,
-                s.rip,
-                s.rsp
+                s.pc,
+                s.sp
             );
         }
         let ran_after = time::wait_until(5_000, || CALL_RAN.load(Ordering::SeqCst));
@@ -1576,9 +1577,9 @@ fn t_nmi_dump(ctx: &Ctx) -> Outcome {
             );
             let spin_fn = spin_with_irqs_off as *const () as u64;
             ensure!(
-                snap[spinner].rip >= spin_fn && snap[spinner].rip < spin_fn + 256,
+                snap[spinner].pc >= spin_fn && snap[spinner].pc < spin_fn + 256,
                 "spinner's RIP {:#x} not in its spin loop ({spin_fn:#x})",
-                snap[spinner].rip
+                snap[spinner].pc
             );
             for c in bits(all & !(1 << me) & !(1 << spinner)) {
                 ensure!(snap[c].irqs_on(), "idle CPU {c} had IF=0");
@@ -1607,7 +1608,7 @@ fn t_nmi_dump(ctx: &Ctx) -> Outcome {
                  loop) while its pending call IPI waited for sti, then ran; the engine's \
                  nmi_call_many ran on every CPU, the masked one included",
                 ctx.n,
-                snap[spinner].rip
+                snap[spinner].pc
             ))
         };
         match check() {

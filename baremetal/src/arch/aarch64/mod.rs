@@ -1,0 +1,1 @@
+//! aarch64: see the README (port in progress).

@@ -1,0 +1,1 @@
+//! riscv64: see the README (port in progress).
