@@ -129,10 +129,13 @@ pub fn halt_forever() -> ! {
     }
 }
 
-/// Spin-loop hint (`yield`; under TCG it ends the translation block).
+/// Spin-loop hint: `yield`. (`core::hint::spin_loop` is `isb` on aarch64.) Under
+/// single-threaded TCG, `yield` hands the host thread to the next vCPU, like `pause` on x86;
+/// without it a spinning vCPU keeps the thread for a whole 100 ms round-robin slice.
 #[inline(always)]
 pub fn pause() {
-    core::hint::spin_loop();
+    // SAFETY: a hint instruction, no effect on state.
+    unsafe { asm!("yield", options(nomem, nostack, preserves_flags)) };
 }
 
 /// CNTVCT_EL0, the generic timer's virtual count.
