@@ -16,7 +16,7 @@
 # 0x10 << 1 | 1; aarch64 through semihosting SYS_EXIT; riscv64 through the sifive_test device),
 # 1 otherwise (a failing suite: 35; a timeout: 124; a crash or triple fault: anything else).
 # Installs the QEMU package (qemu-system-x86, qemu-system-arm, qemu-system-misc) with apt-get
-# and the Rust target (aarch64-unknown-none, riscv64gc-unknown-none-elf) with rustup when
+# and the Rust target (aarch64-unknown-none, riscv64imac-unknown-none-elf) with rustup when
 # missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -43,7 +43,7 @@ done
 case "$arch" in
     x86_64) qemu=qemu-system-x86_64; pkg=qemu-system-x86; target=x86_64-unknown-linux-gnu ;;
     aarch64) qemu=qemu-system-aarch64; pkg=qemu-system-arm; target=aarch64-unknown-none ;;
-    riscv64) qemu=qemu-system-riscv64; pkg=qemu-system-misc; target=riscv64gc-unknown-none-elf ;;
+    riscv64) qemu=qemu-system-riscv64; pkg=qemu-system-misc; target=riscv64imac-unknown-none-elf ;;
     *) echo "run.sh: unknown --arch $arch (x86_64, aarch64, riscv64)" >&2; exit 2 ;;
 esac
 

@@ -1707,7 +1707,7 @@ fn lost_ipi_body(target: usize) -> Result<(u64, smpcall::DiagStats, smpcall::Dia
     // 2. A no-wait call: nobody waits, the watchdog finds the untaken queue.
     static RAN: AtomicBool = AtomicBool::new(false);
     RAN.store(false, Ordering::SeqCst);
-    time::delay_us(2_000);
+    time::delay_us(20_000);
     let before = e.diag_stats();
     p.drop_next_ipi(target);
     let r = e.call_single_async(target, |_| RAN.store(true, Ordering::SeqCst));
