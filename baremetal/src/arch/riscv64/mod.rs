@@ -283,7 +283,7 @@ extern "C" fn riscv_bsp_main(hart: usize) -> ! {
     crate::println!();
     crate::println!("smpcall bare-metal riscv64 kernel (S-mode, OpenSBI, QEMU virt)");
     crate::time::init(TIMEBASE_HZ);
-    let (spec, _) = (sbi(0x10, 0, 0, 0, 0).1, ());
+    let spec = sbi(0x10, 0, 0, 0, 0).1; // base extension: get_spec_version
     crate::println!(
         "boot: hart {hart}, SBI spec {}.{}, timebase {} Hz (time CSR), IPIs via SBI IPI, \
          no NMI in S-mode",
