@@ -154,7 +154,7 @@ pub fn run_all() -> bool {
     let p = engine().platform();
     println!(
         "engine totals: calls queued {} run {}, IPIs sent {} elided {} received {}, flushes {}, \
-         offline runs {}; APIC: {} unicast + {} all-but-self call IPIs",
+         offline runs {}; platform: {} unicast + {} all-but-self call IPIs",
         s.calls_queued,
         s.calls_run,
         s.ipi_sent,
@@ -463,7 +463,7 @@ fn t_basic(ctx: &Ctx) -> Outcome {
         );
     }
     Ok(buf!(
-        "call_single to each of {} CPUs returned its id (remote: in the IPI handler, IF=0); \
+        "call_single to each of {} CPUs returned its id (remote: in the IPI handler, interrupts masked); \
          call_all/others/cond masks exact; unknown and offline CPUs refused",
         ctx.n
     ))
@@ -970,7 +970,7 @@ fn t_refusals(_ctx: &Ctx) -> Outcome {
     );
     ensure!(a.is_ok(), "call_single_async from a handler refused: {a:?}");
     Ok(buf!(
-        "with cli: call_single/self/many/all/others, stop_machine, cpu_down -> \
+        "with interrupts masked: call_single/self/many/all/others, stop_machine, cpu_down -> \
          WouldDeadlock(InterruptsMasked), call_single_async accepted and ran; in a handler: \
          waiting calls -> {s:?}, async accepted"
     ))
@@ -1046,7 +1046,7 @@ fn t_coalescing(ctx: &Ctx) -> Outcome {
             );
             ensure!(
                 all_ran,
-                "only {} of {N} calls ran after sti",
+                "only {} of {N} calls ran after the unmask",
                 RUNS.load(Ordering::SeqCst)
             );
             ensure!(
@@ -1061,7 +1061,7 @@ fn t_coalescing(ctx: &Ctx) -> Outcome {
             );
             Ok(buf!(
                 "{N} call_async_csd to masked CPU {target}: 1 IPI sent, 0 run while masked, \
-                 1 IPI taken at sti, {N} run"
+                 1 IPI taken at unmask, {N} run"
             ))
         };
         match check() {
@@ -1076,9 +1076,9 @@ fn t_coalescing(ctx: &Ctx) -> Outcome {
         "calls ran on the masked CPU"
     );
     let unicast = e.platform().unicast.load(Ordering::SeqCst) - before_unicast;
-    ensure!(unicast == 1, "{unicast} ICR writes for the {N} calls");
+    ensure!(unicast == 1, "{unicast} IPI sends for the {N} calls");
     // SAFETY: run_on returned: no other CPU touches the cell.
-    Ok(buf!("{}; 1 ICR write", unsafe { &*result.ptr() }))
+    Ok(buf!("{}; 1 IPI send", unsafe { &*result.ptr() }))
 }
 
 struct UnsafeCellSync<T>(UnsafeCell<T>);
@@ -1159,7 +1159,7 @@ fn t_elision(ctx: &Ctx) -> Outcome {
     );
     Ok(buf!(
         "{N} call_single to polling CPU {target}: 0 IPIs, {N} elided; {N} to it halted: {N} IPIs \
-         sent and taken (hlt woken)"
+         sent and taken (idle wait woken)"
     ))
 }
 
@@ -1513,8 +1513,8 @@ pub fn call_in_progress(cpu: usize) -> Option<&'static str> {
     (k > 0).then(|| HOTPLUG_KINDS[k - 1])
 }
 
-/// An NMI dump of all CPUs (APIC NMI delivery, all-but-self) while one spins with interrupts
-/// off: it answers, with IF=0 in the interrupted RFLAGS — while a fixed-vector call IPI to it
+/// An NMI dump of all CPUs (the platform's NMI-class signal) while one spins with interrupts
+/// off: it answers, with interrupts masked in the interrupted context — while a call IPI to it
 /// stays pending until it unmasks.
 fn t_nmi_dump(ctx: &Ctx) -> Outcome {
     static READY: AtomicBool = AtomicBool::new(false);
@@ -1558,7 +1558,10 @@ fn t_nmi_dump(ctx: &Ctx) -> Outcome {
         });
         let call_ran_early = CALL_RAN.load(Ordering::SeqCst);
         RELEASE_SPIN.store(true, Ordering::SeqCst);
-        println!("  NMI dump (APIC NMI to all-but-self, each handler on its own IST stack):");
+        println!(
+            "  NMI dump ({} NMI-class signal to all other CPUs):",
+            arch::NAME
+        );
         let mut answered = 0u64;
         for c in bits(all) {
             let s = &snap[c];
@@ -1570,10 +1573,10 @@ fn t_nmi_dump(ctx: &Ctx) -> Outcome {
             } else if c == spinner {
                 "<- spinning with interrupts off"
             } else {
-                "(idle: hlt)"
+                "(idle: waiting for an interrupt)"
             };
             println!(
-                "    cpu {c}: {} IF={} rip={:#x} rsp={:#x} {what}",
+                "    cpu {c}: {} irqs-on={} pc={:#x} sp={:#x} {what}",
                 if s.answered { "answered" } else { "NO ANSWER" },
                 s.irqs_on() as u8,
                 s.pc,
@@ -1615,7 +1618,7 @@ fn t_nmi_dump(ctx: &Ctx) -> Outcome {
             ensure!(answered == all, "answered {answered:#x}, want {all:#x}");
             ensure!(
                 !snap[spinner].irqs_on(),
-                "the spinner's interrupted RFLAGS had IF=1"
+                "the spinner's interrupted context had interrupts on"
             );
             let spin_fn = spin_with_irqs_off as *const () as u64;
             ensure!(
@@ -1624,11 +1627,11 @@ fn t_nmi_dump(ctx: &Ctx) -> Outcome {
                 snap[spinner].pc
             );
             for c in bits(all & !(1 << me) & !(1 << spinner)) {
-                ensure!(snap[c].irqs_on(), "idle CPU {c} had IF=0");
+                ensure!(snap[c].irqs_on(), "idle CPU {c} had interrupts masked");
             }
             ensure!(
                 !call_ran_early,
-                "the fixed IPI was served while the spinner had IF=0"
+                "the call IPI was served while the spinner had interrupts masked"
             );
             ensure!(
                 nmi_result.as_ref().map(bits_of) == Ok(all),
@@ -1641,13 +1644,13 @@ fn t_nmi_dump(ctx: &Ctx) -> Outcome {
             );
             ensure!(
                 nmi_masked.load(Ordering::SeqCst) == 1 << spinner,
-                "NMI calls saw interrupted IF=0 on {:#x}, want only the spinner",
+                "NMI calls saw interrupted masked state on {:#x}, want only the spinner",
                 nmi_masked.load(Ordering::SeqCst)
             );
             ensure!(ran_after, "the call never ran after the spinner unmasked");
             Ok(buf!(
-                "all {} CPUs answered the NMI; CPU {spinner} with IF=0 at rip {:#x} (its spin \
-                 loop) while its pending call IPI waited for sti, then ran; the engine's \
+                "all {} CPUs answered the NMI; CPU {spinner} with interrupts masked at pc {:#x} (its \
+                 spin loop) while its pending call IPI waited for the unmask, then ran; the engine's \
                  nmi_call_many ran on every CPU, the masked one included",
                 ctx.n,
                 snap[spinner].pc
@@ -1840,7 +1843,7 @@ fn t_no_stray(ctx: &Ctx) -> Outcome {
         .map(|c| percpu::CPUS[c].wakes.load(Ordering::Relaxed))
         .sum();
     Ok(buf!(
-        "0 unexpected vectors on {} CPUs ({halts} idle hlts, {wakes} task wake IPIs)",
+        "0 unexpected vectors on {} CPUs ({halts} idle waits, {wakes} task wake IPIs)",
         ctx.n
     ))
 }
