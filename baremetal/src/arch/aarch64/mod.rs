@@ -59,26 +59,35 @@ fn daif_i_set() -> bool {
     d & (1 << 7) != 0
 }
 
-/// Masks the IPIs (PMR to `PMR_OFF`); returns whether they were unmasked.
+/// Masks the IPIs (PMR to `PMR_OFF`); returns whether they were unmasked. With PSTATE.I set
+/// (inside an exception handler: the pseudo-NMI's, or an early boot path) everything is
+/// masked already and the PMR is left alone: it belongs to the interrupted code, which must
+/// find it unchanged when the handler returns.
 #[inline]
 pub fn irq_save() -> bool {
-    let was_on = irqs_enabled();
+    if daif_i_set() {
+        return false;
+    }
+    let was_on = gic::pmr() == gic::PMR_ON;
     gic::set_pmr(gic::PMR_OFF);
     // Orders the masked region's memory accesses after the mask, like a compiler fence.
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     was_on
 }
 
-/// Restores [`irq_save`]'s state: PMR back to `PMR_ON` if the IPIs were unmasked; a pending
-/// IPI is taken at once.
+/// Restores [`irq_save`]'s state: PMR back to `PMR_ON` if the IPIs were unmasked (a pending
+/// IPI is taken at once); with PSTATE.I set, nothing (see `irq_save`).
 #[inline]
 pub fn irq_restore(was_enabled: bool) {
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
-    if was_enabled {
-        gic::set_pmr(gic::PMR_ON);
-    } else {
-        gic::set_pmr(gic::PMR_OFF);
+    if daif_i_set() {
+        return;
     }
+    gic::set_pmr(if was_enabled {
+        gic::PMR_ON
+    } else {
+        gic::PMR_OFF
+    });
 }
 
 /// Whether the IPIs can be taken here: PSTATE.I clear and PMR open.
@@ -96,9 +105,12 @@ pub unsafe fn enable_irqs() {
     unsafe { asm!("msr daifclr, #2", "isb", options(nostack, preserves_flags)) };
 }
 
-/// Masks the IPIs (PMR), leaving the pseudo-NMI deliverable.
+/// Masks the IPIs (PMR), leaving the pseudo-NMI deliverable; with PSTATE.I set, nothing
+/// (everything is masked already; see `irq_save`).
 pub fn disable_irqs() {
-    gic::set_pmr(gic::PMR_OFF);
+    if !daif_i_set() {
+        gic::set_pmr(gic::PMR_OFF);
+    }
 }
 
 /// Waits for an interrupt with IPIs unmasked, as one step: PSTATE.I set, PMR open, `wfi`
