@@ -10,7 +10,7 @@
 #                 vCPU), which is slow when vCPUs outnumber host cores.
 #   --timeout S   wall-clock bound for QEMU (default 60)
 #   --debug       build the dev profile instead of release
-#   --append STR  kernel command line (x86_64 only; e.g. "hotplug-strict": see README.md)
+#   --append STR  kernel command line (e.g. "hotplug-strict": see README.md)
 #
 # Exit status: 0 if the suite passed (QEMU exits with status 33: x86_64 through isa-debug-exit,
 # 0x10 << 1 | 1; aarch64 through semihosting SYS_EXIT; riscv64 through the sifive_test device),
@@ -78,8 +78,10 @@ case "$arch" in
                      -device isa-debug-exit,iobase=0xf4,iosize=0x04
                      ${append:+-append "$append"}) ;;
     aarch64) machine=(-machine virt,gic-version=3 -cpu cortex-a57 -m 256M
-                      -semihosting-config enable=on,target=native) ;;
-    riscv64) machine=(-machine virt -bios default -m 256M) ;;
+                      -semihosting-config enable=on,target=native
+                      ${append:+-append "$append"}) ;;
+    riscv64) machine=(-machine virt -bios default -m 256M
+                      ${append:+-append "$append"}) ;;
 esac
 timeout --kill-after=5 "$tmo" "$qemu" \
     "${machine[@]}" "${accel[@]}" -smp "$smp" \

@@ -30,6 +30,8 @@ mod arch;
 mod common;
 
 // The common modules under short paths (`crate::percpu`, `crate::console`, ...).
+#[cfg(not(target_arch = "x86_64"))]
+use common::fdt;
 use common::{
     bench, cmdline, config, console, irq, kernel, ktest, ktest_support, nmi, percpu, platform, time,
 };

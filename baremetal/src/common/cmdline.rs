@@ -9,9 +9,8 @@ pub const HOTPLUG_STRICT: u32 = 1 << 0;
 
 static FLAGS: AtomicU32 = AtomicU32::new(0);
 
-/// Parses the kernel command line (QEMU `-append`, as the architecture found it; only x86_64's
-/// PVH boot passes one today).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// Parses the kernel command line (QEMU `-append`, as the architecture found it: x86_64 in the
+/// PVH start info, aarch64 and riscv64 in the DTB's `/chosen/bootargs`).
 pub fn parse(text: &str) {
     let mut flags = 0;
     for word in text.split_ascii_whitespace() {

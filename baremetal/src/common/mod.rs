@@ -4,6 +4,8 @@ pub(crate) mod bench;
 pub(crate) mod cmdline;
 pub(crate) mod config;
 pub(crate) mod console;
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) mod fdt;
 pub(crate) mod irq;
 pub(crate) mod kernel;
 pub(crate) mod ktest;

@@ -1,6 +1,6 @@
 //! Entry, MMU, exception vectors.
 //!
-//! * **Boot CPU.** QEMU's `-kernel` loads the ELF at its link address (0x40080000) and enters
+//! * **Boot CPU.** QEMU's `-kernel` loads the ELF at its link address (0x40200000) and enters
 //!   `_start` at EL1 (no EL2/EL3 is emulated without `virtualization=on`/`secure=on`), MMU off.
 //!   We mask DAIF, enable FP/SIMD (CPACR_EL1.FPEN: the `core` of `aarch64-unknown-none` uses
 //!   NEON registers), zero `.bss`, turn the MMU on with a two-entry identity map (1 GiB blocks:

@@ -295,6 +295,11 @@ extern "C" fn aarch64_bsp_main() -> ! {
     crate::println!();
     crate::println!("smpcall bare-metal aarch64 kernel (GICv3, QEMU virt)");
     crate::time::init(counter_hz());
+    // SAFETY: QEMU places the DTB at the start of RAM for a non-Linux `-kernel` (the kernel
+    // is linked above it); RAM there is mapped and nothing writes it.
+    if let Some(args) = unsafe { crate::fdt::bootargs(0x4000_0000) } {
+        crate::cmdline::parse(args);
+    }
     gic::init_distributor();
     gic::init_cpu();
     // SAFETY: PSTATE.I was set by the entry code; clear it with the PMR at PMR_OFF, so only

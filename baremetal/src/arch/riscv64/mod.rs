@@ -274,7 +274,7 @@ pub fn exit(success: bool) -> ! {
 
 /// The boot hart.
 #[unsafe(no_mangle)]
-extern "C" fn riscv_bsp_main(hart: usize) -> ! {
+extern "C" fn riscv_bsp_main(hart: usize, dtb: usize) -> ! {
     BOOT_HART.store(hart as u32, Ordering::Relaxed);
     HART_OF_CPU[0].store(hart as u32, Ordering::Relaxed);
     // SAFETY: CPU 0, first thing in Rust.
@@ -283,6 +283,11 @@ extern "C" fn riscv_bsp_main(hart: usize) -> ! {
     crate::println!();
     crate::println!("smpcall bare-metal riscv64 kernel (S-mode, OpenSBI, QEMU virt)");
     crate::time::init(TIMEBASE_HZ);
+    // SAFETY: OpenSBI passes the DTB's address in a1 (0 if none: `bootargs` checks), in RAM
+    // that nothing writes afterwards.
+    if let Some(args) = unsafe { crate::fdt::bootargs(dtb) } {
+        crate::cmdline::parse(args);
+    }
     let spec = sbi(0x10, 0, 0, 0, 0).1; // base extension: get_spec_version
     crate::println!(
         "boot: hart {hart}, SBI spec {}.{}, timebase {} Hz (time CSR), IPIs via SBI IPI, \
