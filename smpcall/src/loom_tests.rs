@@ -959,3 +959,88 @@ fn stop_machine_prepare_model_catches_the_two_store_stage() {
         "failed for another reason: {message}"
     );
 }
+
+/// Test 8: restricted flushes (a hosted signal handler that interrupted arbitrary code) run
+/// only any-context calls and defer the others to the next unrestricted flush — each call
+/// exactly once, while producers push concurrently. One producer pushes a user call, another an
+/// engine (any-context) call; the owner runs restricted flushes until the engine call ran, then
+/// unrestricted ones until both did. (Shown to fail when `flush_with` ignores `restricted`: the
+/// user call then runs in the restricted phase.)
+#[test]
+fn restricted_flush_defers_user_calls() {
+    model("restricted_flush_defers_user_calls", || {
+        let queue = Arc::new(CallQueue::new());
+        let deferred = Arc::new(crate::queue::DeferredCalls::new());
+        let log = Arc::new(Log::new());
+        let log_addr = Arc::as_ptr(&log) as usize;
+        // Set during the restricted phase: the user call must never run while it is set.
+        let restricted = Arc::new(AtomicUsize::new(1));
+        let restricted_addr = Arc::as_ptr(&restricted) as usize;
+        let csds: Arc<Vec<TestCsd>> = Arc::new((0..2).map(|_| TestCsd::new()).collect());
+
+        let user = {
+            let (queue, csds) = (queue.clone(), csds.clone());
+            thread::spawn(move || {
+                let f = move |_| {
+                    // SAFETY: kept alive by the model's main thread until all ran.
+                    let r = unsafe { &*(restricted_addr as *const AtomicUsize) };
+                    assert_eq!(r.load(Ordering::Relaxed), 0, "a user call ran restricted");
+                    // SAFETY: as above.
+                    unsafe { &*(log_addr as *const Log) }.push(1);
+                };
+                // SAFETY: `csds` is kept alive by the main thread until all ran.
+                unsafe { push_async(&queue, &csds[0], f) };
+            })
+        };
+        let engine = {
+            let (queue, csds) = (queue.clone(), csds.clone());
+            thread::spawn(move || {
+                let f = move |_| {
+                    // SAFETY: as above.
+                    unsafe { &*(log_addr as *const Log) }.push(2);
+                };
+                fn runner<F: FnOnce(CpuId)>(_: &F) -> RunFn {
+                    run_inline::<F>
+                }
+                let run = runner(&f);
+                let e = &csds[1];
+                assert!(e.try_lock());
+                // SAFETY: claimed; the inline payload matches `run`; engine work (any context);
+                // kept alive by the main thread until it ran.
+                unsafe {
+                    e.set_call(run, Payload::inline(f), false);
+                    e.set_any_context();
+                    queue.push(&**e);
+                }
+            })
+        };
+        let owner = {
+            let (queue, deferred, log, restricted) = (
+                queue.clone(),
+                deferred.clone(),
+                log.clone(),
+                restricted.clone(),
+            );
+            thread::spawn(move || {
+                while !log.snapshot().contains(&2) {
+                    // SAFETY: this thread is the only flusher.
+                    unsafe { queue.flush_with(OWNER_CPU, Some((&deferred, true))) };
+                    thread::yield_now();
+                }
+                restricted.store(0, Ordering::Relaxed);
+                while log.snapshot().len() < 2 {
+                    // SAFETY: as above.
+                    unsafe { queue.flush_with(OWNER_CPU, Some((&deferred, false))) };
+                    thread::yield_now();
+                }
+                assert_eq!(deferred.len(), 0, "nothing left deferred");
+            })
+        };
+        user.join().unwrap();
+        engine.join().unwrap();
+        owner.join().unwrap();
+        let mut seen = log.snapshot();
+        seen.sort_unstable();
+        assert_eq!(seen, [1, 2], "each call once");
+    });
+}

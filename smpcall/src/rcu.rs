@@ -267,6 +267,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.rcu.gp_seq.load(Ordering::Relaxed)
     }
 
+    /// (Used by the hosted backend only.)
+    #[cfg(all(feature = "std", target_os = "linux", not(loom)))]
     /// Ends every read-side section of `cpu`'s thread, which is exiting (the hosted backend's
     /// thread-exit clean-up): it runs no more code, so nothing it read can be used any more.
     /// A quiescent state a grace period was waiting for is reported.

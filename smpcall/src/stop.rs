@@ -420,6 +420,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         Ok(())
     }
 
+    /// (Used by the hosted backend only.)
+    #[cfg(all(feature = "std", target_os = "linux", not(loom)))]
     /// Brings `cpu` online for a thread that has just become it (the hosted backend's attach):
     /// unlike [`cpu_up`](Engine::cpu_up), the caller *is* the offline CPU. Serialised with
     /// hotplug and stop_machine (which need nothing from an offline CPU, so taking the lock
@@ -444,6 +446,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         r
     }
 
+    /// (Used by the hosted backend only.)
+    #[cfg(all(feature = "std", target_os = "linux", not(loom)))]
     /// Takes the calling CPU `me` offline by itself (the hosted backend's leave): like
     /// [`cpu_down`](Engine::cpu_down) — no new calls accepted, every queued call runs here
     /// first, through stop_machine with `me` as the active CPU — but driven from `me`'s own

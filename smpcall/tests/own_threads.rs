@@ -353,3 +353,88 @@ fn attach_errors_change_nothing() {
     m2.try_shutdown(LIMIT).unwrap();
     assert_eq!(m2.attach().unwrap_err(), Error::ShutDown);
 }
+
+/// Threads that are not CPUs keep calling while CPUs go down and up: a call they got accepted
+/// runs exactly once, on its CPU, never after that CPU went offline (the `foreign_pushers`
+/// exclusion against `cpu_down`); refusals say `Offline`.
+#[test]
+fn calls_from_other_threads_keep_exactly_once_under_hotplug() {
+    const SENDERS: usize = 3;
+    let m = Arc::new(machine(4, 0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let ran = Arc::new(AtomicU64::new(0));
+    let twice = Arc::new(AtomicU64::new(0));
+    let offline = Arc::new(AtomicU64::new(0));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|s| {
+            let (m, stop, accepted, ran, twice, offline) = (
+                Arc::clone(&m),
+                Arc::clone(&stop),
+                Arc::clone(&accepted),
+                Arc::clone(&ran),
+                Arc::clone(&twice),
+                Arc::clone(&offline),
+            );
+            std::thread::spawn(move || {
+                let e = m.engine();
+                let mut i = 0u64;
+                let mut refused = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let target = 1 + (i as usize + s) % 3;
+                    let once = Arc::new(AtomicBool::new(false));
+                    let (ran, twice, offline) =
+                        (Arc::clone(&ran), Arc::clone(&twice), Arc::clone(&offline));
+                    let f = move |cpu: usize| {
+                        if once.swap(true, Ordering::SeqCst) {
+                            twice.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if !smpcall::hosted::with_engine(|e| e.is_online(cpu)).unwrap_or(false) {
+                            offline.fetch_add(1, Ordering::SeqCst);
+                        }
+                        ran.fetch_add(1, Ordering::SeqCst);
+                    };
+                    let r = if i % 4 == 0 {
+                        e.call_single(target, f)
+                    } else {
+                        e.call_single_async(target, f)
+                    };
+                    match r {
+                        Ok(()) => {
+                            accepted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(Error::Offline(_)) => refused += 1,
+                        Err(other) => panic!("unexpected refusal {other}"),
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    for round in 0..300 {
+        let victim = 1 + round % 3;
+        m.cpu_down(victim).unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(100));
+        m.cpu_up(victim).unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let refused: u64 = senders.into_iter().map(|t| t.join().unwrap()).sum();
+    let accepted = accepted.load(Ordering::SeqCst);
+    wait_until(LIMIT, "every accepted call to run", || {
+        ran.load(Ordering::SeqCst) == accepted
+    });
+    assert_eq!(twice.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        offline.load(Ordering::SeqCst),
+        0,
+        "no call ran on an offline CPU"
+    );
+    assert_eq!(m.engine().total_stats().offline_runs, 0);
+    assert!(
+        accepted > 0 && refused > 0,
+        "accepted {accepted}, refused {refused}"
+    );
+    Arc::try_unwrap(m).unwrap().shutdown().unwrap();
+}
