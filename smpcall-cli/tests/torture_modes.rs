@@ -65,6 +65,25 @@ fn assert_success(json: &Value, text: &str, out: &Output) {
 }
 
 #[test]
+fn churn_attaches_and_leaves_threads_while_the_torture_runs() {
+    let (json, text, out) = torture_json(&[
+        "--cpus",
+        "3",
+        "--churn",
+        "2",
+        "--duration",
+        "1500ms",
+        "--seed",
+        "0xc4",
+    ]);
+    assert_success(&json, &text, &out);
+    let c = &json["churn"];
+    assert_eq!(c["threads"], 2, "{json}");
+    assert!(u(&c["cycles"]) > 10, "threads attached and left: {c}");
+    assert!(text.contains("attached and left"), "{text}");
+}
+
+#[test]
 fn onoff_cycles_cpus_and_counts_offline_refusals() {
     let (json, text, out) = torture_json(&[
         "--cpus",

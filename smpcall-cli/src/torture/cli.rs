@@ -108,6 +108,10 @@ pub struct TortureOptions {
     /// expected and counted; a call that reaches an offline CPU is a violation.
     #[arg(long, value_name = "INTERVAL", value_parser = parse_duration)]
     pub onoff: Option<Duration>,
+    /// N threads of the torture's own attach as CPUs and leave again, over and over, while
+    /// every CPU calls them too (calls to a slot nobody holds are refused as offline).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub churn: usize,
     /// IPI fault injection: drop each IPI (signal or futex wake) with probability P (0..1 or
     /// a %). Stuck calls must be reported and recovered by the stall diagnostics: the run
     /// fails if a call is lost, or if IPIs were dropped, some call waited longer than twice
@@ -176,6 +180,7 @@ impl TortureOptions {
         cfg.min_calls_per_cpu = cfg.min_calls_per_cpu.max(self.min_calls_per_cpu);
         cfg.long_wait |= self.long_wait;
         cfg.signal_calls |= self.signal_calls;
+        cfg.churn = cfg.churn.max(self.churn);
         cfg.inject = self.inject_fault.or(cfg.inject);
         cfg.onoff = self.onoff.or(cfg.onoff);
         if self.drop_ipi > 0.0 {

@@ -44,6 +44,7 @@
 //! [`faults`] and [`rcu`] (the optional stresses), and here the driver ([`run_observed`]) and
 //! the per-CPU workload (`Worker`).
 
+pub mod churn;
 pub mod cli;
 pub mod faults;
 pub mod hotplug;
@@ -56,7 +57,7 @@ pub mod rng;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -138,6 +139,10 @@ pub struct Config {
     /// `unsafe` `run_calls_in_signal_handlers`; the torture's functions are async-signal-safe).
     /// Off: the sound default, where busy CPUs run calls at their safe points.
     pub signal_calls: bool,
+    /// Threads of the torture's own (not the machine's) that attach as CPUs and leave again
+    /// while it runs (`--churn N`): N attach slots after the spawned CPUs, every CPU calls them
+    /// too, and calls to a slot nobody holds are refused as offline. 0: off.
+    pub churn: usize,
     /// Bound on each wait: after the deadline a task to finish, calls to drain, shutdown;
     /// half of it for an rpc's completion.
     pub timeout: Duration,
@@ -190,6 +195,7 @@ impl Default for Config {
             mix: Mix::default(),
             long_wait: false,
             signal_calls: false,
+            churn: 0,
             timeout: Duration::from_secs(30),
             inject: None,
             onoff: None,
@@ -288,11 +294,21 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
         }
     }
     let n = cfg.cpus;
-    let ledger = Arc::new(Ledger::new(n, cfg.max_calls_per_cpu)?);
+    if n + cfg.churn > 64 {
+        return Err(Error::InvalidConfig(
+            "--cpus plus --churn must be at most 64 (the ledger's CPU sets)",
+        ));
+    }
+    let ledger = Arc::new(Ledger::new(n + cfg.churn, cfg.max_calls_per_cpu)?);
+    // Attach slots start empty: offline, as far as the ledger knows.
+    for slot in n..n + cfg.churn {
+        ledger.set_offline(slot, true);
+    }
     let faults_on = cfg.injects_ipi_faults();
     let sink_before = faults::sink_counts();
     let mut builder = Machine::builder()
         .cpus(n)
+        .attach_slots(cfg.churn)
         .idle(cfg.idle)
         .timeout(cfg.timeout);
     let sink: fn(&str) = if cfg.verbose_reports || !faults_on {
@@ -319,7 +335,8 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
         // async-signal-safe.
         builder = unsafe { builder.run_calls_in_signal_handlers() };
     }
-    let machine = builder.build()?;
+    // Shared with the churn threads, which attach to it; unwrapped again for the shutdown.
+    let machine = Arc::new(builder.build()?);
     let stall_ns = machine.engine().stall_threshold_ns();
     if cfg.drop_ipi > 0.0 && stall_ns != 0 {
         ledger.set_delay_threshold(faults::delay_threshold(Duration::from_nanos(stall_ns)));
@@ -346,6 +363,10 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
             })
         })
         .collect();
+    let churn_stop = Arc::new(AtomicBool::new(false));
+    let churners: Vec<_> = (0..cfg.churn)
+        .map(|t| churn::spawn(&machine, &ledger, &churn_stop, cfg.seed ^ (t as u64 + 1)))
+        .collect::<Result<_, _>>()?;
     let engine = machine.engine();
     let snapshot = |phase: Phase| Progress {
         phase,
@@ -464,6 +485,13 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
     if rcu_errors > 4 {
         incidents.push(format!("rcu: {rcu_errors} unexpected errors in all"));
     }
+    // The churn threads stop once the tasks are done (nobody calls them any more).
+    churn_stop.store(true, Ordering::SeqCst);
+    let churn = (cfg.churn > 0).then(|| {
+        let (summary, errors) = churn::join(churners);
+        incidents.extend(errors);
+        summary
+    });
     let mut last_tick = Instant::now();
     let mut tick = || {
         if last_tick.elapsed() >= PROGRESS_TICK {
@@ -527,7 +555,13 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
     }
     let rcu_stats = engine.rcu_stats();
     // Shutting down joins the CPU threads, which orders every record write before the check.
-    if let Err(e) = machine.shutdown() {
+    let down = match Arc::try_unwrap(machine) {
+        Ok(m) => m.shutdown(),
+        Err(_) => Err(Error::InvalidConfig(
+            "the machine is still shared at shutdown",
+        )),
+    };
+    if let Err(e) = down {
         incidents.push(format!("machine shutdown: {e}"));
     }
     let mut verification = verify(&ledger);
@@ -565,6 +599,7 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
         capacity_reached,
         incidents,
         hotplug,
+        churn,
         faults: fault_summary,
         rcu: rcu_summary,
         stall_dump_at,
@@ -683,13 +718,15 @@ impl<'a> Worker<'a> {
             ));
         }
         let n = engine.nr_cpus();
+        // The tasks run on the spawned CPUs only (attach slots are the churn threads').
+        let tasks = cfg.cpus;
         // No call before every CPU has declared who it is (calls to a CPU whose task has not
         // started would find its thread-local unset).
         gate.fetch_add(1, Ordering::SeqCst);
         let mut arrived = 0;
         if !spin_for(cfg.timeout, || {
             arrived = gate.load(Ordering::SeqCst);
-            arrived >= n
+            arrived >= tasks
         }) {
             return Err(format!(
                 "waited {:?} for every CPU to reach the start barrier; {arrived} of {n} did",
@@ -712,7 +749,7 @@ impl<'a> Worker<'a> {
             latencies: Latencies::new(),
             inject: cfg.inject.filter(|_| me == 0),
             fitting: 0,
-            hotplug: cfg.onoff.is_some(),
+            hotplug: cfg.onoff.is_some() || cfg.churn > 0,
             backoff: cfg
                 .onoff
                 .map_or(Duration::ZERO, |i| (i / 4).max(Duration::from_micros(100))),
@@ -720,7 +757,7 @@ impl<'a> Worker<'a> {
             driver: cfg
                 .onoff
                 .filter(|_| me == 0)
-                .map(|interval| hotplug::Driver::new(n, interval, cfg.seed)),
+                .map(|interval| hotplug::Driver::new(tasks, interval, cfg.seed)),
             rcu,
             writer: rcu::Writer::default(),
             rcu_errors: Vec::new(),

@@ -44,6 +44,8 @@ pub struct Report {
     pub incidents: Vec<String>,
     /// Hotplug cycling (`--onoff`), if on.
     pub hotplug: Option<HotplugSummary>,
+    /// Threads attaching and leaving (`--churn`), if on.
+    pub churn: Option<super::churn::ChurnSummary>,
     /// IPI faults and stall diagnostics (zeros without fault injection).
     pub faults: FaultSummary,
     /// The RCU torture (`--rcu`), if on.
@@ -164,6 +166,8 @@ pub struct JsonReport {
     pub offline_refusals: u64,
     /// Hotplug cycling (`--onoff`); `null` when off.
     pub hotplug: Option<HotplugSummary>,
+    /// Threads attaching and leaving (`--churn`); `null` when off.
+    pub churn: Option<super::churn::ChurnSummary>,
     /// IPI fault injection and the stall diagnostics (always present; zeros when off).
     pub faults: FaultSummary,
     /// The RCU torture (`--rcu`); `null` when off.
@@ -357,6 +361,7 @@ impl From<&Report> for JsonReport {
                 .collect(),
             offline_refusals: v.offline_refusals(),
             hotplug: r.hotplug,
+            churn: r.churn,
             faults: r.faults,
             rcu: r.rcu,
             stall_dump_at_s: r.stall_dump_at.map(|d| d.as_secs_f64()),
@@ -594,6 +599,14 @@ impl fmt::Display for Report {
             sum(|t| t.refusals),
             sum(|t| t.gave_up)
         )?;
+        if let Some(c) = &self.churn {
+            writeln!(
+                f,
+                "{:<12}{} threads attached and left {} times (mean {:.1} µs per attach + leave); \
+                 calls to a slot nobody held were refused as offline",
+                "churn", c.threads, c.cycles, c.mean_cycle_us
+            )?;
+        }
         if let Some(h) = &self.hotplug {
             writeln!(
                 f,
