@@ -6,13 +6,15 @@
 //!                 [--onoff INTERVAL] [--drop-ipi P] [--delay-ipi P] [--stall-threshold D]
 //!                 [--dump-on-stall] [--verbose] [--rcu]
 //!                 [--stat-interval 1s] [--json PATH|-]
-//! smpcall bench [--quick] [--iterations N] [--json FILE] [--plot FILE.svg]
+//! smpcall bench [--quick] [--iterations N] [--json FILE] [--plot FILE.svg] [--check]
+//! smpcall bench --scaling [--cpus 2,8,1024] [--no-instructions] [--json FILE] [--check]
 //! smpcall dump [--cpus N]
 //! ```
 //!
-//! Exit status: 0 on success, 1 when the torture run found a violation, 2 when it could not
-//! be set up (bad arguments, the machine would not start), a bench row failed, or the dump
-//! scenario could not complete.
+//! Exit status: 0 on success, 1 when the torture run found a violation or `bench --check`
+//! missed a target, 2 when it could not be set up (bad arguments, an output file that cannot
+//! be written, the machine would not start), a bench row failed, or the dump scenario could
+//! not complete. Without `--check` a missed bench target is reported and the status stays 0.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -113,9 +115,104 @@ struct BenchArgs {
     /// Draw the latency distributions to this SVG file.
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
+    /// Exit with status 1 when a target is missed (without it a miss is reported and the exit
+    /// status stays 0).
+    #[arg(long)]
+    check: bool,
+    /// Instead of the latency rows: how a many-call's cost grows with the CPU count, counted
+    /// deterministically (instructions under callgrind, IPIs, simulator steps, memory).
+    #[arg(long)]
+    scaling: bool,
+    /// CPU counts for --scaling, comma-separated (default 2,4,8,…,1024).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "N,N,...",
+        requires = "scaling"
+    )]
+    cpus: Option<Vec<usize>>,
+    /// Skip the callgrind instruction counts of --scaling.
+    #[arg(long, requires = "scaling")]
+    no_instructions: bool,
+    /// Internal: the program --scaling runs under callgrind.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    scaling_probe: Option<Vec<usize>>,
+}
+
+/// Checks --json and --plot before anything is measured.
+fn check_outputs(args: &BenchArgs) -> Result<(), bench::BenchError> {
+    if let Some(path) = &args.json {
+        bench::output::check_writable(path, "--json")?;
+    }
+    if let Some(path) = &args.plot {
+        bench::plot::check_extension(path)?;
+        bench::output::check_writable(path, "--plot")?;
+    }
+    Ok(())
+}
+
+fn write_json(path: Option<&PathBuf>, json: &str) -> Result<(), ExitCode> {
+    if let Some(path) = path {
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("smpcall bench: cannot write {}: {e}", path.display());
+            return Err(ExitCode::from(2));
+        }
+    }
+    Ok(())
+}
+
+fn scaling(args: &BenchArgs) -> ExitCode {
+    if args.plot.is_some() {
+        eprintln!("smpcall bench: --plot draws the latency rows; --scaling has none");
+        return ExitCode::from(2);
+    }
+    let mut cfg = bench::scaling::ScalingConfig::default();
+    if let Some(sizes) = &args.cpus {
+        cfg.sizes = sizes.clone();
+    }
+    cfg.instructions = !args.no_instructions;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("smpcall bench: cannot find this program's path: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match bench::scaling::measure(&exe, &cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("smpcall bench: scaling: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("{report}");
+    if let Err(code) = write_json(args.json.as_ref(), &report.to_json()) {
+        return code;
+    }
+    if args.check && !report.check() {
+        eprintln!("smpcall bench: --check: a scaling target was missed");
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
 }
 
 fn bench(args: BenchArgs) -> ExitCode {
+    if let Some(sizes) = &args.scaling_probe {
+        return match bench::scaling::probe(sizes) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("smpcall bench: scaling probe: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if let Err(e) = check_outputs(&args) {
+        eprintln!("smpcall bench: {e}");
+        return ExitCode::from(2);
+    }
+    if args.scaling {
+        return scaling(&args);
+    }
     let mut cfg = if args.quick {
         bench::Config::quick()
     } else {
@@ -135,17 +232,19 @@ fn bench(args: BenchArgs) -> ExitCode {
         }
     };
     println!("{report}");
-    if let Some(path) = &args.json {
-        if let Err(e) = std::fs::write(path, report.to_json()) {
-            eprintln!("smpcall bench: cannot write {}: {e}", path.display());
-            return ExitCode::from(2);
-        }
+    if let Err(code) = write_json(args.json.as_ref(), &report.to_json()) {
+        return code;
     }
     if let Some(path) = &args.plot {
         if let Err(e) = bench::plot::write_svg(&report, path) {
             eprintln!("smpcall bench: {e}");
             return ExitCode::from(2);
         }
+    }
+    let missed = report.targets().filter(|(_, t)| !t.met).count();
+    if args.check && missed > 0 {
+        eprintln!("smpcall bench: --check: {missed} target(s) missed");
+        return ExitCode::from(1);
     }
     ExitCode::SUCCESS
 }

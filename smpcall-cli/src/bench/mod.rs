@@ -42,12 +42,16 @@
 //! [`ours`] (smpcall on a hosted machine), [`report`] (ratios, targets, table, JSON),
 //! [`plot`] (the SVG of the latency distributions); here the configuration and the driver.
 
+pub mod callgrind;
 pub mod clock;
 pub mod ours;
+pub mod output;
 pub mod peers;
 pub mod plot;
 pub mod report;
 pub mod sample;
+pub mod scaling;
+pub mod solo;
 pub mod threads;
 
 use std::fmt;

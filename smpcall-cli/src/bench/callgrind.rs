@@ -1,0 +1,148 @@
+//! Instruction counts from callgrind, split into labelled segments by the program itself.
+//!
+//! A program run under `valgrind --tool=callgrind` calls [`segment`]`(label)` to end a
+//! segment: callgrind writes everything executed since the previous segment to a dump file
+//! whose description is the label, and starts counting from zero again. [`run`] runs a command
+//! under callgrind and returns the instruction count of every label (segments with the same
+//! label add up). Outside valgrind [`segment`] does nothing (a few no-op instructions).
+//!
+//! The client request is valgrind's documented "special instruction sequence" for amd64
+//! (`valgrind.h`): on other architectures [`segment`] does nothing and [`available`] says so.
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
+use std::path::Path;
+use std::process::Command;
+
+/// `VG_USERREQ_TOOL_BASE('C','T')`: callgrind's client requests.
+const CALLGRIND_BASE: usize = ((b'C' as usize) << 24) | ((b'T' as usize) << 16);
+/// `VG_USERREQ__DUMP_STATS_AT`: dump (and zero) the counts, with a description string.
+const DUMP_STATS_AT: usize = CALLGRIND_BASE + 3;
+/// `VG_USERREQ__RUNNING_ON_VALGRIND`.
+const RUNNING_ON_VALGRIND: usize = 0x1001;
+
+/// Issues a valgrind client request; returns `default` when not running under valgrind.
+#[cfg(target_arch = "x86_64")]
+fn client_request(default: usize, args: &[usize; 6]) -> usize {
+    let mut result = default;
+    // SAFETY: valgrind's amd64 "special instruction" preamble: four rotations of rdi by a
+    // total of 128 bits (rdi unchanged) and `xchg rbx, rbx` (rbx unchanged). Natively it does
+    // nothing but set flags; under valgrind, valgrind reads the six words at rax and writes
+    // the result to rdx. `args` outlives the call; no stack use.
+    unsafe {
+        core::arch::asm!(
+            "rol rdi, 3",
+            "rol rdi, 13",
+            "rol rdi, 61",
+            "rol rdi, 51",
+            "xchg rbx, rbx",
+            in("rax") args.as_ptr(),
+            inout("rdx") result,
+            options(nostack),
+        );
+    }
+    result
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn client_request(default: usize, _args: &[usize; 6]) -> usize {
+    default
+}
+
+/// Whether this process runs under valgrind.
+pub fn running_on_valgrind() -> bool {
+    client_request(0, &[RUNNING_ON_VALGRIND, 0, 0, 0, 0, 0]) != 0
+}
+
+/// Whether segment counts can be taken here: an amd64 build and `valgrind` on the `PATH`.
+pub fn available() -> Result<(), String> {
+    if !cfg!(target_arch = "x86_64") {
+        return Err("instruction counts need an x86_64 build (valgrind client requests)".into());
+    }
+    match Command::new("valgrind").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => Err("valgrind is not on the PATH (install valgrind for instruction counts)".into()),
+    }
+}
+
+/// Ends the current segment: everything executed since the previous one is counted under
+/// `label`. Make labels with [`label`] *before* the measured code (building one allocates).
+#[inline]
+pub fn segment(label: &CStr) {
+    client_request(0, &[DUMP_STATS_AT, label.as_ptr() as usize, 0, 0, 0, 0]);
+}
+
+/// A segment label (NUL bytes in `text` are dropped).
+pub fn label(text: &str) -> CString {
+    CString::new(text.replace('\0', "")).expect("no NUL left")
+}
+
+/// Runs `exe args…` under callgrind with its dump files in `dir`, and returns the instruction
+/// count of every segment label the program wrote (summed over segments with the same label).
+pub fn run(exe: &Path, args: &[String], dir: &Path) -> Result<BTreeMap<String, u64>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let out_file = dir.join("callgrind.out");
+    let out = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out_file.display()))
+        .arg(exe)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run valgrind: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "valgrind {} {} failed ({}):\n{}",
+            exe.display(),
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut counts = BTreeMap::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if let Some((label, ir)) = parse_dump(&text) {
+            *counts.entry(label).or_insert(0) += ir;
+        }
+    }
+    Ok(counts)
+}
+
+/// The label and the instruction total of one dump file written by [`segment`].
+pub fn parse_dump(text: &str) -> Option<(String, u64)> {
+    let mut label = None;
+    let mut total = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("desc: Trigger: Client Request: ") {
+            label = Some(rest.trim().to_string());
+        } else if let Some(rest) = line
+            .strip_prefix("totals: ")
+            .or_else(|| line.strip_prefix("summary: "))
+        {
+            total = rest.split_whitespace().next()?.parse().ok();
+        }
+    }
+    Some((label?, total?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_dump_header() {
+        let text = "version: 1\ncreator: callgrind-3.19.0\npid: 1\ncmd: x\npart: 2\n\n\
+                    desc: I1 cache: \ndesc: Trigger: Client Request: n=8 async sender\n\n\
+                    positions: line\nevents: Ir\nsummary: 1234\n\nfl=(1) a.rs\n";
+        assert_eq!(parse_dump(text), Some(("n=8 async sender".into(), 1234)));
+        assert_eq!(parse_dump("events: Ir\nsummary: 5\n"), None);
+    }
+
+    #[test]
+    fn requests_are_no_ops_natively() {
+        if !running_on_valgrind() {
+            segment(&label("nothing happens"));
+        }
+    }
+}
