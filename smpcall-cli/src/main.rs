@@ -8,6 +8,7 @@
 //!                 [--stat-interval 1s] [--json PATH|-]
 //! smpcall bench [--quick] [--iterations N] [--json FILE] [--plot FILE.svg] [--check]
 //! smpcall bench --scaling [--cpus 2,8,1024] [--no-instructions] [--json FILE] [--check]
+//! smpcall bench --cost [--json FILE]
 //! smpcall dump [--cpus N]
 //! ```
 //!
@@ -137,6 +138,41 @@ struct BenchArgs {
     /// Internal: the program --scaling runs under callgrind.
     #[arg(long, hide = true, value_delimiter = ',')]
     scaling_probe: Option<Vec<usize>>,
+    /// Instead of the latency rows: account for a waiting call_single to a polling CPU,
+    /// instructions per call on each side by function (needs valgrind).
+    #[arg(long, conflicts_with = "scaling")]
+    cost: bool,
+    /// Internal: the program --cost runs under callgrind.
+    #[arg(long, hide = true)]
+    cost_probe: bool,
+}
+
+fn cost(args: &BenchArgs) -> ExitCode {
+    if args.plot.is_some() {
+        eprintln!("smpcall bench: --plot draws the latency rows; --cost has none");
+        return ExitCode::from(2);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("smpcall bench: cannot find this program's path: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match bench::cost::measure(&exe) {
+        Ok(c) => {
+            println!("{c}");
+            let json = serde_json::to_string_pretty(&c).expect("cost figures serialise");
+            match write_json(args.json.as_ref(), &json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(code) => code,
+            }
+        }
+        Err(e) => {
+            eprintln!("smpcall bench: cost: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// Checks --json and --plot before anything is measured.
@@ -206,12 +242,24 @@ fn bench(args: BenchArgs) -> ExitCode {
             }
         };
     }
+    if args.cost_probe {
+        return match bench::cost::probe() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("smpcall bench: cost probe: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Err(e) = check_outputs(&args) {
         eprintln!("smpcall bench: {e}");
         return ExitCode::from(2);
     }
     if args.scaling {
         return scaling(&args);
+    }
+    if args.cost {
+        return cost(&args);
     }
     let mut cfg = if args.quick {
         bench::Config::quick()

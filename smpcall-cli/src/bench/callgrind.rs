@@ -77,9 +77,25 @@ pub fn label(text: &str) -> CString {
     CString::new(text.replace('\0', "")).expect("no NUL left")
 }
 
-/// Runs `exe args…` under callgrind with its dump files in `dir`, and returns the instruction
-/// count of every segment label the program wrote (summed over segments with the same label).
-pub fn run(exe: &Path, args: &[String], dir: &Path) -> Result<BTreeMap<String, u64>, String> {
+/// What callgrind counted in the segments of one label.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Profile {
+    /// Instructions, all segments of the label together.
+    pub total: u64,
+    /// Segments with this label.
+    pub segments: u64,
+    /// Instructions by the source line they come from — the innermost inlined function's
+    /// line, so code inlined into its callers is still counted where it is written — and the
+    /// (not inlined) function executing it. Calls' inclusive costs are not included (their
+    /// callees' own lines are).
+    pub by_line: BTreeMap<(String, u32, String), u64>,
+    /// Instructions by the (not inlined) function callgrind saw executing them.
+    pub by_function: BTreeMap<String, u64>,
+}
+
+/// Runs `exe args…` under callgrind with its dump files in `dir`, and returns what was counted
+/// under every segment label the program wrote (summed over segments with the same label).
+pub fn run(exe: &Path, args: &[String], dir: &Path) -> Result<BTreeMap<String, Profile>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let out_file = dir.join("callgrind.out");
     let out = Command::new("valgrind")
@@ -98,15 +114,18 @@ pub fn run(exe: &Path, args: &[String], dir: &Path) -> Result<BTreeMap<String, u
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let mut counts = BTreeMap::new();
+    let mut profiles: BTreeMap<String, Profile> = BTreeMap::new();
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     for entry in entries.flatten() {
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        if let Some((label, ir)) = parse_dump(&text) {
-            *counts.entry(label).or_insert(0) += ir;
+        if let Some((label, total)) = parse_dump(&text) {
+            let p = profiles.entry(label).or_default();
+            p.total += total;
+            p.segments += 1;
+            parse_lines(&text, p);
         }
     }
-    Ok(counts)
+    Ok(profiles)
 }
 
 /// The label and the instruction total of one dump file written by [`segment`].
@@ -126,6 +145,79 @@ pub fn parse_dump(text: &str) -> Option<(String, u64)> {
     Some((label?, total?))
 }
 
+/// Adds the self cost of every source line (and function) of a dump file (`positions: line`,
+/// `events: Ir`, name compression) to `p`.
+fn parse_lines(text: &str, p: &mut Profile) {
+    let mut names: BTreeMap<(&str, String), String> = BTreeMap::new();
+    // Resolves `(id) name` / `(id)` name compression; files share one id space, as do fns.
+    let mut resolve = |kind: &'static str, v: &str| -> String {
+        let v = v.trim();
+        if let Some(rest) = v.strip_prefix('(') {
+            if let Some((id, name)) = rest.split_once(')') {
+                let key = (kind, id.to_string());
+                let name = name.trim();
+                if name.is_empty() {
+                    return names.get(&key).cloned().unwrap_or_default();
+                }
+                names.insert(key, name.to_string());
+                return name.to_string();
+            }
+        }
+        v.to_string()
+    };
+    let (mut file, mut inlined, mut func) = (String::new(), None::<String>, String::new());
+    let mut last_line: i64 = 0;
+    let mut skip_next = false;
+    for line in text.lines() {
+        let Some(first) = line.chars().next() else {
+            continue;
+        };
+        if first.is_ascii_digit() || first == '+' || first == '-' || first == '*' {
+            let mut parts = line.split_whitespace();
+            let pos = parts.next().unwrap_or("0");
+            let n: i64 = match pos.as_bytes()[0] {
+                b'+' => last_line + pos[1..].parse::<i64>().unwrap_or(0),
+                b'-' => last_line - pos[1..].parse::<i64>().unwrap_or(0),
+                b'*' => last_line,
+                _ => pos.parse().unwrap_or(0),
+            };
+            last_line = n;
+            let cost: u64 = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+            if std::mem::take(&mut skip_next) {
+                continue; // a call's inclusive cost
+            }
+            let f = inlined.clone().unwrap_or_else(|| file.clone());
+            *p.by_line
+                .entry((f, n.max(0) as u32, func.clone()))
+                .or_insert(0) += cost;
+            *p.by_function.entry(func.clone()).or_insert(0) += cost;
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        match key {
+            "fl" => {
+                file = resolve("file", value);
+                inlined = None;
+            }
+            "fi" | "fe" => {
+                let f = resolve("file", value);
+                inlined = (f != file).then_some(f);
+            }
+            "fn" => func = resolve("fn", value),
+            "cfi" | "cfl" => {
+                resolve("file", value);
+            }
+            "cfn" => {
+                resolve("fn", value);
+            }
+            "calls" => skip_next = true,
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +229,26 @@ mod tests {
                     positions: line\nevents: Ir\nsummary: 1234\n\nfl=(1) a.rs\n";
         assert_eq!(parse_dump(text), Some(("n=8 async sender".into(), 1234)));
         assert_eq!(parse_dump("events: Ir\nsummary: 5\n"), None);
+    }
+
+    #[test]
+    fn lines_are_attributed_through_inlining_and_calls_are_skipped() {
+        let text = "events: Ir\nfl=(1) /a.rs\nfn=(1) outer\n10 5\n+2 3\n\
+                    fi=(2) /b.rs\n7 4\nfe=(1)\ncfn=(2) callee\ncalls=1 0\n* 100\n\
+                    fl=(2)\nfn=(2)\n20 1\n";
+        let mut p = Profile::default();
+        parse_lines(text, &mut p);
+        let get = |f: &str, l, func: &str| {
+            p.by_line
+                .get(&(f.to_string(), l, func.to_string()))
+                .copied()
+        };
+        assert_eq!(get("/a.rs", 10, "outer"), Some(5));
+        assert_eq!(get("/a.rs", 12, "outer"), Some(3));
+        assert_eq!(get("/b.rs", 7, "outer"), Some(4));
+        assert_eq!(get("/b.rs", 20, "callee"), Some(1));
+        assert_eq!(p.by_function.get("outer"), Some(&12));
+        assert_eq!(p.by_function.get("callee"), Some(&1));
     }
 
     #[test]

@@ -45,6 +45,7 @@
 
 pub mod callgrind;
 pub mod clock;
+pub mod cost;
 pub mod ours;
 pub mod output;
 pub mod peers;

@@ -330,7 +330,7 @@ pub fn measure(exe: &Path, cfg: &ScalingConfig) -> Result<Scaling, String> {
             counts
                 .as_ref()
                 .and_then(|c| c.get(&label(n, what)))
-                .map(|&ir| ir as f64 / targets as f64)
+                .map(|p| p.total as f64 / targets as f64)
         };
         let (ipis_per_target, ipi_batches) = ipi_counts(n)?;
         let sim = if n <= cfg.sim_max_cpus {
