@@ -48,7 +48,7 @@ fn around_serve(start: bool) {
 
 #[inline(never)]
 fn one_call(e: &solo::SoloEngine) -> Result<usize, String> {
-    e.call_single(1, |cpu| std::hint::black_box(cpu))
+    e.call_single(1, std::hint::black_box)
         .map_err(|err| format!("call_single: {err}"))
 }
 
