@@ -95,3 +95,32 @@ fn cli_scaling_prints_the_table_and_writes_json() {
     assert!(v["rows"][2]["memory"]["per_cpu_total"].as_u64().is_some());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cli_cost_accounts_for_both_sides_of_a_call() {
+    if let Err(why) = smpcall_cli::bench::callgrind::available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_smpcall"))
+        .args(["bench", "--cost"])
+        .output()
+        .expect("the smpcall binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for word in [
+        "sender:",
+        "target:",
+        "engine.rs: call_single",
+        "engine.rs: wait_csd",
+        "queue.rs: push",
+        "queue.rs: flush",
+        "csd.rs: try_lock",
+    ] {
+        assert!(stdout.contains(word), "missing {word}:\n{stdout}");
+    }
+}
