@@ -148,16 +148,9 @@ struct BenchArgs {
 }
 
 fn cost(args: &BenchArgs) -> ExitCode {
-    if args.plot.is_some() {
-        eprintln!("smpcall bench: --plot draws the latency rows; --cost has none");
-        return ExitCode::from(2);
-    }
-    let exe = match std::env::current_exe() {
+    let exe = match this_exe() {
         Ok(exe) => exe,
-        Err(e) => {
-            eprintln!("smpcall bench: cannot find this program's path: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match bench::cost::measure(&exe) {
         Ok(c) => {
@@ -168,10 +161,7 @@ fn cost(args: &BenchArgs) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Err(e) => {
-            eprintln!("smpcall bench: cost: {e}");
-            ExitCode::from(2)
-        }
+        Err(e) => setup_error(format_args!("cost: {e}")),
     }
 }
 
@@ -197,29 +187,31 @@ fn write_json(path: Option<&PathBuf>, json: &str) -> Result<(), ExitCode> {
     Ok(())
 }
 
+/// Reports a setup error of `smpcall bench`: exit status 2.
+fn setup_error(what: impl std::fmt::Display) -> ExitCode {
+    eprintln!("smpcall bench: {what}");
+    ExitCode::from(2)
+}
+
+/// This program's path, which --scaling and --cost re-run under callgrind.
+fn this_exe() -> Result<PathBuf, ExitCode> {
+    std::env::current_exe()
+        .map_err(|e| setup_error(format_args!("cannot find this program's path: {e}")))
+}
+
 fn scaling(args: &BenchArgs) -> ExitCode {
-    if args.plot.is_some() {
-        eprintln!("smpcall bench: --plot draws the latency rows; --scaling has none");
-        return ExitCode::from(2);
-    }
     let mut cfg = bench::scaling::ScalingConfig::default();
     if let Some(sizes) = &args.cpus {
         cfg.sizes = sizes.clone();
     }
     cfg.instructions = !args.no_instructions;
-    let exe = match std::env::current_exe() {
+    let exe = match this_exe() {
         Ok(exe) => exe,
-        Err(e) => {
-            eprintln!("smpcall bench: cannot find this program's path: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let report = match bench::scaling::measure(&exe, &cfg) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("smpcall bench: scaling: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return setup_error(format_args!("scaling: {e}")),
     };
     println!("{report}");
     if let Err(code) = write_json(args.json.as_ref(), &report.to_json()) {
@@ -233,27 +225,22 @@ fn scaling(args: &BenchArgs) -> ExitCode {
 }
 
 fn bench(args: BenchArgs) -> ExitCode {
-    if let Some(sizes) = &args.scaling_probe {
-        return match bench::scaling::probe(sizes) {
+    let probe = match (&args.scaling_probe, args.cost_probe) {
+        (Some(sizes), _) => Some(bench::scaling::probe(sizes)),
+        (None, true) => Some(bench::cost::probe()),
+        (None, false) => None,
+    };
+    if let Some(result) = probe {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("smpcall bench: scaling probe: {e}");
-                ExitCode::from(2)
-            }
+            Err(e) => setup_error(format_args!("probe: {e}")),
         };
     }
-    if args.cost_probe {
-        return match bench::cost::probe() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("smpcall bench: cost probe: {e}");
-                ExitCode::from(2)
-            }
-        };
+    if (args.scaling || args.cost) && args.plot.is_some() {
+        return setup_error("--plot draws the latency rows; --scaling and --cost have none");
     }
     if let Err(e) = check_outputs(&args) {
-        eprintln!("smpcall bench: {e}");
-        return ExitCode::from(2);
+        return setup_error(e);
     }
     if args.scaling {
         return scaling(&args);

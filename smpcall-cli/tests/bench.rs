@@ -2,8 +2,9 @@
 //! row, the plot is an SVG. No timing is asserted (the machine is shared and noisy): only
 //! that numbers are positive, finite and ordered as percentiles must be.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::process::Command;
 
 use smpcall_cli::bench::{self, Category, Config, Report, Side, ROW_IDS};
 
@@ -120,32 +121,25 @@ fn quick_bench_reports_every_row_and_json_has_them() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A quick bench run with few round trips per row.
+const QUICK: [&str; 6] = [
+    "bench",
+    "--quick",
+    "--iterations",
+    "300",
+    "--row-time",
+    "40ms",
+];
+
 #[test]
 fn cli_bench_quick_writes_json_and_plot() {
     let dir = std::env::temp_dir().join(format!("smpcall-bench-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (json, svg) = (dir.join("b.json"), dir.join("b.svg"));
-    let out = Command::new(env!("CARGO_BIN_EXE_smpcall"))
-        .args([
-            "bench",
-            "--quick",
-            "--iterations",
-            "300",
-            "--row-time",
-            "40ms",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .arg("--plot")
-        .arg(&svg)
-        .output()
-        .expect("the smpcall binary runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut args: Vec<std::ffi::OsString> = QUICK.map(Into::into).to_vec();
+    args.extend(["--json".into(), json.clone().into()]);
+    args.extend(["--plot".into(), svg.clone().into()]);
+    let stdout = common::run_ok(&args);
     for word in ["×floor", "×best peer", "performance targets:", "noise:"] {
         assert!(stdout.contains(word), "missing {word}:\n{stdout}");
     }
@@ -154,15 +148,6 @@ fn cli_bench_quick_writes_json_and_plot() {
     assert!(parsed["rows"].as_array().is_some_and(|r| r.len() >= 20));
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn run_bench(args: &[&str]) -> (std::process::Output, std::time::Duration) {
-    let start = std::time::Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_smpcall"))
-        .args(args)
-        .output()
-        .expect("the smpcall binary runs");
-    (out, start.elapsed())
 }
 
 #[test]
@@ -190,7 +175,7 @@ fn bad_output_paths_fail_before_measuring() {
         ),
     ];
     for (args, why) in cases {
-        let (out, took) = run_bench(&args);
+        let (out, took) = common::run(&args);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}\n{stdout}\n{stderr}");
@@ -211,15 +196,7 @@ fn bad_output_paths_fail_before_measuring() {
 
 #[test]
 fn check_turns_a_missed_target_into_exit_status_1() {
-    let (out, _) = run_bench(&[
-        "bench",
-        "--quick",
-        "--iterations",
-        "300",
-        "--row-time",
-        "40ms",
-        "--check",
-    ]);
+    let (out, _) = common::run(&[QUICK.as_slice(), &["--check"]].concat());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
         .lines()

@@ -2,8 +2,9 @@
 //! per target (callgrind, when valgrind is installed) and the simulator's steps per target must
 //! not grow by more than 2× from 8 to 1024 CPUs.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
 use smpcall_cli::bench::scaling::{self, Memory, ScalingConfig, MAX_GROWTH};
 
@@ -68,24 +69,12 @@ fn cli_scaling_prints_the_table_and_writes_json() {
     let dir = std::env::temp_dir().join(format!("smpcall-scaling-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("s.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_smpcall"))
-        .args([
-            "bench",
-            "--scaling",
-            "--cpus",
-            "2,8,16",
-            "--check",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .expect("the smpcall binary runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut args: Vec<std::ffi::OsString> = ["bench", "--scaling", "--cpus", "2,8,16", "--check"]
+        .map(Into::into)
+        .to_vec();
+    args.push("--json".into());
+    args.push(json.clone().into());
+    let stdout = common::run_ok(&args);
     for word in ["CPUs", "bytes per CPU", "size_of::<PerCpu>()", "PASS"] {
         assert!(stdout.contains(word), "missing {word}:\n{stdout}");
     }
@@ -102,16 +91,7 @@ fn cli_cost_accounts_for_both_sides_of_a_call() {
         eprintln!("skipped: {why}");
         return;
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_smpcall"))
-        .args(["bench", "--cost"])
-        .output()
-        .expect("the smpcall binary runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::run_ok(&["bench", "--cost"]);
     for word in [
         "sender:",
         "target:",
