@@ -12,7 +12,11 @@
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest a probe may run under callgrind before [`run`] gives up on it.
+pub const RUN_BOUND: Duration = Duration::from_secs(600);
 
 /// `VG_USERREQ_TOOL_BASE('C','T')`: callgrind's client requests.
 const CALLGRIND_BASE: usize = ((b'C' as usize) << 24) | ((b'T' as usize) << 16);
@@ -98,20 +102,41 @@ pub struct Profile {
 pub fn run(exe: &Path, args: &[String], dir: &Path) -> Result<BTreeMap<String, Profile>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let out_file = dir.join("callgrind.out");
-    let out = Command::new("valgrind")
+    let log = dir.join("stderr.log");
+    let stderr = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut child = Command::new("valgrind")
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out_file.display()))
         .arg(exe)
         .args(args)
-        .output()
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
         .map_err(|e| format!("cannot run valgrind: {e}"))?;
-    if !out.status.success() {
+    // Bounded: the probes are short and deterministic; one that runs this long is stuck.
+    let deadline = Instant::now() + RUN_BOUND;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "valgrind {} {} did not finish within {RUN_BOUND:?}",
+                    exe.display(),
+                    args.join(" ")
+                ));
+            }
+            Err(e) => return Err(format!("waiting for valgrind: {e}")),
+        }
+    };
+    if !status.success() {
         return Err(format!(
-            "valgrind {} {} failed ({}):\n{}",
+            "valgrind {} {} failed ({status}):\n{}",
             exe.display(),
             args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            std::fs::read_to_string(&log).unwrap_or_default()
         ));
     }
     let mut profiles: BTreeMap<String, Profile> = BTreeMap::new();
