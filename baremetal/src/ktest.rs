@@ -8,6 +8,7 @@ use core::cell::UnsafeCell;
 use core::pin::Pin;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
+use fastrand::Rng; // the seeded generator the command and the host tests use too
 use smpcall::{CpuMask, Csd, DeadlockReason, Error};
 
 use crate::config::MAX_CPUS;
@@ -184,24 +185,6 @@ fn bits_of(mask: &CpuMask) -> u32 {
 
 fn me() -> usize {
     percpu::current_index().expect("on a CPU")
-}
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// The first failure reported by any CPU during a test.
@@ -598,7 +581,7 @@ fn t_torture(ctx: &Ctx) -> Outcome {
     }
     let t0 = time::now_ns();
     run_on(all, &|me| {
-        let mut rng = Rng::new(0x5EED + me as u64);
+        let mut rng = Rng::with_seed(0x5EED + me as u64);
         let sender = me as u8;
         for i in 0..per_cpu {
             if i >= MIN_CALLS && budget.expired() {
@@ -606,11 +589,11 @@ fn t_torture(ctx: &Ctx) -> Outcome {
             }
             let Some(seq) = ledger_next(me) else { break };
             issued.fetch_add(1, Ordering::Relaxed);
-            let kind = rng.below(13);
+            let kind = rng.usize(..13);
             KIND_COUNTS[kind].fetch_add(1, Ordering::Relaxed);
-            let t = rng.below(n);
+            let t = rng.usize(..n);
             let tb = 1u32 << t;
-            let sub = (rng.next() as u32) & all;
+            let sub = rng.u32(..) & all;
             let res: Result<u32, Error> = match kind {
                 0 => e
                     .call_single(t, move |c| {
@@ -1260,7 +1243,7 @@ fn t_hotplug(ctx: &Ctx) -> Outcome {
     run_on(all, &|me| {
         if me != 0 {
             // Sender: keep calling everyone (the victim included) until the driver is done.
-            let mut rng = Rng::new(0xD0D0 + me as u64);
+            let mut rng = Rng::with_seed(0xD0D0 + me as u64);
             let sender = me as u8;
             while !DONE.load(Ordering::SeqCst) {
                 if HOLD.load(Ordering::SeqCst) == 1 && VICTIM.load(Ordering::SeqCst) == me {
@@ -1274,13 +1257,13 @@ fn t_hotplug(ctx: &Ctx) -> Outcome {
                     arch::pause();
                     continue;
                 };
-                let t = rng.below(n);
+                let t = rng.usize(..n);
                 let tb = 1u32 << t;
-                let sub = (rng.next() as u32) & all;
+                let sub = rng.u32(..) & all;
                 // Waiting calls only on request: the engine turns an Offline refusal of a
                 // waiting call that races with cpu_down into a panic (see the README).
                 let kinds = if sync_senders { 6 } else { 4 };
-                let kind = rng.below(kinds);
+                let kind = rng.usize(..kinds);
                 IN_CALL[me].store(kind + 1, Ordering::Relaxed);
                 let r = match kind {
                     0 => e
@@ -1645,11 +1628,14 @@ fn t_lost_ipi(ctx: &Ctx) -> Outcome {
 fn lost_ipi_body(target: usize) -> Result<(u64, smpcall::DiagStats, smpcall::DiagStats), Buf> {
     let e = engine();
     let p = e.platform();
-    let sub = |a: smpcall::DiagStats, b: smpcall::DiagStats| smpcall::DiagStats {
-        stall_reports: a.stall_reports - b.stall_reports,
-        queue_stall_reports: a.queue_stall_reports - b.queue_stall_reports,
-        ipi_resends: a.ipi_resends - b.ipi_resends,
-        recoveries: a.recoveries - b.recoveries,
+    // `DiagStats` is non_exhaustive: start from a copy and subtract field by field.
+    let sub = |a: smpcall::DiagStats, b: smpcall::DiagStats| {
+        let mut d = a;
+        d.stall_reports -= b.stall_reports;
+        d.queue_stall_reports -= b.queue_stall_reports;
+        d.ipi_resends -= b.ipi_resends;
+        d.recoveries -= b.recoveries;
+        d
     };
     // Let the target halt, so that only an IPI can make it notice a call.
     time::delay_us(2_000);

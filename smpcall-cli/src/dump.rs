@@ -26,7 +26,7 @@ use clap::Args;
 use smpcall::hosted::{HostEngine, IdlePolicy, Machine};
 use smpcall::{CpuId, CpuMask, Error};
 
-use crate::duration::parse_duration;
+use crate::duration::parse_timeout;
 
 /// Options of `smpcall dump`.
 #[derive(Clone, Debug, Args)]
@@ -36,7 +36,7 @@ pub struct DumpArgs {
     #[arg(long, default_value_t = 4)]
     pub cpus: usize,
     /// Bound on each wait (the workload, the held CPU, the drain, shutdown).
-    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = parse_timeout)]
     pub timeout: Duration,
 }
 
@@ -83,7 +83,7 @@ pub fn run(args: &DumpArgs) -> Result<String, Error> {
             machine.run_on(cpu, move |e| warm_up(e, cpu, n, &ran))
         })
         .collect();
-    for w in workers {
+    for mut w in workers {
         w.join_timeout(limit)??;
     }
     bounded(limit, "the warm-up calls to drain", || {
@@ -100,7 +100,7 @@ pub fn run(args: &DumpArgs) -> Result<String, Error> {
     let held = n - 1;
     let masked = Arc::new(AtomicBool::new(false));
     let release = Arc::new(AtomicBool::new(false));
-    let holder = {
+    let mut holder = {
         let (masked, release) = (Arc::clone(&masked), Arc::clone(&release));
         machine.run_on(held, move |e| {
             let _irq = e.irq_save();
@@ -162,7 +162,9 @@ pub fn run(args: &DumpArgs) -> Result<String, Error> {
     let reached = machine
         .run_on(0, move |e| {
             let all = CpuMask::first_n(e.nr_cpus());
-            e.nmi_call_many(&all, |cpu| record_facts(e, cpu, &f2))
+            // SAFETY: `record_facts` only reads engine state and stores atomics (and calls
+            // gettid): async-signal-safe.
+            unsafe { e.nmi_call_many(&all, |cpu| record_facts(e, cpu, &f2)) }
         })
         .join_timeout(limit)??;
     let _ = writeln!(
@@ -182,7 +184,7 @@ pub fn run(args: &DumpArgs) -> Result<String, Error> {
     // 4. Release and check that the calls in flight ran.
     release.store(true, Ordering::SeqCst);
     holder.join_timeout(limit)?;
-    if let Some(w) = waiter {
+    if let Some(mut w) = waiter {
         let ran_on = w.join_timeout(limit)??;
         if ran_on != held {
             return Err(Error::InvalidConfig(

@@ -23,3 +23,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("invalid duration `{text}`: {e} (e.g. 3s, 500ms, 2)"))
 }
+
+/// Parses a bound on a wait, as [`parse_duration`], and refuses zero: a zero bound would
+/// expire before any CPU could start.
+///
+/// ```
+/// use std::time::Duration;
+/// use smpcall_cli::duration::parse_timeout;
+/// assert_eq!(parse_timeout("30s"), Ok(Duration::from_secs(30)));
+/// assert!(parse_timeout("0").is_err());
+/// assert!(parse_timeout("0s").is_err());
+/// ```
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!(
+            "invalid timeout `{text}`: it must be greater than zero (e.g. 30s)"
+        )),
+        d => Ok(d),
+    }
+}

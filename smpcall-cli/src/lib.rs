@@ -7,6 +7,11 @@
 //! * [`duration`] — parsing of durations given on the command line.
 #![warn(missing_docs)]
 
+/// The version of the `--json` output format of `smpcall torture` and `smpcall bench`
+/// (their `schema_version` field). Raised when a field is renamed, removed or changes meaning;
+/// adding a field does not change it.
+pub const JSON_SCHEMA_VERSION: u32 = 1;
+
 pub mod bench;
 pub mod dump;
 pub mod duration;

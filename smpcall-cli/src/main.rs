@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use smpcall::hosted::IdlePolicy;
 use smpcall_cli::bench;
-use smpcall_cli::duration::parse_duration;
+use smpcall_cli::duration::{parse_duration, parse_timeout};
 use smpcall_cli::torture::{self, Config};
 
 /// Cross-CPU function calls on a hosted machine: stress and inspect the engine.
@@ -91,7 +91,7 @@ struct TortureArgs {
     max_calls_per_cpu: u64,
     /// Bound on each wait: after the deadline a task to finish, calls to drain, shutdown;
     /// half of it for an rpc's completion.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     timeout: Duration,
     /// Weights, long waits, statistics lines, JSON.
     #[command(flatten)]
@@ -104,8 +104,8 @@ struct BenchArgs {
     #[arg(long)]
     quick: bool,
     /// Timed round trips per latency row (overrides the default; rows still stop after
-    /// --row-time).
-    #[arg(long)]
+    /// --row-time; at least 1).
+    #[arg(long, value_parser = parse_iterations)]
     iterations: Option<u64>,
     /// Time cap per row: 2s, 500ms.
     #[arg(long, value_parser = parse_duration)]
@@ -282,6 +282,15 @@ fn bench(args: BenchArgs) -> ExitCode {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// `--iterations`: a positive count (a row of zero round trips would measure nothing).
+fn parse_iterations(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("the number of iterations must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("invalid number of iterations `{s}`: {e}")),
+    }
 }
 
 fn parse_seed(s: &str) -> Result<u64, String> {

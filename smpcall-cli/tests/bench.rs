@@ -93,6 +93,7 @@ fn quick_bench_reports_every_row_and_json_has_them() {
     check_report(&report);
 
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).expect("valid JSON");
+    assert_eq!(json["schema_version"], smpcall_cli::JSON_SCHEMA_VERSION);
     let rows = json["rows"].as_array().expect("rows array");
     let ids: BTreeSet<&str> = rows.iter().filter_map(|r| r["id"].as_str()).collect();
     for r in &report.rows {

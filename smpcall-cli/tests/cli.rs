@@ -99,6 +99,30 @@ fn setup_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
 }
 
+/// Bounds of zero are refused when the arguments are parsed, with a message that says so,
+/// before anything runs: a zero `--timeout` (torture, dump) and `bench --iterations 0`.
+#[test]
+fn zero_timeout_and_zero_iterations_are_refused() {
+    for args in [
+        &["torture", "--duration", "100ms", "--timeout", "0"][..],
+        &["torture", "--duration", "100ms", "--timeout", "0ms"],
+        &["dump", "--timeout", "0s"],
+    ] {
+        let out = smpcall(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", show(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--timeout"), "{args:?}: {stderr}");
+        assert!(stderr.contains("greater than zero"), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} ran: {}", show(&out));
+    }
+    let out = smpcall(&["bench", "--quick", "--iterations", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--iterations"), "{stderr}");
+    assert!(stderr.contains("at least 1"), "{stderr}");
+    assert!(out.stdout.is_empty(), "bench printed rows: {}", show(&out));
+}
+
 /// Every kind, long waits on, JSON to a file: SUCCESS, and the JSON has each kind's totals
 /// and latency percentiles, consistent with the exit status.
 #[test]
@@ -132,6 +156,8 @@ fn every_kind_with_long_waits_succeeds_and_json_parses() {
     assert_eq!(json["exit_code"], 0);
     assert_eq!(json["config"]["cpus"], 3);
     assert_eq!(json["config"]["seed"], 7);
+    assert_eq!(json["config"]["seed_str"], "7");
+    assert_eq!(json["schema_version"], 1);
     assert_eq!(json["config"]["long_wait"], true);
     let kinds = json["kinds"].as_array().expect("kinds is an array");
     assert_eq!(kinds.len(), Kind::COUNT);
@@ -176,11 +202,17 @@ fn json_to_stdout_and_weights_select_kinds() {
         "0",
         "--min-calls-per-cpu",
         "100",
+        "--seed",
+        "0xfffffffffffffff1",
         "--json",
         "-",
     ]);
     assert!(out.status.success(), "{}", show(&out));
     let json: Value = serde_json::from_slice(&out.stdout).expect("stdout is the JSON report");
+    assert_eq!(json["schema_version"], smpcall_cli::JSON_SCHEMA_VERSION);
+    // A seed above 2^53 survives as a string (a double would round it to ...f000).
+    assert_eq!(json["config"]["seed_str"], "18446744073709551601");
+    assert_eq!(json["config"]["seed"].as_u64(), Some(0xffff_ffff_ffff_fff1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim_end().lines().last(), Some("SUCCESS"));
     assert!(

@@ -81,7 +81,8 @@
 //!   in the same release sequence.
 //! * Changes of `depth` alone: `Relaxed`, justified at each site.
 
-use core::sync::atomic::{fence, AtomicU64, Ordering};
+use crate::sync::AtomicU64;
+use core::sync::atomic::{fence, Ordering};
 
 /// Bits of the word that count nested handlers.
 const DEPTH_BITS: u32 = 16;

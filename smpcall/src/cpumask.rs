@@ -27,11 +27,12 @@
 //! assert_eq!((targets - reachable).to_string(), "64");
 //! ```
 
+use crate::sync::AtomicU64;
 use core::fmt;
 use core::iter::FusedIterator;
 use core::ops::{BitAnd, BitAndAssign, BitOr, BitOrAssign, Sub, SubAssign};
 use core::str::FromStr;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 /// Identifier of a CPU: its index, 0-based.
 pub type CpuId = usize;

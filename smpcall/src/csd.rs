@@ -36,6 +36,14 @@ use crate::sync::{spin_hint, AtomicPtr, AtomicU32, Ordering, UnsafeCell};
 pub(crate) const LOCK: u32 = 1 << 0;
 /// The sender waits: the target runs the function, *then* clears `LOCK`.
 pub(crate) const SYNC: u32 = 1 << 1;
+/// The function may run in any context the platform delivers IPIs in, including a hosted
+/// signal handler that interrupted arbitrary code: the engine's own work (stop_machine
+/// participation, RCU quiescent-state checks), which only touches atomics. Calls without it
+/// (every user call) run only where the platform says user code may run.
+pub(crate) const ANY_CONTEXT: u32 = 1 << 2;
+
+/// Source CPU recorded for a call made by a thread that is not one of the engine's CPUs.
+pub(crate) const FOREIGN: CpuId = 0xffff;
 
 /// `route` value meaning "no call recorded yet".
 const NO_ROUTE: u32 = u32::MAX;
@@ -340,6 +348,23 @@ impl Csd {
     }
 
     /// Whether the sender waits for this call (target side, while it holds the call data).
+    /// Marks a call data this CPU holds (filled, not yet pushed) as engine work that may run in
+    /// any context (see [`ANY_CONTEXT`]).
+    ///
+    /// # Safety
+    /// As for [`set_call`](Csd::set_call); the function must be async-signal-safe.
+    pub(crate) unsafe fn set_any_context(&self) {
+        // Relaxed: we own the call data; the push that publishes it is a Release.
+        let f = self.flags.load(Ordering::Relaxed);
+        self.flags.store(f | ANY_CONTEXT, Ordering::Relaxed);
+    }
+
+    /// Whether the call may run in any context (target side, while it holds the call data).
+    pub(crate) fn is_any_context(&self) -> bool {
+        // Relaxed: as for `is_sync`.
+        self.flags.load(Ordering::Relaxed) & ANY_CONTEXT != 0
+    }
+
     pub(crate) fn is_sync(&self) -> bool {
         // Relaxed: the target took the call data with an Acquire that made the sender's flag
         // store visible.

@@ -22,8 +22,9 @@
 //! backend runs periodically: a queue that stays non-empty longer than the threshold is
 //! reported and its CPU re-sent an IPI.
 
+use crate::sync::AtomicU64;
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::cpumask::CpuId;
 use crate::csd::Csd;
@@ -32,6 +33,7 @@ use crate::platform::Platform;
 
 /// Counters of the diagnostics, from [`Engine::diag_stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DiagStats {
     /// Stuck-wait reports (a wait for call data exceeded the threshold).
     pub stall_reports: u64,
@@ -207,7 +209,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             CpuName(target),
             TargetState {
                 engine: self,
-                cpu: target
+                cpu: target,
+                counters: true,
             },
             if resend {
                 "; re-sending the IPI"
@@ -284,7 +287,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 age / 1_000_000,
                 TargetState {
                     engine: self,
-                    cpu: Some(cpu)
+                    cpu: Some(cpu),
+                    counters: true,
                 },
                 if resend {
                     "; re-sending the IPI"
@@ -344,9 +348,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 s.ipi_received,
                 s.flushes,
                 s.offline_runs,
+                // The line already has the CPU and its counters: only the state.
                 TargetState {
                     engine: self,
-                    cpu: Some(cpu)
+                    cpu: Some(cpu),
+                    counters: false,
                 },
             )?;
             // Relaxed: diagnostics.
@@ -429,6 +435,8 @@ impl fmt::Display for CpuName {
 struct TargetState<'a, P: Platform, S: Storage> {
     engine: &'a Engine<P, S>,
     cpu: Option<CpuId>,
+    /// Start with "CPU n: requested … ipi-received …," (not where the line already has them).
+    counters: bool,
 }
 
 impl<P: Platform, S: Storage> fmt::Display for TargetState<'_, P, S> {
@@ -437,15 +445,17 @@ impl<P: Platform, S: Storage> fmt::Display for TargetState<'_, P, S> {
             return f.write_str("target unknown");
         };
         let e = self.engine;
-        let s = e.stats(cpu);
+        if self.counters {
+            let s = e.stats(cpu);
+            write!(
+                f,
+                "CPU {cpu}: requested {} responded {} ipi-sent {} ipi-received {}, ",
+                s.calls_queued, s.calls_run, s.ipi_sent, s.ipi_received,
+            )?;
+        }
         write!(
             f,
-            "CPU {cpu}: requested {} responded {} ipi-sent {} ipi-received {}, masked {}, \
-             in handler {}, polling {}, queue {}",
-            s.calls_queued,
-            s.calls_run,
-            s.ipi_sent,
-            s.ipi_received,
+            "masked {}, in handler {}, polling {}, queue {}",
             match e.platform.cpu_irqs_masked(cpu) {
                 Some(true) => "yes",
                 Some(false) => "no",

@@ -13,19 +13,21 @@
 //! 3. **Receiving.** The platform's IPI handler calls [`Engine::handle_ipi`], which masks
 //!    interrupts and flushes the queue (see [`crate::queue`]).
 
+use crate::sync::AtomicU64;
 use core::marker::PhantomData;
 use core::pin::Pin;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::cpumask::{AtomicCpuMask, CpuId, CpuMask, MAX_CPUS};
 use crate::csd::{run_inline, run_once, run_once_inline, run_shared, Csd, OnceCall, Payload};
 use crate::error::{DeadlockReason, Error};
 use crate::platform::Platform;
-use crate::queue::CallQueue;
+use crate::queue::{CallQueue, DeferredCalls};
 
 /// Counters of one CPU, as returned by [`Engine::stats`]. "To" counters are counted by the
 /// senders, "by" counters by the CPU itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CpuStats {
     /// IPIs sent to this CPU (its queue went from empty to non-empty and it was not polling).
     pub ipi_sent: u64,
@@ -68,7 +70,7 @@ impl core::ops::Add for CpuStats {
 #[derive(Debug)]
 pub struct PerCpu {
     // --- line 0: shared with senders ---
-    queue: CallQueue,
+    pub(crate) queue: CallQueue,
     /// The CPU is idle and polling its queue: senders need not send an IPI.
     polling: AtomicBool,
     calls_queued: AtomicU64,
@@ -83,6 +85,12 @@ pub struct PerCpu {
     flushes: AtomicU64,
     /// Calls this CPU ran while offline (an "IPI to an offline CPU"; should stay 0).
     offline_runs: AtomicU64,
+    /// How many restricted IPI handlers ([`Engine::handle_ipi_engine_only`]) are running on
+    /// this CPU: while non-zero, every flush here runs only the engine's own work and defers
+    /// user calls. Only this CPU writes it.
+    restricted: AtomicU32,
+    /// User calls a restricted flush took and deferred to the next unrestricted one.
+    deferred: DeferredCalls,
     /// Running its own going-down work (its final flush is not an offline delivery).
     pub(crate) dying: AtomicBool,
     /// The stop_machine stage this CPU last acknowledged (0 = not in stop_machine).
@@ -123,6 +131,8 @@ macro_rules! per_cpu_init {
             calls_run: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             offline_runs: AtomicU64::new(0),
+            restricted: AtomicU32::new(0),
+            deferred: DeferredCalls::new(),
             dying: AtomicBool::new(false),
             stop_stage: AtomicU32::new(0),
             stop_mask_seq: AtomicU64::new(0),
@@ -149,6 +159,19 @@ impl PerCpu {
     #[cfg(loom)]
     pub fn new() -> Self {
         per_cpu_init!()
+    }
+}
+
+impl PerCpu {
+    /// Whether this CPU runs a restricted handler (owner's view).
+    pub(crate) fn is_restricted(&self) -> bool {
+        // Relaxed: only this CPU writes it, and only this CPU asks.
+        self.restricted.load(Ordering::Relaxed) > 0
+    }
+
+    /// User calls deferred to this CPU's next unrestricted flush.
+    pub(crate) fn deferred_len(&self) -> u32 {
+        self.deferred.len()
     }
 }
 
@@ -255,6 +278,12 @@ pub struct IrqGuard<'a, P: Platform> {
     _not_send: PhantomData<*const ()>,
 }
 
+impl<P: Platform> core::fmt::Debug for IrqGuard<'_, P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IrqGuard").finish_non_exhaustive()
+    }
+}
+
 impl<P: Platform> Drop for IrqGuard<'_, P> {
     fn drop(&mut self) {
         self.platform.irq_restore(self.state);
@@ -295,6 +324,17 @@ impl Drop for AbortOnUnwind {
             "smpcall: panic while a cross-CPU call was in flight; aborting to protect call data"
         );
     }
+}
+
+/// Runs a call's function on the calling CPU itself. A panic in it aborts the process, as it
+/// does for a function run on another CPU: the behaviour of a call does not depend on where
+/// it lands.
+#[inline]
+fn run_local<R>(f: impl FnOnce() -> R) -> R {
+    let guard = AbortOnUnwind;
+    let r = f();
+    core::mem::forget(guard);
+    r
 }
 
 /// The cross-CPU call engine.
@@ -403,7 +443,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// Marks `cpu` online: it takes IPIs now. For platform bring-up.
-    pub fn mark_online(&self, cpu: CpuId) -> Result<(), Error> {
+    ///
+    /// # Safety
+    /// Platform interface: `cpu` must be running (or about to run, before anyone can observe
+    /// the mark) code that serves its IPIs as [`Platform`]'s delivery contract says — else
+    /// waiting calls to it would wait forever.
+    pub unsafe fn mark_online(&self, cpu: CpuId) -> Result<(), Error> {
         if cpu >= self.nr_cpus {
             return Err(Error::UnknownCpu(cpu));
         }
@@ -419,8 +464,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// Refuses every new call from now on ([`Error::ShutDown`]). Calls already accepted still
-    /// complete.
-    pub fn shut_down(&self) {
+    /// complete. Irreversible.
+    ///
+    /// # Safety
+    /// Platform interface: only the owner of the machine (the backend) may stop it; code that
+    /// relies on the engine accepting calls (its own shutdown protocol) belongs to it. Not a
+    /// memory-safety hazard in itself, but it breaks the backend's promises to other users.
+    pub unsafe fn shut_down(&self) {
         self.shut_down.store(true, Ordering::SeqCst);
     }
 
@@ -465,7 +515,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.storage
             .cpus()
             .get(cpu)
-            .is_some_and(|pc| !pc.queue.is_empty())
+            .is_some_and(|pc| !pc.queue.is_empty() || pc.deferred.len() > 0)
+    }
+
+    /// How many user calls `cpu` took in a context that may not run user code and keeps for
+    /// its next safe point (see [`handle_ipi_engine_only`](Engine::handle_ipi_engine_only)).
+    pub fn deferred_calls(&self, cpu: CpuId) -> u32 {
+        self.storage
+            .cpus()
+            .get(cpu)
+            .map_or(0, |pc| pc.deferred.len())
     }
 
     /// Whether no call is queued, taken-but-not-run, or running on any CPU, judged by two
@@ -482,7 +541,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let before = queued();
         let quiet = self.storage.cpus().iter().all(|pc| {
             // Relaxed: a snapshot; the queued-count check catches activity in between.
-            pc.queue.is_empty() && pc.handler_depth.load(Ordering::Relaxed) == 0
+            pc.queue.is_empty()
+                && pc.deferred.len() == 0
+                && pc.handler_depth.load(Ordering::Relaxed) == 0
         });
         quiet && queued() == before
     }
@@ -534,7 +595,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.check_can_wait(me)?;
         if cpu == me {
             let _masked = self.irq_save();
-            return Ok(f(me));
+            return Ok(run_local(|| f(me)));
         }
         let csd = Csd::new();
         let mut ipis = CpuMask::new();
@@ -610,7 +671,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.check_target(cpu)?;
         if cpu == me {
             let _masked = self.irq_save();
-            f(me);
+            run_local(|| f(me));
             return Ok(());
         }
         let mut f = Some(f);
@@ -667,7 +728,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // SAFETY: we hold it; nothing was written.
             unsafe { Csd::take_async_and_release(csd) };
             let _masked = self.irq_save();
-            f(me);
+            run_local(|| f(me));
             return Ok(());
         }
         let mut f = Some(f);
@@ -694,22 +755,43 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: Fn(CpuId) + Sync,
     {
+        self.call_many_inner(mask, f, false)
+    }
+
+    /// [`call_many`](Engine::call_many) for the engine's own work; with `any_context` the
+    /// function may run in restricted handlers too, so it must be async-signal-safe.
+    pub(crate) fn call_many_inner<F>(
+        &self,
+        mask: &CpuMask,
+        f: F,
+        any_context: bool,
+    ) -> Result<CpuMask, Error>
+    where
+        F: Fn(CpuId) + Sync,
+    {
         let me = self.enter()?;
+        self.check_mask(mask)?;
         self.check_can_wait(me)?;
         let mut others = mask.and(&self.accepting.load());
         others.clear(me);
 
         let in_flight = AbortOnUnwind;
         let (mut queued, refused) = self.queue_on_slots(me, &others, |slot, t| {
-            // SAFETY: we hold the slot; `f` outlives the waits below.
-            unsafe { slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true) };
+            // SAFETY: we hold the slot; `f` outlives the waits below; `any_context` only for
+            // the engine's own async-signal-safe functions.
+            unsafe {
+                slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true);
+                if any_context {
+                    slot.set_any_context();
+                }
+            }
             self.note_call::<F>(slot, me, t);
         });
         // On a refusal (this CPU went offline under us) still wait for what is already in
         // flight: it borrows `f`.
         if refused.is_none() && mask.test(me) {
             let _masked = self.irq_save();
-            f(me);
+            run_local(|| f(me));
         }
         for t in &queued {
             self.wait_csd(me, t, self.slot(me, t));
@@ -737,6 +819,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         F: Fn(CpuId) + Clone + Send + 'static,
     {
         let me = self.enter()?;
+        self.check_mask(mask)?;
         let mut others = mask.and(&self.accepting.load());
         others.clear(me);
 
@@ -752,7 +835,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             None => {
                 if mask.test(me) {
                     let _masked = self.irq_save();
-                    f(me);
+                    run_local(|| f(me));
                     queued.set(me);
                 }
                 Ok(queued)
@@ -810,9 +893,18 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     // Receiving side: entry points for the platform.
     // ---------------------------------------------------------------------------------------
 
-    /// The IPI handler: serves the current CPU's queue. The platform calls this from its
-    /// cross-CPU call interrupt (it masks interrupts itself if they are not masked already).
-    pub fn handle_ipi(&self) {
+    /// The IPI handler: serves the current CPU's queue, running every call. The platform
+    /// calls this from its cross-CPU call interrupt (it masks interrupts itself if they are not
+    /// masked already).
+    ///
+    /// # Safety
+    /// Platform interface. Call it only on an engine CPU, from that CPU's IPI handler (or a
+    /// point equivalent to one: its idle loop, a safe point), and only where running *any*
+    /// call's function is allowed: in a kernel's interrupt handler, or in a hosted signal
+    /// handler that interrupted async-signal-safe code. Where the interrupted code may hold
+    /// locks a function could need (a signal handler that interrupted `malloc`), use
+    /// [`handle_ipi_engine_only`](Engine::handle_ipi_engine_only) instead.
+    pub unsafe fn handle_ipi(&self) {
         let Some(me) = self.current_cpu() else {
             return;
         };
@@ -824,8 +916,43 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         unsafe { self.flush(me) };
     }
 
-    /// Serves the current CPU's queue if anything is queued (a safe point, or an idle loop that
-    /// was woken without an IPI). Returns how many calls ran.
+    /// The IPI handler for a context that may not run user code (a hosted signal handler that
+    /// interrupted arbitrary code): runs the engine's own work (stop_machine participation,
+    /// RCU quiescent-state checks — atomics only, async-signal-safe) and keeps every user call,
+    /// in order, for the CPU's next unrestricted flush (its next safe point: idle, a wait of
+    /// its own, [`serve_queue`](Engine::serve_queue), or an unrestricted
+    /// [`handle_ipi`](Engine::handle_ipi)). Everything this handler runs, nested flushes
+    /// included, is restricted the same way.
+    ///
+    /// # Safety
+    /// Platform interface: call it only on an engine CPU, from its IPI handler. The platform
+    /// must then bring the CPU to an unrestricted flush eventually ([`Platform`]'s delivery
+    /// contract): deferred calls wait for it.
+    pub unsafe fn handle_ipi_engine_only(&self) {
+        let Some(me) = self.current_cpu() else {
+            return;
+        };
+        let pc = self.per_cpu(me);
+        // Relaxed: statistics.
+        pc.ipi_received.fetch_add(1, Ordering::Relaxed);
+        let masked = self.irq_save();
+        // Relaxed: only this CPU (and its properly nested handlers) writes it.
+        pc.restricted.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: on `me`, interrupts masked.
+        unsafe { self.flush(me) };
+        // Unmask *before* leaving restricted mode: an IPI that arrived during the flush is
+        // replayed by the unmask, still inside this signal context, so it must stay restricted.
+        drop(masked);
+        pc.restricted.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Serves the current CPU's queue if anything is queued (a safe point). Returns how many
+    /// calls ran.
+    ///
+    /// Safe to call anywhere: from task code it runs every queued call (this *is* a safe
+    /// point, also with interrupts masked: an explicit flush, as a kernel's idle loop does);
+    /// nested inside a restricted handler it runs only the engine's own work; at the nesting
+    /// limit ([`Platform::MAX_CALL_NESTING`]) it runs nothing.
     pub fn serve_queue(&self) -> usize {
         match self.current_cpu() {
             Some(me) => self.serve_own(me),
@@ -836,14 +963,23 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// The current CPU enters idle (an extended quiescent state for RCU: it holds no
     /// references). The platform's idle loop brackets idle time with this and
     /// [`idle_exit`](Engine::idle_exit); calls served while idle run "in an interrupt".
-    pub fn idle_enter(&self) {
+    ///
+    /// # Safety
+    /// Platform interface. Only the platform's idle loop may call it, on an engine CPU that
+    /// holds no RCU read-side section and runs no other code until the matching `idle_exit`
+    /// (call handlers aside): expedited grace periods skip an idle CPU, so calling it from
+    /// code inside a reader would let a grace period end under that reader.
+    pub unsafe fn idle_enter(&self) {
         if let Some(me) = self.current_cpu() {
             self.per_cpu(me).ctx.idle_enter();
         }
     }
 
     /// The current CPU leaves idle.
-    pub fn idle_exit(&self) {
+    ///
+    /// # Safety
+    /// Platform interface: pairs with [`idle_enter`](Engine::idle_enter), on the same CPU.
+    pub unsafe fn idle_exit(&self) {
         if let Some(me) = self.current_cpu() {
             self.per_cpu(me).ctx.idle_exit();
         }
@@ -856,7 +992,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Idle-polls: the current CPU announces that it watches its queue (so senders elide the
     /// IPI, C6) and serves it until `stop()` returns true.
-    pub fn idle_poll(&self, mut stop: impl FnMut() -> bool) {
+    ///
+    /// # Safety
+    /// Platform interface: only the platform's idle loop may call it, from a context where
+    /// every call may run (task level of an engine CPU, not nested in a handler). Senders stop
+    /// sending IPIs to the CPU while it polls.
+    pub unsafe fn idle_poll(&self, mut stop: impl FnMut() -> bool) {
         let Some(me) = self.current_cpu() else {
             return;
         };
@@ -864,7 +1005,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // Relaxed: a sender that does not see it yet sends an IPI, which is merely redundant.
         pc.polling.store(true, Ordering::Relaxed);
         loop {
-            if !pc.queue.is_empty() {
+            if !pc.queue.is_empty() || pc.deferred.len() > 0 {
                 self.serve_own(me);
             }
             if stop() {
@@ -892,6 +1033,47 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         &self.storage.slots()[sender * self.nr_cpus + target]
     }
 
+    /// Entry for operations any thread may drive (hotplug, stop_machine): `None` for a thread
+    /// that is not one of our CPUs.
+    pub(crate) fn enter_any(&self) -> Result<Option<CpuId>, Error> {
+        match self.enter() {
+            Ok(me) => Ok(Some(me)),
+            Err(Error::NotOnCpu) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Claims `csd` (spinning while it is busy), fills it with `fill` and pushes it on
+    /// `target`'s queue from a thread that is not one of our CPUs (no online checks: used by
+    /// stop_machine, whose per-target call data nobody else uses).
+    ///
+    /// # Safety
+    /// `csd` must stay alive until `target` released it (wait with `wait_foreign`).
+    pub(crate) unsafe fn queue_foreign(
+        &self,
+        target: CpuId,
+        csd: &Csd,
+        ipis: &mut CpuMask,
+        fill: impl FnOnce(&Csd),
+    ) {
+        while !csd.try_lock() {
+            self.platform.relax();
+        }
+        fill(csd);
+        // SAFETY: claimed and filled; alive per this function's contract.
+        if unsafe { self.enqueue(target, csd) } {
+            ipis.set(target);
+        }
+    }
+
+    /// Waits until `csd` is released, from a thread that is not one of our CPUs (it has no
+    /// queue to serve).
+    pub(crate) fn wait_foreign(&self, csd: &Csd) {
+        while csd.is_busy() {
+            self.platform.relax();
+        }
+    }
+
     /// Common entry: accepting calls, and from one of our CPUs.
     pub(crate) fn enter(&self) -> Result<CpuId, Error> {
         // Relaxed: a call racing with shutdown may be accepted; shutdown drains accepted calls.
@@ -907,6 +1089,19 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 }
             }
             _ => Err(Error::NotOnCpu),
+        }
+    }
+
+    /// A mask naming a CPU this engine does not have is an error (offline CPUs are pruned;
+    /// unknown ones are a mistake the caller should hear about).
+    fn check_mask(&self, mask: &CpuMask) -> Result<(), Error> {
+        let nr = self.nr_cpus;
+        if nr >= MAX_CPUS {
+            return Ok(());
+        }
+        match mask.next_after(nr - 1) {
+            Some(cpu) => Err(Error::UnknownCpu(cpu)),
+            None => Ok(()),
         }
     }
 
@@ -1028,6 +1223,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 if policy == Target::RefuseBusy {
                     return Err(Error::Busy);
                 }
+                // Waiting for the slot means serving our own queue meanwhile (C7), one nested
+                // flush deeper; at the nesting limit we could neither serve nor safely wait.
+                // Relaxed: our own depth.
+                if self.per_cpu(me).handler_depth.load(Ordering::Relaxed) >= P::MAX_CALL_NESTING {
+                    return Err(Error::WouldDeadlock(DeadlockReason::NestingLimit));
+                }
                 // Inside stop_machine past Prepare (e.g. the dying CPU's last flush, or the
                 // function of stop_machine itself) every other CPU is masked until it ends:
                 // waiting for a busy slot would never end (found by the simulator).
@@ -1083,12 +1284,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     pub(crate) fn wait_csd(&self, me: CpuId, target: CpuId, csd: &Csd) {
         let mut watch = None;
         let mut spins: u32 = 0;
+        let interval = self.platform.stall_check_interval().max(1);
         while csd.is_busy() {
             self.serve_own(me);
             self.platform.relax();
             spins = spins.wrapping_add(1);
             // Look at the clock only now and then: most waits end long before.
-            if spins % 256 == 0 {
+            if spins % interval == 0 {
                 self.check_wait_stall(me, target, csd, &mut watch);
             }
         }
@@ -1103,16 +1305,26 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Serves our own queue if there is anything to serve, including entries an outer flush on
     /// this CPU already took (when we wait from inside a handler).
+    ///
+    /// At the nesting limit ([`Platform::MAX_CALL_NESTING`] flushes on this CPU) it serves
+    /// nothing: each nested flush costs stack, and an unbounded chain of handlers that wait and
+    /// serve would overflow it. Waits that must serve to avoid deadlock refuse instead
+    /// (`queue_call`).
     pub(crate) fn serve_own(&self, me: CpuId) -> usize {
         let pc = self.per_cpu(me);
-        // Relaxed: our own CPU's depth.
-        if pc.queue.is_empty() && pc.handler_depth.load(Ordering::Relaxed) == 0 {
+        // Relaxed: our own CPU's depth and counters.
+        let depth = pc.handler_depth.load(Ordering::Relaxed);
+        if depth >= P::MAX_CALL_NESTING {
+            return 0;
+        }
+        let deferred = pc.deferred.len() > 0 && pc.restricted.load(Ordering::Relaxed) == 0;
+        if pc.queue.is_empty() && depth == 0 && !deferred {
             return 0;
         }
         let _masked = self.irq_save();
         // SAFETY: on `me`, interrupts masked.
         unsafe {
-            if pc.queue.is_empty() && !pc.queue.has_pending() {
+            if pc.queue.is_empty() && !pc.queue.has_pending() && !deferred {
                 return 0;
             }
             self.flush(me)
@@ -1137,8 +1349,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // Calls run "in an interrupt": watched, even when this flush runs from idle.
         pc.ctx.irq_enter();
         let in_flight = AbortOnUnwind;
-        // SAFETY: forwarded (owner, masked).
-        let ran = unsafe { pc.queue.flush(me) };
+        // Relaxed: our own CPU's counter.
+        let restricted = pc.restricted.load(Ordering::Relaxed) > 0;
+        // SAFETY: forwarded (owner, masked); our own deferred lists.
+        let ran = unsafe { pc.queue.flush_with(me, Some((&pc.deferred, restricted))) };
         core::mem::forget(in_flight);
         pc.ctx.irq_exit();
         depth.fetch_sub(1, Ordering::Relaxed);
@@ -1228,13 +1442,23 @@ mod tests {
         static STORAGE: StaticStorage<4> = StaticStorage::new();
         let e = Engine::new(Manual::default(), &STORAGE).unwrap();
         on(0);
-        e.mark_online(0).unwrap();
-        e.mark_online(1).unwrap();
+        // SAFETY: the test plays every CPU and serves their queues by hand.
+        unsafe { e.mark_online(0) }.unwrap();
+        // SAFETY: the test plays every CPU and serves their queues by hand.
+        unsafe { e.mark_online(1) }.unwrap();
         assert_eq!(e.call_single_async(2, |_| ()), Err(Error::Offline(2)));
         assert_eq!(e.call_single(9, |_| ()), Err(Error::UnknownCpu(9)));
-        assert_eq!(e.mark_online(4), Err(Error::UnknownCpu(4)));
-        // CPUs 2 and 3 (offline) and 100 (unknown) are pruned from a many-call.
+        // SAFETY: refused (unknown CPU): nothing is marked.
+        assert_eq!(unsafe { e.mark_online(4) }, Err(Error::UnknownCpu(4)));
+        // CPU 100 does not exist: the many-call is refused, nothing queued.
         let mask: CpuMask = [1, 2, 3, 100].into_iter().collect();
+        assert_eq!(
+            e.call_many_async(&mask, |_| ()),
+            Err(Error::UnknownCpu(100))
+        );
+        assert_eq!(e.stats(1).calls_queued, 0);
+        // CPUs 2 and 3 (offline) are pruned from a many-call.
+        let mask: CpuMask = [1, 2, 3].into_iter().collect();
         let sent = e.call_many_async(&mask, |_| ()).unwrap();
         assert_eq!(sent, CpuMask::single(1));
         assert_eq!(e.stats(2).calls_queued + e.stats(3).calls_queued, 0);
@@ -1248,8 +1472,10 @@ mod tests {
         static STORAGE: StaticStorage<2> = StaticStorage::new();
         static ORDER: AtomicU64 = AtomicU64::new(0);
         let e = Engine::new(Manual::default(), &STORAGE).unwrap();
-        e.mark_online(0).unwrap();
-        e.mark_online(1).unwrap();
+        // SAFETY: the test plays every CPU and serves their queues by hand.
+        unsafe { e.mark_online(0) }.unwrap();
+        // SAFETY: the test plays every CPU and serves their queues by hand.
+        unsafe { e.mark_online(1) }.unwrap();
         let csds = [const { Csd::new() }; 5];
         let csds = pin!(csds);
         on(0);
@@ -1270,7 +1496,8 @@ mod tests {
         );
         assert_eq!(e.stats(1).ipi_sent, 1);
         on(1);
-        e.handle_ipi();
+        // SAFETY: the test runs CPU 1's interrupt by hand, on the thread playing it.
+        unsafe { e.handle_ipi() };
         assert_eq!(
             ORDER.load(Ordering::Relaxed),
             1234,
@@ -1283,7 +1510,8 @@ mod tests {
         e.call_single_async(1, |_| ()).unwrap();
         assert_eq!(e.platform().ipis.load(Ordering::Relaxed), 2);
         on(1);
-        e.handle_ipi();
+        // SAFETY: the test runs CPU 1's interrupt by hand, on the thread playing it.
+        unsafe { e.handle_ipi() };
         on(0);
     }
 }

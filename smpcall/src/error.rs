@@ -6,6 +6,7 @@ use crate::cpumask::CpuId;
 
 /// Why a synchronous call would risk a deadlock from here (see [`Error::WouldDeadlock`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum DeadlockReason {
     /// The calling CPU has interrupts masked: it could not serve a call another CPU makes to it
     /// while it waits, so two such CPUs would wait for each other forever.
@@ -23,6 +24,10 @@ pub enum DeadlockReason {
     /// no-wait call found its per-target slot busy: every other CPU is masked until the
     /// machine restarts, so the slot could not be freed.
     StopMachine,
+    /// A no-wait call from a call handler found its call data busy, and waiting for it (which
+    /// means serving this CPU's queue, one handler deeper) would exceed the nesting limit
+    /// ([`Platform::MAX_CALL_NESTING`](crate::Platform::MAX_CALL_NESTING)). Nothing was queued.
+    NestingLimit,
 }
 
 /// Every refusal the engine can make. A call either runs, or returns one of these.
@@ -47,8 +52,42 @@ pub enum Error {
     Hotplug(&'static str),
     /// The platform does not provide this facility (the message says which).
     Unsupported(&'static str),
+    /// The operation needed to run user code on this CPU, which was running code that user
+    /// functions may not interrupt (a hosted CPU interrupted outside a safe point, with calls
+    /// left that could only run there). Nothing was done; retry, or let that CPU reach a safe
+    /// point.
+    NotAtSafePoint(CpuId),
     /// A bounded wait of the hosted backend expired (the message says for what).
     TimedOut(&'static str),
+}
+
+impl fmt::Display for DeadlockReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeadlockReason::InterruptsMasked => f.write_str(
+                "a waiting call with interrupts masked would risk deadlock; \
+                 use a no-wait call or unmask first",
+            ),
+            DeadlockReason::StopMachine => f.write_str(
+                "a no-wait call inside stop_machine found its call-data slot busy; every other \
+                 CPU is masked until stop_machine ends",
+            ),
+            DeadlockReason::InRcuReader => f.write_str(
+                "a grace period from inside an RCU read-side section would wait for itself",
+            ),
+            DeadlockReason::InNmi => {
+                f.write_str("a waiting call from inside an NMI handler would risk deadlock")
+            }
+            DeadlockReason::NestingLimit => f.write_str(
+                "a no-wait call from a call handler found its call data busy at the handler \
+                 nesting limit; waiting would nest another handler (nothing was queued)",
+            ),
+            DeadlockReason::InHandler => f.write_str(
+                "a waiting call from inside a cross-CPU call handler would risk deadlock; \
+                 use a no-wait call",
+            ),
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -56,24 +95,12 @@ impl fmt::Display for Error {
         match self {
             Error::UnknownCpu(cpu) => write!(f, "CPU {cpu} does not exist on this machine"),
             Error::Offline(cpu) => write!(f, "CPU {cpu} is offline"),
-            Error::WouldDeadlock(DeadlockReason::InterruptsMasked) => f.write_str(
-                "a waiting call with interrupts masked would risk deadlock; \
-                 use a no-wait call or unmask first",
+            Error::NotAtSafePoint(cpu) => write!(
+                f,
+                "CPU {cpu} is running code that call functions may not interrupt and has to run \
+                 user code for this; nothing was done (retry when it reaches a safe point)"
             ),
-            Error::WouldDeadlock(DeadlockReason::StopMachine) => f.write_str(
-                "a no-wait call inside stop_machine found its call-data slot busy; every other \
-                 CPU is masked until stop_machine ends",
-            ),
-            Error::WouldDeadlock(DeadlockReason::InRcuReader) => f.write_str(
-                "a grace period from inside an RCU read-side section would wait for itself",
-            ),
-            Error::WouldDeadlock(DeadlockReason::InNmi) => {
-                f.write_str("a waiting call from inside an NMI handler would risk deadlock")
-            }
-            Error::WouldDeadlock(DeadlockReason::InHandler) => f.write_str(
-                "a waiting call from inside a cross-CPU call handler would risk deadlock; \
-                 use a no-wait call",
-            ),
+            Error::WouldDeadlock(reason) => reason.fmt(f),
             Error::Busy => f.write_str("call data is busy: its previous call is still in flight"),
             Error::ShutDown => f.write_str("the machine is shut down"),
             Error::NotOnCpu => f.write_str(

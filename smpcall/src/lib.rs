@@ -6,8 +6,9 @@
 //! * The **engine** ([`Engine`]) is `no_std` and allocates nothing on any call, delivery or
 //!   completion path. An architecture supplies a [`Platform`] (send an IPI, mask interrupts,
 //!   current CPU) and storage ([`StaticStorage`] needs no allocator at all).
-//! * The **hosted backend** ([`hosted::Machine`], feature `std`, on by default) makes each CPU an
-//!   OS thread and each IPI a real-time signal sent with `tgkill`.
+//! * The **hosted backend** (`hosted::Machine`, feature `std`, on by default; Linux only) makes
+//!   each CPU an OS thread and each IPI a real-time signal sent with `tgkill`. On other systems
+//!   the `std` feature still gives the engine, `HeapStorage` and the simulator (`sim`).
 //!
 //! ```
 //! use smpcall::hosted::Machine;
@@ -24,9 +25,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! See the README for the guarantees (C1–C8), the signal-context rules and the limits.
+//! The guarantees (C1–C8), the signal-context rules and the limits are set out in the README
+//! at the root of the source repository; this crate's own README (shown on crates.io) is a
+//! summary.
 #![cfg_attr(not(feature = "std"), no_std)]
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 
 pub mod context;
 pub mod cpumask;
@@ -41,7 +44,7 @@ mod rcu;
 mod stop;
 mod sync;
 
-#[cfg(all(feature = "std", not(loom)))]
+#[cfg(all(feature = "std", target_os = "linux", not(loom)))]
 pub mod hosted;
 #[cfg(all(feature = "std", not(loom)))]
 pub mod sim;
@@ -63,7 +66,8 @@ pub use stop::{HotplugStats, StopStage};
 #[cfg(all(test, loom))]
 mod loom_tests;
 
-/// The README's examples are compiled and run as doctests.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
+/// This crate's README (the one in the package) is compiled and run as doctests. The
+/// workspace README's examples are the `smpcall-readme` workspace member's doctests.
+#[cfg(all(doctest, target_os = "linux"))]
+#[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

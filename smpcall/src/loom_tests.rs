@@ -1,7 +1,9 @@
 //! Model-checked tests of the lock-free parts (run with `RUSTFLAGS="--cfg loom"`).
 //!
-//! Under `--cfg loom` the engine's own `Csd` and `CallQueue` use loom's atomics and cells
-//! (see `sync.rs`), so these tests explore the real protocol code, not a copy of it.
+//! Under `--cfg loom` the engine's own `Csd`, `CallQueue` and stop_machine's `StageCounts` use
+//! loom's atomics and cells (see `sync.rs`), so these tests explore the real protocol code, not
+//! a copy of it. (The one copy here, `TwoStoreStages`, is the old stop_machine accounting,
+//! kept as a mutation the stop_machine model must catch.)
 //!
 //! Conventions:
 //!
@@ -28,6 +30,7 @@ use loom::thread;
 use crate::cpumask::CpuId;
 use crate::csd::{run_inline, run_once, run_shared, Csd, OnceCall, Payload, RunFn};
 use crate::queue::CallQueue;
+use crate::stop::{StageCounts, StopStage};
 
 /// The CPU number the owner passes to `flush` (checked by functions that record it).
 const OWNER_CPU: CpuId = 3;
@@ -727,4 +730,232 @@ fn nested_flush_runs_pending_entries() {
             assert!(!csd.is_busy(), "entry {i} was never released");
         }
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// stop_machine's Prepare accounting (issue 16).
+// ---------------------------------------------------------------------------------------------
+
+/// What a stop_machine participant does with the shared stage and counts.
+trait StageProtocol: Send + Sync + 'static {
+    /// `participants` participants, already in Prepare.
+    fn started(participants: usize) -> Self;
+    fn stage(&self) -> u32;
+    fn ack(&self);
+    fn enter_serving(&self) -> bool;
+    fn leave_serving(&self);
+}
+
+/// The engine's own type (stop.rs), with no scheduling hook.
+impl StageProtocol for StageCounts {
+    fn started(participants: usize) -> Self {
+        let counts = StageCounts::new(participants);
+        counts.start();
+        counts
+    }
+    fn stage(&self) -> u32 {
+        StageCounts::stage(self)
+    }
+    fn ack(&self) {
+        StageCounts::ack(self, &|| ())
+    }
+    fn enter_serving(&self) -> bool {
+        StageCounts::enter_serving(self, &|| ())
+    }
+    fn leave_serving(&self) {
+        StageCounts::leave_serving(self, &|| ())
+    }
+}
+
+/// The mutation: stop.rs's accounting before issue 16, copied verbatim — the stage in its own
+/// word, stored after the count (`set_stage` is two stores), and `enter_serving` re-checking the
+/// stage after its CAS on the count. Kept only to show that the model catches it.
+struct TwoStoreStages {
+    stage: loom::sync::atomic::AtomicU32,
+    /// `unacked << 32 | serving`.
+    acks: loom::sync::atomic::AtomicU64,
+    participants: u64,
+}
+
+impl TwoStoreStages {
+    // The orderings below are the old stop.rs's, unchanged: the count store Relaxed (to be
+    // published by the stage's Release store), the stage Release/Acquire, the counts AcqRel.
+    fn set_stage(&self, stage: u32) {
+        // Relaxed: the old code's (see above).
+        self.acks.store(self.participants << 32, Ordering::Relaxed);
+        // Issue 16's window: an `enter_serving` here sees the fresh count and the old stage.
+        // Release: the old code's (see above).
+        self.stage.store(stage, Ordering::Release);
+    }
+
+    fn drop_count(&self, amount: u64) {
+        // AcqRel / Acquire: the old code's (see above).
+        if self.acks.fetch_sub(amount, Ordering::AcqRel) == amount {
+            let stage = self.stage.load(Ordering::Acquire);
+            if stage < StopStage::Exit as u32 {
+                self.set_stage(stage + 1);
+            }
+        }
+    }
+}
+
+impl StageProtocol for TwoStoreStages {
+    fn started(participants: usize) -> Self {
+        let s = TwoStoreStages {
+            stage: loom::sync::atomic::AtomicU32::new(StopStage::None as u32),
+            acks: loom::sync::atomic::AtomicU64::new(0),
+            participants: participants as u64,
+        };
+        s.set_stage(StopStage::Prepare as u32);
+        s
+    }
+    fn stage(&self) -> u32 {
+        // Acquire: pairs with `set_stage`'s Release (the old code's).
+        self.stage.load(Ordering::Acquire)
+    }
+    fn ack(&self) {
+        self.drop_count(1 << 32);
+    }
+    fn enter_serving(&self) -> bool {
+        // Acquire / AcqRel: the old code's (see `set_stage`).
+        let mut w = self.acks.load(Ordering::Acquire);
+        loop {
+            if w == 0 {
+                return false;
+            }
+            match self
+                .acks
+                .compare_exchange_weak(w, w + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
+        }
+        if self.stage.load(Ordering::Acquire) != StopStage::Prepare as u32 {
+            self.drop_count(1);
+            return false;
+        }
+        true
+    }
+    fn leave_serving(&self) {
+        self.drop_count(1);
+    }
+}
+
+/// What the participants of the model share.
+struct Stop<A> {
+    counts: A,
+    /// Participants inside their serving region right now.
+    serving: AtomicUsize,
+    /// What each participant's serving did (a call it ran): written while serving, read by the
+    /// others once the stage left Prepare, so loom reports it unless serving happens-before.
+    served: Vec<Cell<u64>>,
+}
+
+/// The last stage the model's participants acknowledge: the first one after Prepare is where
+/// the claim under test matters; the later stages only repeat the ack barrier.
+const LAST_STAGE: u32 = StopStage::DisableIrqInactive as u32;
+
+/// One participant's run through the stages, as `stop_participant` does it: acknowledge each
+/// new stage; while a stage is not new, and it is Prepare, serve (at most `serve` times: the
+/// model has to end). Checks the claim of stop.rs: no participant is serving once the stage
+/// left Prepare, and the stage does not advance while one serves.
+fn participant<A: StageProtocol>(s: &Stop<A>, me: usize, mut serve: usize) {
+    let mut seen = StopStage::None as u32;
+    loop {
+        let stage = s.counts.stage();
+        if stage != seen {
+            seen = stage;
+            if stage > StopStage::Prepare as u32 {
+                // This CPU masks (stops serving) now, and so do the others: nobody may still
+                // be serving, and what they served is visible.
+                assert_eq!(
+                    s.serving.load(Ordering::SeqCst),
+                    0,
+                    "a participant is still serving in stage {stage}"
+                );
+                for (other, served) in s.served.iter().enumerate() {
+                    if other != me {
+                        let _ = served.get();
+                    }
+                }
+            }
+            s.counts.ack();
+            if stage == LAST_STAGE {
+                return;
+            }
+        } else {
+            if stage == StopStage::Prepare as u32 && serve > 0 && s.counts.enter_serving() {
+                serve -= 1;
+                s.serving.fetch_add(1, Ordering::SeqCst);
+                s.served[me].set(s.served[me].get() + 1);
+                assert_eq!(
+                    s.counts.stage(),
+                    StopStage::Prepare as u32,
+                    "the stage advanced while participant {me} was serving"
+                );
+                s.serving.fetch_sub(1, Ordering::SeqCst);
+                s.counts.leave_serving();
+            }
+            thread::yield_now();
+        }
+    }
+}
+
+/// `participants` participants (one per thread) walk the stages up to [`LAST_STAGE`]; each may
+/// serve `serve` times in Prepare, at any point.
+fn prepare_accounting<A: StageProtocol>(participants: usize, serve: usize) {
+    let s = Arc::new(Stop {
+        counts: A::started(participants),
+        serving: AtomicUsize::new(0),
+        served: (0..participants).map(|_| Cell::new(0)).collect(),
+    });
+    let others: Vec<_> = (1..participants)
+        .map(|me| {
+            let s = s.clone();
+            thread::spawn(move || participant(&s, me, serve))
+        })
+        .collect();
+    participant(&s, 0, serve);
+    for t in others {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        s.counts.stage(),
+        LAST_STAGE + 1,
+        "every ack of the last stage counted"
+    );
+}
+
+/// Test 7 (issue 16): the Prepare accounting of stop_machine (`StageCounts`, the engine's own
+/// code): nobody serves calls once Prepare is over, and Prepare does not end while anyone does.
+#[test]
+fn stop_machine_prepare_ends_only_when_nobody_serves() {
+    model("stop_machine_prepare_ends_only_when_nobody_serves", || {
+        prepare_accounting::<StageCounts>(2, 2)
+    });
+}
+
+/// The same model over the old two-store protocol fails: a participant enters serving between
+/// the count's store and the stage's, and serves on into the next stage.
+#[test]
+fn stop_machine_prepare_model_catches_the_two_store_stage() {
+    let failed = std::panic::catch_unwind(|| {
+        model(
+            "stop_machine_prepare_model_catches_the_two_store_stage",
+            || prepare_accounting::<TwoStoreStages>(2, 2),
+        )
+    });
+    let message = match failed {
+        Ok(()) => panic!("the model no longer catches issue 16"),
+        Err(payload) => payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default(),
+    };
+    assert!(
+        message.contains("still serving") || message.contains("advanced while"),
+        "failed for another reason: {message}"
+    );
 }

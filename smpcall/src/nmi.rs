@@ -20,7 +20,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// The NMI handler: the platform calls this from its NMI, on the interrupted CPU, whatever
     /// that CPU's interrupt mask. Runs the NMI calls queued to it, and answers a stalled
     /// waiter's request to report what this CPU is doing.
-    pub fn handle_nmi(&self) {
+    ///
+    /// # Safety
+    /// Platform interface: call it only from the NMI handler of an engine CPU, never nested in
+    /// another NMI handler on that CPU ([`Platform::send_nmi`]'s contract).
+    pub unsafe fn handle_nmi(&self) {
         let Some(me) = self.current_cpu() else {
             return;
         };
@@ -65,7 +69,17 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     ///
     /// Allowed with interrupts masked and from call handlers (NMIs need no cooperation from the
     /// target); refused from an NMI handler. [`Error::Unsupported`] if the platform has no NMI.
-    pub fn nmi_call_many<F>(&self, mask: &CpuMask, f: F) -> Result<CpuMask, Error>
+    ///
+    /// # Safety
+    /// `f` runs in NMI context: it interrupts whatever the target was doing, at any
+    /// instruction, whatever its interrupt mask — in the hosted backend inside a signal
+    /// handler. It must be *async-signal-safe*: use atomics, read memory that stays valid,
+    /// call async-signal-safe system calls, report through a non-allocating sink. It must not
+    /// allocate or free, take any lock (`Mutex`, stdout, the allocator's), touch thread-locals
+    /// that initialise lazily, or wait for anything the interrupted code might hold. (The
+    /// engine's own NMI work — stall reports through [`nmi_report`](Engine::nmi_report) — keeps
+    /// to this and is safe to request.)
+    pub unsafe fn nmi_call_many<F>(&self, mask: &CpuMask, f: F) -> Result<CpuMask, Error>
     where
         F: Fn(CpuId) + Sync,
     {

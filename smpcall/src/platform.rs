@@ -29,6 +29,14 @@ pub unsafe trait Platform: Sync {
     /// Saved interrupt state, returned by [`irq_save`](Platform::irq_save).
     type IrqState: Copy;
 
+    /// How many call handlers (queue flushes) may nest on one CPU. A function that waits for
+    /// busy call data serves its own CPU's queue meanwhile, one flush deeper; beyond this depth
+    /// the engine serves nothing more and a no-wait call that would have to wait is refused with
+    /// [`DeadlockReason::NestingLimit`](crate::DeadlockReason::NestingLimit). Each level costs
+    /// the engine's flush and wait frames plus the functions' own; size the CPU's interrupt stack
+    /// for this many (the README states the engine's share). Default: 8.
+    const MAX_CALL_NESTING: u32 = 8;
+
     /// The CPU executing this code, or `None` if the caller is not one of the engine's CPUs.
     fn current_cpu(&self) -> Option<CpuId>;
 
@@ -81,6 +89,14 @@ pub unsafe trait Platform: Sync {
     fn cpu_irqs_masked(&self, cpu: CpuId) -> Option<bool> {
         let _ = cpu;
         None
+    }
+
+    /// How many iterations of a wait loop pass between two looks at the clock for stall
+    /// reports (default 256: a few µs of `pause`). A platform whose [`relax`](Platform::relax)
+    /// is expensive (a yield to another thread) returns a small value, so that the first report
+    /// comes within twice the threshold.
+    fn stall_check_interval(&self) -> u32 {
+        256
     }
 
     /// A point where a simulated platform may switch to another CPU (the deterministic test

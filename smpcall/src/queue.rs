@@ -19,7 +19,7 @@ use core::ptr;
 
 use crate::cpumask::CpuId;
 use crate::csd::Csd;
-use crate::sync::{AtomicPtr, Ordering, UnsafeCell};
+use crate::sync::{AtomicPtr, AtomicU32, Ordering, UnsafeCell};
 
 /// A singly linked FIFO of call data, private to the owning CPU.
 #[derive(Debug)]
@@ -165,6 +165,26 @@ impl CallQueue {
     /// Only the CPU that owns this queue may call it, with its interrupts masked (so no other
     /// flush of this queue runs concurrently). It may be re-entered from a function it runs.
     pub(crate) unsafe fn flush(&self, cpu: CpuId) -> usize {
+        // SAFETY: forwarded.
+        unsafe { self.flush_with(cpu, None) }
+    }
+
+    /// Takes every pushed call and runs what may run here.
+    ///
+    /// With `deferred = Some((d, false))` it first runs what an earlier restricted flush
+    /// deferred to `d`, then everything taken (synchronous entries first, each group in arrival
+    /// order). With `Some((d, true))` — a *restricted* flush, for a context that may not run
+    /// user code (a hosted signal handler that interrupted arbitrary code) — it runs only the
+    /// entries marked any-context (the engine's own work) and moves the others, in order, to
+    /// `d`, where the next unrestricted flush finds them. Returns how many calls ran.
+    ///
+    /// # Safety
+    /// As for [`flush`](CallQueue::flush); `d` must be this CPU's own deferred lists.
+    pub(crate) unsafe fn flush_with(
+        &self,
+        cpu: CpuId,
+        deferred: Option<(&DeferredCalls, bool)>,
+    ) -> usize {
         // Acquire: pairs with every pusher's Release CAS, making each call data's contents and
         // links visible.
         let mut node = self.head.swap(ptr::null_mut(), Ordering::Acquire);
@@ -193,21 +213,57 @@ impl CallQueue {
             fifo = next;
         }
 
+        let (defer, restricted) = match deferred {
+            Some((d, r)) => (Some(d), r),
+            None => (None, false),
+        };
         let mut ran = 0;
         loop {
-            // SAFETY: owner only, interrupts masked; the list borrow ends before the call runs,
-            // so a nested flush can use the lists.
-            let csd = self.pending_sync.with_mut(|l| unsafe { (*l).pop_front() });
+            // Synchronous entries first (their senders wait), older (deferred) ones first.
+            let mut csd = ptr::null_mut();
+            if let (Some(d), false) = (defer, restricted) {
+                // SAFETY: owner only, interrupts masked (this function's contract).
+                csd = unsafe { d.pop(&d.sync) };
+            }
+            if csd.is_null() {
+                // SAFETY: owner only, interrupts masked; the list borrow ends before the call
+                // runs, so a nested flush can use the lists.
+                csd = self.pending_sync.with_mut(|l| unsafe { (*l).pop_front() });
+            }
             if !csd.is_null() {
+                if restricted && unsafe { !(*csd).is_any_context() } {
+                    // SAFETY: held by this CPU; `defer` is Some when restricted.
+                    unsafe {
+                        defer
+                            .unwrap_unchecked()
+                            .push(&defer.unwrap_unchecked().sync, csd)
+                    };
+                    continue;
+                }
                 // SAFETY: we hold it; after this it may be gone.
                 unsafe { Csd::run_sync_and_release(csd, cpu) };
                 ran += 1;
                 continue;
             }
-            // SAFETY: as above.
-            let csd = self.pending_async.with_mut(|l| unsafe { (*l).pop_front() });
+            if let (Some(d), false) = (defer, restricted) {
+                // SAFETY: as above.
+                csd = unsafe { d.pop(&d.asynchronous) };
+            }
+            if csd.is_null() {
+                // SAFETY: as above.
+                csd = self.pending_async.with_mut(|l| unsafe { (*l).pop_front() });
+            }
             if csd.is_null() {
                 break;
+            }
+            // SAFETY: held by this CPU (flag read before anything else).
+            if restricted && unsafe { !(*csd).is_any_context() } {
+                // SAFETY: held by this CPU; `defer` is Some when restricted.
+                unsafe {
+                    let d = defer.unwrap_unchecked();
+                    d.push(&d.asynchronous, csd)
+                };
+                continue;
             }
             // SAFETY: we hold it; released before the function runs.
             let (run, mut payload) = unsafe { Csd::take_async_and_release(csd) };
@@ -218,6 +274,72 @@ impl CallQueue {
             ran += 1;
         }
         ran
+    }
+}
+
+/// Calls a restricted flush took but could not run (user calls, taken in a context that may
+/// not run user code), waiting in arrival order for the next unrestricted flush on the same
+/// CPU. Private to the owning CPU, except [`len`](DeferredCalls::len), which anyone may read.
+#[derive(Debug)]
+pub(crate) struct DeferredCalls {
+    sync: UnsafeCell<List>,
+    asynchronous: UnsafeCell<List>,
+    /// Entries in both lists. Written by the owner only; read by anyone as an observation.
+    count: AtomicU32,
+}
+
+// SAFETY: the lists are only touched by the owning CPU with its interrupts masked (the flush
+// contract); `count` is atomic.
+unsafe impl Sync for DeferredCalls {}
+// SAFETY: as for `CallQueue`.
+unsafe impl Send for DeferredCalls {}
+
+impl DeferredCalls {
+    #[cfg(not(loom))]
+    pub(crate) const fn new() -> Self {
+        DeferredCalls {
+            sync: UnsafeCell::new(List::new()),
+            asynchronous: UnsafeCell::new(List::new()),
+            count: AtomicU32::new(0),
+        }
+    }
+
+    #[cfg(loom)]
+    pub(crate) fn new() -> Self {
+        DeferredCalls {
+            sync: UnsafeCell::new(List::new()),
+            asynchronous: UnsafeCell::new(List::new()),
+            count: AtomicU32::new(0),
+        }
+    }
+
+    /// How many calls wait for an unrestricted flush (an observation from any CPU).
+    pub(crate) fn len(&self) -> u32 {
+        // Relaxed: an observation; the owner acts on its own writes (program order).
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// # Safety
+    /// Owner only, interrupts masked; `csd` held by this CPU.
+    unsafe fn push(&self, list: &UnsafeCell<List>, csd: *mut Csd) {
+        // SAFETY: forwarded.
+        list.with_mut(|l| unsafe { (*l).push_back(csd) });
+        // Relaxed: owner-only writes (see `count`).
+        self.count
+            .store(self.count.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// # Safety
+    /// Owner only, interrupts masked.
+    unsafe fn pop(&self, list: &UnsafeCell<List>) -> *mut Csd {
+        // SAFETY: forwarded.
+        let csd = list.with_mut(|l| unsafe { (*l).pop_front() });
+        if !csd.is_null() {
+            // Relaxed: owner-only writes (see `count`).
+            self.count
+                .store(self.count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+        }
+        csd
     }
 }
 

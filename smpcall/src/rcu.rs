@@ -26,8 +26,9 @@
 //! (push Release / flush Acquire), so a reader that starts after the report sees them; for
 //! CPUs skipped as idle, the context tracker's fences give the same guarantee.
 
+use crate::sync::AtomicU64;
 use core::marker::PhantomData;
-use core::sync::atomic::{compiler_fence, fence, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{compiler_fence, fence, AtomicU32, Ordering};
 
 use crate::cpumask::{CpuId, CpuMask};
 use crate::engine::{Engine, Storage};
@@ -83,6 +84,7 @@ impl RcuState {
 
 /// Counters of the expedited grace periods, from [`Engine::rcu_stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RcuStats {
     /// Grace periods completed.
     pub grace_periods: u64,
@@ -101,6 +103,14 @@ pub struct RcuReadGuard<'a, P: Platform, S: Storage> {
     engine: &'a Engine<P, S>,
     cpu: CpuId,
     _not_send: PhantomData<*const ()>,
+}
+
+impl<P: Platform, S: Storage> core::fmt::Debug for RcuReadGuard<'_, P, S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RcuReadGuard")
+            .field("cpu", &self.cpu)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<P: Platform, S: Storage> Drop for RcuReadGuard<'_, P, S> {
@@ -169,7 +179,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         if self.per_cpu(me).rcu.nesting.load(Ordering::Relaxed) > 0 {
             return Err(Error::WouldDeadlock(DeadlockReason::InRcuReader));
         }
-        self.lock_stop(me)?;
+        self.lock_stop(Some(me))?;
         let st = &self.rcu;
         // Relaxed: serialised by the stop lock.
         let gp = st.gp_seq.load(Ordering::Relaxed) + 1;
@@ -208,7 +218,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let result = if call.is_empty() {
             Ok(())
         } else {
-            self.call_many(&call, |cpu| self.rcu_qs_check(cpu, gp))
+            // Any context: the check is atomics only (async-signal-safe), so it runs at once even
+            // where user calls are deferred.
+            self.call_many_inner(&call, |cpu| self.rcu_qs_check(cpu, gp), true)
                 .map(|queued| {
                     // A CPU the call could not reach will never report: stop waiting for it.
                     // (Cannot happen while we hold the hotplug lock; defensive.)

@@ -11,9 +11,12 @@
 //!   CPU, and if so blocks until it gets it back. Between two points only one thread runs and
 //!   every decision comes from the seed, so a run replays exactly from its seed
 //!   ([`SimReport::trace_hash`] fingerprints the schedule).
-//! * **Scheduling points:** [`Platform::preempt_point`], [`Platform::relax`] (every engine wait
-//!   loop), [`Platform::send_ipi`] (after the send), [`Platform::irq_restore`] when it unmasks,
-//!   [`Platform::now_ns`], and [`yield_now`] for programs.
+//! * **Scheduling points:** [`Platform::preempt_point`] (the engine calls it inside a call's
+//!   claim-fill-push, and inside stop_machine's stage protocol: between reading and updating
+//!   the stage word, and before the last acknowledgement publishes the next stage),
+//!   [`Platform::relax`] (every engine wait loop), [`Platform::send_ipi`] (after the send),
+//!   [`Platform::irq_restore`] when it unmasks, [`Platform::now_ns`], and [`yield_now`] for
+//!   programs.
 //! * **Interrupts.** Each CPU has a soft mask and one pending-IPI bit (the local APIC's IRR bit:
 //!   an IPI sent while one is already pending *coalesces* with it). A CPU that holds the baton,
 //!   is unmasked and has its bit set takes the interrupt: the bit is cleared, the CPU masks, calls
@@ -374,9 +377,8 @@ impl Sim {
         engine.set_stall_threshold_ns(config.stall_threshold_steps.saturating_mul(NS_PER_STEP));
         engine.set_resend_on_stall(config.resend_on_stall);
         for cpu in 0..config.cpus {
-            engine
-                .mark_online(cpu)
-                .map_err(|e| early(format!("engine: {e}")))?;
+            // SAFETY: every CPU gets a simulated thread below that serves its interrupts.
+            unsafe { engine.mark_online(cpu) }.map_err(|e| early(format!("engine: {e}")))?;
         }
         let engine = Arc::new(engine);
 
@@ -855,7 +857,9 @@ impl Shared {
             // Relaxed (both): see `masked`. Interrupt entry masks; the return unmasks.
             self.masked[me].store(true, Ordering::Relaxed);
             drop(s);
-            engine.handle_ipi();
+            // SAFETY: the simulated interrupt of CPU `me`, on its thread; simulated handlers may
+            // run any call (they model a kernel's interrupt context).
+            unsafe { engine.handle_ipi() };
             self.masked[me].store(false, Ordering::Relaxed);
         }
     }
@@ -1133,7 +1137,8 @@ impl Shared {
                     self.point(me, PointKind::Halt, engine);
                 }
             }
-            SimIdle::Poll => engine.idle_poll(over),
+            // SAFETY: the simulated CPU's idle loop, at task level.
+            SimIdle::Poll => unsafe { engine.idle_poll(over) },
         }
     }
 

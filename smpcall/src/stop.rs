@@ -28,14 +28,16 @@
 //! reaches an offline CPU anyway is run, never dropped, and counted
 //! ([`CpuStats::offline_runs`](crate::CpuStats::offline_runs)).
 
+use crate::sync::AtomicU64;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 use crate::cpumask::{CpuId, CpuMask};
 use crate::csd::shared_call;
 use crate::engine::{AbortOnUnwind, Engine, Storage, Target};
 use crate::error::Error;
 use crate::platform::Platform;
+use crate::sync;
 
 /// Default threshold after which a stuck stop_machine participant is reported: 5 s.
 pub(crate) const DEFAULT_STALL_NS: u64 = 5_000_000_000;
@@ -43,6 +45,7 @@ pub(crate) const DEFAULT_STALL_NS: u64 = 5_000_000_000;
 /// A stage of the stop_machine state machine (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u32)]
+#[non_exhaustive]
 pub enum StopStage {
     /// Not in stop_machine.
     None = 0,
@@ -73,6 +76,7 @@ impl StopStage {
 
 /// Hotplug and stop_machine counters, from [`Engine::hotplug_stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HotplugStats {
     /// Completed `cpu_down`s.
     pub downs: u64,
@@ -105,81 +109,129 @@ impl HotplugCounters {
 
 /// The state shared by the participants of one stop_machine (on the caller's stack).
 struct StopState<'a> {
-    stage: AtomicU32,
-    /// `(participants that have not acknowledged the current stage) << 32 | (participants
-    /// serving their queue right now)`. The stage advances when this reaches zero: in Prepare,
-    /// not while anyone is still serving calls — a function run there may wait for another
-    /// participant's queue service, which ends once that one masks (found by the simulator).
-    acks: AtomicU64,
+    counts: StageCounts,
     participants: CpuMask,
     active: CpuMask,
     work: &'a (dyn Fn(CpuId) + Sync),
+    /// `work` is user code: an active CPU taking part from a restricted handler (one that may
+    /// not run user code) refuses the whole run instead.
+    user_work: bool,
+    /// The first active CPU that refused (`cpu + 1`; 0: none). Set before its Prepare ack,
+    /// read after Prepare: nobody runs `work` once it is set.
+    refused: core::sync::atomic::AtomicUsize,
 }
 
-/// One acknowledgement in [`StopState::acks`].
-const ACK_ONE: u64 = 1 << 32;
-/// One participant serving its queue in [`StopState::acks`].
+/// The stage of one stop_machine and its counts, in **one** atomic word:
+/// `stage << 56 | (participants that have not acknowledged the stage) << 28 | (participants
+/// serving their queue right now)`.
+///
+/// The stage advances when both counts reach zero: in Prepare, not while anyone is still
+/// serving calls — a function run there may wait for another participant's queue service,
+/// which ends once that one masks (found by the simulator). Advancing is a single store of the
+/// next stage with a fresh count, and registering as serving is a CAS on the whole word that
+/// requires Prepare: so once the stage moved, nobody can start serving under it. (It used to
+/// be two words, the count stored before the stage; an `enter_serving` between the two stores
+/// saw a fresh count and the old stage, and served on into the next stage: issue 16.)
+///
+/// Under `--cfg loom` the atomic is loom's, and `loom_tests` drives this very type.
+pub(crate) struct StageCounts {
+    word: sync::ModelU64,
+    participants: u64,
+}
+
+const STAGE_SHIFT: u32 = 56;
+const ACK_SHIFT: u32 = 28;
+/// Both counts (everything below the stage).
+const COUNTS: u64 = (1 << STAGE_SHIFT) - 1;
+/// One acknowledgement still missing.
+const ACK_ONE: u64 = 1 << ACK_SHIFT;
+/// One participant serving its queue.
 const SERVE_ONE: u64 = 1;
 
-impl StopState<'_> {
-    fn set_stage(&self, stage: u32) {
-        // Relaxed: published by the Release store of `stage` below; nobody acks the new stage
-        // before seeing it.
-        self.acks
-            .store((self.participants.weight() as u64) << 32, Ordering::Relaxed);
-        // Release: the reset count, and (through the AcqRel ack chain) every participant's
-        // actions in the previous stage, happen-before anyone acting on the new stage.
-        self.stage.store(stage, Ordering::Release);
-    }
-
-    fn ack(&self) {
-        self.drop_count(ACK_ONE);
-    }
-
-    /// Removes `amount` from `acks`; whoever brings it to zero advances the stage.
-    fn drop_count(&self, amount: u64) {
-        // AcqRel: the one reaching zero sees every other participant's stage actions (release
-        // sequence on `acks`) before it publishes the next stage.
-        if self.acks.fetch_sub(amount, Ordering::AcqRel) == amount {
-            // Acquire: the stage cannot change before we advance it (the count is zero).
-            let stage = self.stage.load(Ordering::Acquire);
-            if stage < StopStage::Exit as u32 {
-                self.set_stage(stage + 1);
-            }
+impl StageCounts {
+    /// Stage [`StopStage::None`]; [`start`](Self::start) enters Prepare.
+    pub(crate) fn new(participants: usize) -> Self {
+        debug_assert!(participants > 0 && (participants as u64) < SERVE_ONE << ACK_SHIFT);
+        StageCounts {
+            word: sync::ModelU64::new(StopStage::None as u64),
+            participants: participants as u64,
         }
     }
 
-    /// Registers the caller as serving its queue in Prepare. Fails once Prepare is over (or
-    /// about to be: every ack in and nobody serving).
-    fn enter_serving(&self) -> bool {
-        // Acquire: see the current stage's count.
-        let mut w = self.acks.load(Ordering::Acquire);
+    /// Enters Prepare: every participant has to acknowledge it.
+    pub(crate) fn start(&self) {
+        self.publish(StopStage::Prepare as u32);
+    }
+
+    /// The current stage (a [`StopStage`] as `u32`).
+    pub(crate) fn stage(&self) -> u32 {
+        // Acquire: pairs with `publish`'s Release (and, through the release sequence of the
+        // RMWs after it, everything the previous stage's participants did before acking).
+        (self.word.load(sync::Ordering::Acquire) >> STAGE_SHIFT) as u32
+    }
+
+    /// Acknowledges the current stage (the caller saw it with [`stage`](Self::stage)).
+    /// `point` is called where another CPU's step matters (a scheduling point of the
+    /// simulator; empty elsewhere).
+    pub(crate) fn ack(&self, point: &impl Fn()) {
+        self.drop_count(ACK_ONE, point);
+    }
+
+    /// Registers the caller as serving its queue in Prepare. Fails once Prepare is over, or
+    /// about to be (every ack in and nobody serving: the last one is advancing the stage).
+    pub(crate) fn enter_serving(&self, point: &impl Fn()) -> bool {
+        // Acquire: as in `stage`.
+        let mut w = self.word.load(sync::Ordering::Acquire);
         loop {
-            if w == 0 {
+            if w >> STAGE_SHIFT != StopStage::Prepare as u64 || w & COUNTS == 0 {
                 return false;
             }
-            match self.acks.compare_exchange_weak(
+            point();
+            // The whole word, stage included, is compared: if the stage moved since we read
+            // it, this fails, and the retry sees the new stage. Success ordering AcqRel, and
+            // Acquire on failure: as in `stage`; serving starts after the increment.
+            match self.word.compare_exchange_weak(
                 w,
                 w + SERVE_ONE,
-                Ordering::AcqRel,
-                Ordering::Acquire,
+                sync::Ordering::AcqRel,
+                sync::Ordering::Acquire,
             ) {
-                Ok(_) => break,
+                Ok(_) => return true,
                 Err(now) => w = now,
             }
         }
-        // Acquire: pairs with `set_stage`. If Prepare ended before our increment, it counted
-        // against a later stage: take it back (that cannot complete the later stage, which
-        // still waits for our own acknowledgement).
-        if self.stage.load(Ordering::Acquire) != StopStage::Prepare as u32 {
-            self.drop_count(SERVE_ONE);
-            return false;
-        }
-        true
     }
 
-    fn leave_serving(&self) {
-        self.drop_count(SERVE_ONE);
+    /// Ends what a successful [`enter_serving`](Self::enter_serving) began.
+    pub(crate) fn leave_serving(&self, point: &impl Fn()) {
+        self.drop_count(SERVE_ONE, point);
+    }
+
+    /// Removes `amount` from the counts; whoever brings them to zero advances the stage.
+    fn drop_count(&self, amount: u64, point: &impl Fn()) {
+        // AcqRel: the one reaching zero sees every other participant's stage actions (release
+        // sequence on the word) before it publishes the next stage.
+        let before = self.word.fetch_sub(amount, sync::Ordering::AcqRel);
+        debug_assert!(before & COUNTS >= amount, "stop_machine count underflow");
+        if before & COUNTS == amount {
+            let stage = (before >> STAGE_SHIFT) as u32;
+            if stage < StopStage::Exit as u32 {
+                // Counts are zero: nobody else writes the word until we publish (acks wait for
+                // the next stage, `enter_serving` refuses a zero count).
+                point();
+                self.publish(stage + 1);
+            }
+        }
+    }
+
+    /// Stores `stage` with every acknowledgement missing and nobody serving: one store.
+    fn publish(&self, stage: u32) {
+        // Release: every participant's actions in the previous stage (through the AcqRel
+        // count chain) happen-before anyone acting on the new stage.
+        self.word.store(
+            (stage as u64) << STAGE_SHIFT | self.participants << ACK_SHIFT,
+            sync::Ordering::Release,
+        );
     }
 }
 
@@ -241,16 +293,20 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: Fn(CpuId) + Sync,
     {
-        let me = self.enter()?;
-        self.check_can_wait(me)?;
+        let me = self.enter_any()?;
+        if let Some(me) = me {
+            self.check_can_wait(me)?;
+        }
         self.lock_stop(me)?;
         let participants = self.online.load();
         let active = active.and(&participants);
         let result = if active.is_empty() {
             Err(Error::Offline(self.first_requested(active)))
         } else {
-            self.stop_locked(me, &participants, &active, &f);
-            Ok(active)
+            match self.stop_locked(me, &participants, &active, &f, true) {
+                Some(cpu) => Err(Error::NotAtSafePoint(cpu)),
+                None => Ok(active),
+            }
         };
         self.unlock_stop();
         result
@@ -260,9 +316,17 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// queued to it while it was online run before it leaves (on it); many-calls skip it from
     /// then on. Refuses the last online CPU, the calling CPU itself, and a CPU that is inside an
     /// RCU read-side section (it would keep its references while grace periods skip it).
+    ///
+    /// May be called from a thread that is not one of the engine's CPUs (the platform must then
+    /// allow [`current_cpu`](Platform::current_cpu) to return `None` there): it drives the
+    /// stop_machine without taking part. If the CPU going down is running code that may not
+    /// run user functions (a hosted CPU interrupted outside a safe point) while user calls are
+    /// still queued to it, nothing is done and [`Error::NotAtSafePoint`] is returned: retry.
     pub fn cpu_down(&self, cpu: CpuId) -> Result<(), Error> {
-        let me = self.enter()?;
-        self.check_can_wait(me)?;
+        let me = self.enter_any()?;
+        if let Some(me) = me {
+            self.check_can_wait(me)?;
+        }
         let cpu = self.check_cpu(cpu)?;
         self.lock_stop(me)?;
         let result = self.cpu_down_locked(me, cpu);
@@ -270,14 +334,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         result
     }
 
-    fn cpu_down_locked(&self, me: CpuId, cpu: CpuId) -> Result<(), Error> {
+    fn cpu_down_locked(&self, me: Option<CpuId>, cpu: CpuId) -> Result<(), Error> {
         if !self.online.test(cpu) {
             return Err(Error::Offline(cpu));
         }
         if self.online.load().weight() == 1 {
             return Err(Error::Hotplug("cannot take down the last online CPU"));
         }
-        if cpu == me {
+        if Some(cpu) == me {
             return Err(Error::Hotplug(
                 "a CPU cannot take itself down; call cpu_down from another CPU",
             ));
@@ -286,25 +350,35 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // masked push region; stop_machine below cannot start before they have pushed.
         self.accepting.clear(cpu);
         let participants = self.online.load();
-        let reader = core::sync::atomic::AtomicBool::new(false);
+        // 0: went down; 1: inside an RCU reader; 2: user calls left that it may not run here.
+        let refusal = core::sync::atomic::AtomicU32::new(0);
         let dying = |c: CpuId| {
             if c == cpu {
                 if self.rcu_reader_on(cpu) {
                     // The code we interrupted is inside an RCU read-side section: it would go
                     // on holding references on an offline CPU, which grace periods skip.
                     // Relaxed: read by the caller after stop_machine (stage Release/Acquire).
-                    reader.store(true, Ordering::Relaxed);
-                } else {
-                    self.die(cpu);
+                    refusal.store(1, Ordering::Relaxed);
+                } else if !self.die(cpu) {
+                    refusal.store(2, Ordering::Relaxed);
                 }
             }
         };
-        self.stop_locked(me, &participants, &CpuMask::single(cpu), &dying);
-        if reader.load(Ordering::Relaxed) {
-            self.accepting.set(cpu);
-            return Err(Error::Hotplug(
-                "the CPU is inside an RCU read-side critical section; try again later",
-            ));
+        // The going-down work is the engine's own: it runs in any context, and decides itself
+        // (in `die`) whether user calls it would have to run can run there.
+        self.stop_locked(me, &participants, &CpuMask::single(cpu), &dying, false);
+        match refusal.load(Ordering::Relaxed) {
+            0 => {}
+            1 => {
+                self.accepting.set(cpu);
+                return Err(Error::Hotplug(
+                    "the CPU is inside an RCU read-side critical section; try again later",
+                ));
+            }
+            _ => {
+                self.accepting.set(cpu);
+                return Err(Error::NotAtSafePoint(cpu));
+            }
         }
         // Relaxed: statistics.
         self.hotplug.downs.fetch_add(1, Ordering::Relaxed);
@@ -312,9 +386,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// Brings `cpu` back online: calls to it work again. Idempotent.
+    ///
+    /// Like [`cpu_down`](Engine::cpu_down), it may be called from a thread that is not a CPU.
     pub fn cpu_up(&self, cpu: CpuId) -> Result<(), Error> {
-        let me = self.enter()?;
-        self.check_can_wait(me)?;
+        let me = self.enter_any()?;
+        if let Some(me) = me {
+            self.check_can_wait(me)?;
+        }
         let cpu = self.check_cpu(cpu)?;
         if !self.possible.test(cpu) {
             return Err(Error::Hotplug(
@@ -389,21 +467,25 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// Takes the stop/hotplug lock, serving our own queue while another CPU holds it (its
     /// stop_machine needs us to take part). Fails — without the lock — if this CPU went
     /// offline meanwhile (a cpu_down of us ran while we waited: found by the simulator).
-    pub(crate) fn lock_stop(&self, me: CpuId) -> Result<(), Error> {
+    pub(crate) fn lock_stop(&self, me: Option<CpuId>) -> Result<(), Error> {
         // Acquire: the previous holder's hotplug changes are visible to us.
         while self
             .stop_lock
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            self.serve_own(me);
+            if let Some(me) = me {
+                self.serve_own(me);
+            }
             self.platform.relax();
         }
-        if !self.online.test(me) {
-            self.unlock_stop();
-            return Err(Error::Offline(me));
+        match me {
+            Some(me) if !self.online.test(me) => {
+                self.unlock_stop();
+                Err(Error::Offline(me))
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     pub(crate) fn unlock_stop(&self) {
@@ -411,22 +493,25 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.stop_lock.store(false, Ordering::Release);
     }
 
-    /// Runs the state machine on `participants` (the caller among them). Lock held.
+    /// Runs the state machine on `participants` (the caller among them, if it is a CPU). Lock
+    /// held. Returns the active CPU that refused to run user `work` (then nobody ran it).
     fn stop_locked(
         &self,
-        me: CpuId,
+        me: Option<CpuId>,
         participants: &CpuMask,
         active: &CpuMask,
         work: &(dyn Fn(CpuId) + Sync),
-    ) {
+        user_work: bool,
+    ) -> Option<CpuId> {
         let st = StopState {
-            stage: AtomicU32::new(StopStage::None as u32),
-            acks: AtomicU64::new(0),
+            counts: StageCounts::new(participants.weight()),
             participants: *participants,
             active: *active,
             work,
+            user_work,
+            refused: core::sync::atomic::AtomicUsize::new(0),
         };
-        st.set_stage(StopStage::Prepare as u32);
+        st.counts.start();
         let participate = |cpu: CpuId| self.stop_participant(&st, cpu, false);
         let in_flight = AbortOnUnwind;
         let mut ipis = CpuMask::new();
@@ -434,33 +519,54 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // wait for one of our targets before we signalled it (found by the simulator).
         let masked = self.irq_save();
         let mut others = *participants;
-        others.clear(me);
+        if let Some(me) = me {
+            others.clear(me);
+        }
         for t in &others {
-            // Force: a CPU going down no longer accepts calls, but must take part.
-            let queued = self.queue_call(
-                me,
-                t,
-                &self.per_cpu(t).stop_csd,
-                Target::Force,
-                &mut ipis,
-                |slot| {
-                    let (run, payload) = shared_call(&participate);
-                    // SAFETY: we hold the slot; `participate` outlives the waits below.
-                    unsafe { slot.set_call(run, payload, true) };
-                    self.note_call::<StopState<'_>>(slot, me, t);
-                },
-            );
-            debug_assert_eq!(queued, Ok(true));
+            let fill = |slot: &crate::csd::Csd| {
+                let (run, payload) = shared_call(&participate);
+                // SAFETY: we hold the slot; `participate` outlives the waits below. The
+                // participant's own steps are atomics only (async-signal-safe), so the call
+                // may run in any context — except on a CPU that runs user `work`: that one
+                // takes part at its next safe point, as Linux's stopper thread waits to be
+                // scheduled (a busy hosted CPU delays the stop_machine, never breaks it).
+                unsafe {
+                    slot.set_call(run, payload, true);
+                    if !(user_work && active.test(t)) {
+                        slot.set_any_context();
+                    }
+                }
+                self.note_call::<StopState<'_>>(slot, me.unwrap_or(crate::csd::FOREIGN), t);
+            };
+            let csd = &self.per_cpu(t).stop_csd;
+            match me {
+                // Force: a CPU going down no longer accepts calls, but must take part.
+                Some(me) => {
+                    let queued = self.queue_call(me, t, csd, Target::Force, &mut ipis, fill);
+                    debug_assert_eq!(queued, Ok(true));
+                }
+                // SAFETY: `csd` (a per-target stop csd: stop_machines are serialised, so it is
+                // free) outlives the wait below.
+                None => unsafe { self.queue_foreign(t, csd, &mut ipis, fill) },
+            }
         }
         self.send_ipis(&ipis);
         drop(masked);
-        self.stop_participant(&st, me, true);
+        if let Some(me) = me {
+            self.stop_participant(&st, me, true);
+        }
         for t in &others {
-            self.wait_csd(me, t, &self.per_cpu(t).stop_csd);
+            let csd = &self.per_cpu(t).stop_csd;
+            match me {
+                Some(me) => self.wait_csd(me, t, csd),
+                None => self.wait_foreign(csd),
+            }
         }
         core::mem::forget(in_flight);
         // Relaxed: statistics.
         self.hotplug.stop_machines.fetch_add(1, Ordering::Relaxed);
+        // Relaxed: ordered by the waits above (every participant released its csd).
+        st.refused.load(Ordering::Relaxed).checked_sub(1)
     }
 
     /// One CPU's run through the state machine. `is_caller`: the CPU that called
@@ -476,9 +582,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let threshold = self.stall_threshold_ns.load(Ordering::Relaxed);
         let mut since = self.platform.now_ns();
         let mut report_after = threshold;
+        // The simulator may switch CPUs inside the stage protocol (between reading and
+        // updating the shared word, and before the last ack publishes the next stage).
+        let point = || self.platform.preempt_point();
         loop {
-            // Acquire: pairs with `set_stage`'s Release.
-            let stage = st.stage.load(Ordering::Acquire);
+            let stage = st.counts.stage();
             if stage != seen {
                 seen = stage;
                 let mask_now = (stage == StopStage::DisableIrqInactive as u32 && !active)
@@ -491,23 +599,44 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                     let order = self.stop_seq.fetch_add(1, Ordering::Relaxed) + 1;
                     pc.stop_mask_seq.store(order, Ordering::Relaxed);
                 }
-                if stage == StopStage::Run as u32 && active {
+                if stage == StopStage::Prepare as u32
+                    && active
+                    && st.user_work
+                    && !is_caller
+                    && pc.is_restricted()
+                {
+                    {
+                        // Relaxed: published by our Prepare ack (AcqRel) below; read in Run.
+                        let _ = st.refused.compare_exchange(
+                            0,
+                            me + 1,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                }
+                // Relaxed: written before every Prepare ack, read after the Run stage was
+                // published (the ack/stage Release/Acquire chain orders it).
+                if stage == StopStage::Run as u32
+                    && active
+                    && st.refused.load(Ordering::Relaxed) == 0
+                {
                     (st.work)(me);
                 }
                 // Relaxed: an observation; the ack below orders what matters.
                 pc.stop_stage.store(stage, Ordering::Relaxed);
-                st.ack();
+                st.counts.ack(&point);
                 if stage == StopStage::Exit as u32 {
                     break;
                 }
                 since = self.platform.now_ns();
                 report_after = threshold;
             } else {
-                if stage == StopStage::Prepare as u32 && st.enter_serving() {
+                if stage == StopStage::Prepare as u32 && st.counts.enter_serving(&point) {
                     // Prepare: keep serving calls (a CPU that has not arrived yet may be
                     // waiting for us); the stage does not advance while we do.
                     self.serve_own(me);
-                    st.leave_serving();
+                    st.counts.leave_serving(&point);
                 }
                 if is_caller && threshold != 0 {
                     let waited = self.platform.now_ns().saturating_sub(since);
@@ -543,14 +672,30 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// The going-down work, run on `cpu` in the Run stage: serve every call queued while it
-    /// was online, then leave the online mask.
-    fn die(&self, cpu: CpuId) {
+    /// was online, then leave the online mask. Returns `false` — and stays online — if user
+    /// calls remain that this context may not run (a restricted handler: they stay deferred to
+    /// the CPU's next safe point, and `cpu_down` is refused).
+    fn die(&self, cpu: CpuId) -> bool {
         let pc = self.per_cpu(cpu);
         // Relaxed: our own flag.
         pc.dying.store(true, Ordering::Relaxed);
         // We run as a call handler: `serve_own` also runs what the outer flush already took.
-        while self.serve_own(cpu) > 0 || self.has_queued(cpu) {}
-        self.online.clear(cpu);
+        // Restricted, it runs the engine's work and defers user calls.
+        loop {
+            let ran = self.serve_own(cpu);
+            // SeqCst (is_empty): nothing can be pushed any more (not accepting, and senders
+            // push inside a region stop_machine excludes), so an empty queue stays empty.
+            if ran == 0 && self.per_cpu(cpu).queue.is_empty() {
+                break;
+            }
+        }
+        // SAFETY (has_pending): on `cpu`, masked (we run as its call handler).
+        let left =
+            pc.deferred_len() > 0 || !pc.queue.is_empty() || unsafe { pc.queue.has_pending() };
+        if !left {
+            self.online.clear(cpu);
+        }
         pc.dying.store(false, Ordering::Relaxed);
+        !left
     }
 }

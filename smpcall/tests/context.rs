@@ -35,7 +35,7 @@ fn mutual_synchronous_calls_complete() {
             })
         })
         .collect();
-    for (me, t) in tasks.into_iter().enumerate() {
+    for (me, mut t) in tasks.into_iter().enumerate() {
         let other = 1 - me;
         let sum = t.join_timeout(LIMIT * 3).expect("mutual calls finished");
         assert_eq!(sum, (0..iterations).map(|i| other + i).sum::<usize>());
@@ -62,7 +62,7 @@ fn mutual_synchronous_many_calls_complete() {
             })
         })
         .collect();
-    for t in tasks {
+    for mut t in tasks {
         assert_eq!(
             t.join_timeout(LIMIT * 3).expect("many-calls finished"),
             1500
@@ -259,7 +259,8 @@ fn errors_name_the_problem() {
     // After shutdown starts, calls are refused with ShutDown.
     let after = m
         .run_on(0, |e| {
-            e.shut_down();
+            // SAFETY: the test owns the machine and shuts it down right after.
+            unsafe { e.shut_down() };
             (e.call_single(1, |_| ()), e.call_single_async(1, |_| ()))
         })
         .join_timeout(LIMIT)
@@ -281,9 +282,9 @@ fn safe_point_delivery_runs_calls_only_at_safe_points() {
     let go = Arc::new(AtomicBool::new(false));
     let (b2, g2) = (Arc::clone(&busy), Arc::clone(&go));
     // CPU 1 is busy in a task that reaches a safe point only when told to.
-    let worker = m.run_on(1, move |_| {
+    let mut worker = m.run_on(1, move |_| {
         b2.store(true, Ordering::SeqCst);
-        wait_until(LIMIT, "the test to allow a safe point", || {
+        common::spin_until(LIMIT, "the test to allow a safe point", || {
             g2.load(Ordering::SeqCst)
         });
         safe_point()
@@ -325,7 +326,7 @@ fn hosted_sleep_finishes_while_ipis_keep_arriving() {
     let s2 = Arc::clone(&stop);
     let streaming = Arc::new(AtomicUsize::new(0));
     let st2 = Arc::clone(&streaming);
-    let sender = m.run_on(1, move |e| {
+    let mut sender = m.run_on(1, move |e| {
         let mut sent = 0u64;
         while !s2.load(Ordering::SeqCst) {
             if e.call_single_async(0, |_| ()).is_ok() {

@@ -4,6 +4,7 @@
 //! masks and unmasks at random never strand a call.
 
 mod common;
+use common::TestSink;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,12 +21,8 @@ fn dropped_ipis_to_waiting_calls_are_recovered_by_resend() {
         .cpus(2)
         .idle(IdlePolicy::Sleep)
         .stall_threshold(THRESHOLD)
-        .report_sink(|_| {})
-        .faults(Faults {
-            drop_ipi: 0.3,
-            delay_ipi: 0.2,
-            seed: 7,
-        })
+        .atomic_sink(|_| {})
+        .faults(Faults::none().drop_ipi(0.3).delay_ipi(0.2).seed(7))
         .build()
         .unwrap();
     let sum = m
@@ -58,12 +55,8 @@ fn dropped_ipis_to_no_wait_calls_are_recovered_by_the_watchdog() {
         .cpus(3)
         .idle(IdlePolicy::Sleep)
         .stall_threshold(THRESHOLD)
-        .report_sink(|_| {})
-        .faults(Faults {
-            drop_ipi: 0.5,
-            delay_ipi: 0.0,
-            seed: 11,
-        })
+        .atomic_sink(|_| {})
+        .faults(Faults::none().drop_ipi(0.5).delay_ipi(0.0).seed(11))
         .build()
         .unwrap();
     let ran = Arc::new(AtomicUsize::new(0));
@@ -118,7 +111,7 @@ fn lost_ipi_without_resend_is_detected_and_reported_within_the_threshold() {
         .cpus(2)
         .idle(IdlePolicy::Sleep)
         .stall_threshold(THRESHOLD)
-        .report_sink(detection_sink)
+        .atomic_sink(detection_sink)
         .build()
         .unwrap();
     m.engine().set_resend_on_stall(false);
@@ -126,13 +119,10 @@ fn lost_ipi_without_resend_is_detected_and_reported_within_the_threshold() {
     std::thread::sleep(Duration::from_millis(5));
     m.engine()
         .platform()
-        .set_faults(Faults {
-            drop_ipi: 1.0,
-            ..Faults::default()
-        })
+        .set_faults(Faults::none().drop_ipi(1.0))
         .unwrap();
     let started = std::time::Instant::now();
-    let stuck = m.run_on(0, |e| e.call_single(1, |cpu| cpu));
+    let mut stuck = m.run_on(0, |e| e.call_single(1, |cpu| cpu));
     wait_until(LIMIT, "the stuck wait to be reported", || {
         DETECTED.load(Ordering::SeqCst)
     });
@@ -171,7 +161,15 @@ fn dump_shows_every_cpu_and_in_flight_calls() {
         );
     }
     assert!(dump.contains("in flight: slot 0->2 no-wait"), "{dump}");
-    assert!(dump.contains("CPU 2: requested 1 responded 0"), "{dump}");
+    assert!(
+        dump.contains("CPU   2: online  requested 1 responded 0"),
+        "{dump}"
+    );
+    // Each CPU's line names the CPU and its counters once (they were printed twice).
+    for line in dump.lines().filter(|l| l.starts_with("  CPU ")) {
+        assert_eq!(line.matches("requested").count(), 1, "{line}");
+        assert_eq!(line.matches("CPU").count(), 1, "{line}");
+    }
     assert!(dump.contains("masked yes"), "{dump}");
     held.release();
     wait_until(LIMIT, "the call to run after the unmask", || {
@@ -192,19 +190,16 @@ fn concurrent_senders_to_a_cpu_masking_at_random_never_strand_a_call() {
     let stop = Arc::new(AtomicBool::new(false));
     let ran = Arc::new(AtomicUsize::new(0));
     let s0 = Arc::clone(&stop);
-    let target = m.run_on(0, move |e| {
-        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut target = m.run_on(0, move |e| {
+        let mut rng = fastrand::Rng::with_seed(0x2545_F491_4F6C_DD1D);
         let mut toggles = 0u64;
         while !s0.load(Ordering::SeqCst) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
             let g = e.irq_save();
-            for _ in 0..(x % 2000) {
+            for _ in 0..rng.u32(..2000) {
                 std::hint::spin_loop();
             }
             drop(g);
-            for _ in 0..((x >> 20) % 500) {
+            for _ in 0..rng.u32(..500) {
                 std::hint::spin_loop();
             }
             toggles += 1;
@@ -236,7 +231,7 @@ fn concurrent_senders_to_a_cpu_masking_at_random_never_strand_a_call() {
         .collect();
     let accepted: usize = senders
         .into_iter()
-        .map(|t| t.join_timeout(LIMIT * 3).expect("a sender finished"))
+        .map(|mut t| t.join_timeout(LIMIT * 3).expect("a sender finished"))
         .sum();
     wait_until(LIMIT, "every call to reach the masking target", || {
         ran.load(Ordering::SeqCst) == accepted

@@ -2,6 +2,7 @@
 //! a CPU going offline either has its call run on the dying CPU or gets `Error::Offline`.
 
 mod common;
+use common::TestSink;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -113,7 +114,7 @@ fn concurrent_stop_machines_serialise() {
             })
         })
         .collect();
-    for t in tasks {
+    for mut t in tasks {
         assert_eq!(t.join_timeout(LIMIT * 2).unwrap(), 30);
     }
     assert_eq!(
@@ -230,7 +231,7 @@ fn calls_queued_while_online_run_before_the_cpu_leaves() {
     .join_timeout(LIMIT)
     .unwrap()
     .unwrap();
-    let down = m.run_on(0, |e| e.cpu_down(2));
+    let mut down = m.run_on(0, |e| e.cpu_down(2));
     // cpu_down waits for CPU 2 to join stop_machine; let it.
     std::thread::sleep(std::time::Duration::from_millis(20));
     held.release();
@@ -316,14 +317,14 @@ fn hotplug_cycling_under_call_load_keeps_exactly_once() {
             (accepted, refused, unexpected)
         })
     };
-    let h1 = hammer(1);
-    let h2 = hammer(2);
+    let mut h1 = hammer(1);
+    let mut h2 = hammer(2);
     let s2 = Arc::clone(&stop);
-    let cycler = m.run_on(0, move |e| {
+    let mut cycler = m.run_on(0, move |e| {
         let pause = std::time::Duration::from_micros(500);
         let mut cycles = 0;
         while cycles < 200 {
-            e.cpu_down(3).expect("cpu_down");
+            common::cpu_down_retry(e, 3).expect("cpu_down");
             smpcall::hosted::sleep(pause);
             e.cpu_up(3).expect("cpu_up");
             smpcall::hosted::sleep(pause);
@@ -423,10 +424,10 @@ fn senders_taken_down_mid_call_get_offline_or_an_exact_mask() {
         })
         .collect();
     let s2 = Arc::clone(&stop);
-    let cycler = m.run_on(0, move |e| {
+    let mut cycler = m.run_on(0, move |e| {
         for round in 0..40 {
             let victim = 1 + round % 3;
-            e.cpu_down(victim).expect("cpu_down");
+            common::cpu_down_retry(e, victim).expect("cpu_down");
             smpcall::hosted::sleep(std::time::Duration::from_micros(300));
             e.cpu_up(victim).expect("cpu_up");
             smpcall::hosted::sleep(std::time::Duration::from_micros(300));
@@ -436,7 +437,7 @@ fn senders_taken_down_mid_call_get_offline_or_an_exact_mask() {
     cycler.join_timeout(LIMIT * 3).expect("cycler finished");
     let results: Vec<_> = senders
         .into_iter()
-        .map(|t| {
+        .map(|mut t| {
             t.join_timeout(LIMIT * 3)
                 .expect("sender finished without panicking")
         })
@@ -492,11 +493,11 @@ fn a_stuck_stop_machine_participant_is_reported_with_cpu_and_stage() {
         .cpus(3)
         .idle(IdlePolicy::Sleep)
         .stall_threshold(std::time::Duration::from_millis(5))
-        .report_sink(stop_sink)
+        .atomic_sink(stop_sink)
         .build()
         .unwrap();
     let held = common::MaskedCpu::hold(&m, 2);
-    let stop = m.run_on(0, |e| e.stop_machine(1, || 7));
+    let mut stop = m.run_on(0, |e| e.stop_machine(1, || 7));
     wait_until(LIMIT, "the stuck participant to be reported", || {
         STOP_STALL.load(Ordering::SeqCst)
     });

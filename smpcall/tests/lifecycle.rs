@@ -38,7 +38,7 @@ fn async_calls_accepted_before_shutdown_all_run() {
             .collect();
         let accepted: usize = accepted
             .into_iter()
-            .map(|t| t.join_timeout(LIMIT).unwrap())
+            .map(|mut t| t.join_timeout(LIMIT).unwrap())
             .sum();
         // Shut down right away: queued calls must drain first.
         m.shutdown().unwrap();

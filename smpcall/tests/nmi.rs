@@ -2,6 +2,7 @@
 //! and by the stall diagnostics to show what a stuck CPU is doing.
 
 mod common;
+use common::TestSink;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,12 +27,11 @@ fn nmi_reaches_every_cpu_including_one_spinning_masked() {
         .run_on(0, move |e| {
             // A normal no-wait call to CPU 2 stays queued: it is masked.
             e.call_single_async(2, |_| ()).unwrap();
-            let ran = e
-                .nmi_call_many(&CpuMask::first_n(4), |cpu| {
-                    let v = 1 + 2 * u64::from(e.irqs_masked()) + 4 * u64::from(e.in_nmi());
-                    a2[cpu].store(v, Ordering::SeqCst);
-                })
-                .unwrap();
+            let ran = common::nmi_call_many(e, &CpuMask::first_n(4), |cpu| {
+                let v = 1 + 2 * u64::from(e.irqs_masked()) + 4 * u64::from(e.in_nmi());
+                a2[cpu].store(v, Ordering::SeqCst);
+            })
+            .unwrap();
             (ran, e.has_queued(2))
         })
         .join_timeout(LIMIT)
@@ -69,13 +69,13 @@ fn nmi_call_rules() {
         .run_on(0, move |e| {
             let masked_ok = {
                 let _g = e.irq_save();
-                e.nmi_call_many(&CpuMask::single(1), |_| {})
+                common::nmi_call_many(e, &CpuMask::single(1), |_| {})
             };
             let in_handler_ok = e
-                .call_single(1, |_| e.nmi_call_many(&CpuMask::single(2), |_| {}))
+                .call_single(1, |_| common::nmi_call_many(e, &CpuMask::single(2), |_| {}))
                 .unwrap();
-            e.nmi_call_many(&CpuMask::single(2), |_| {
-                let r = e.nmi_call_many(&CpuMask::single(1), |_| {});
+            common::nmi_call_many(e, &CpuMask::single(2), |_| {
+                let r = common::nmi_call_many(e, &CpuMask::single(1), |_| {});
                 if r == Err(Error::WouldDeadlock(DeadlockReason::InNmi)) {
                     n2.fetch_add(1, Ordering::SeqCst);
                 }
@@ -121,11 +121,11 @@ fn a_stalled_wait_asks_the_stuck_cpu_by_nmi_what_it_is_doing() {
         .cpus(2)
         .idle(IdlePolicy::Sleep)
         .stall_threshold(Duration::from_millis(5))
-        .report_sink(sink)
+        .atomic_sink(sink)
         .build()
         .unwrap();
     let held = common::MaskedCpu::hold(&m, 1);
-    let call = m.run_on(0, |e| e.call_single(1, |cpu| cpu));
+    let mut call = m.run_on(0, |e| e.call_single(1, |cpu| cpu));
     wait_until(
         LIMIT,
         "the stall report and the stuck CPU's NMI report",

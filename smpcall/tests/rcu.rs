@@ -40,7 +40,7 @@ fn grace_period_waits_for_every_pre_existing_reader() {
     });
     let done = flag();
     let d2 = Arc::clone(&done);
-    let gp = m.run_on(0, move |e| {
+    let mut gp = m.run_on(0, move |e| {
         let r = e.synchronize_rcu_expedited();
         d2.store(true, Ordering::SeqCst);
         r
@@ -55,7 +55,7 @@ fn grace_period_waits_for_every_pre_existing_reader() {
         rel.store(true, Ordering::SeqCst);
     }
     assert_eq!(gp.join_timeout(LIMIT).unwrap(), Ok(()));
-    for r in readers {
+    for mut r in readers {
         r.join_timeout(LIMIT).unwrap();
     }
     let s = m.engine().rcu_stats();
@@ -83,7 +83,7 @@ fn grace_period_does_not_wait_for_readers_that_started_after_it() {
     let g2 = Arc::clone(&gp_seq_seen);
     let busy = flag();
     let b2 = Arc::clone(&busy);
-    let late = m.run_on(1, move |e| {
+    let mut late = m.run_on(1, move |e| {
         b2.store(true, Ordering::SeqCst);
         wait_until(LIMIT, "a grace period to start", || e.rcu_gp_seq() >= 1);
         let gp = e.rcu_gp_seq();
@@ -99,7 +99,7 @@ fn grace_period_does_not_wait_for_readers_that_started_after_it() {
     });
     // CPU 1 is in task context (watched) before the grace period starts, so it gets the call.
     wait_until(LIMIT, "CPU 1 to be busy", || busy.load(Ordering::SeqCst));
-    let gp = m.run_on(0, move |e| e.synchronize_rcu_expedited());
+    let mut gp = m.run_on(0, move |e| e.synchronize_rcu_expedited());
     assert_eq!(
         gp.join_timeout(LIMIT).unwrap(),
         Ok(()),
@@ -152,8 +152,8 @@ fn readers_inside_nmi_handlers_are_respected() {
     let release = flag();
     let (inr, rel) = (Arc::clone(&in_nmi_reader), Arc::clone(&release));
     // CPU 2 makes CPU 1 run an NMI handler that holds a reader.
-    let nmi = m.run_on(2, move |e| {
-        e.nmi_call_many(&CpuMask::single(1), |_| {
+    let mut nmi = m.run_on(2, move |e| {
+        common::nmi_call_many(e, &CpuMask::single(1), |_| {
             let _r = e.rcu_read_lock().unwrap();
             inr.store(true, Ordering::SeqCst);
             let deadline = std::time::Instant::now() + LIMIT;
@@ -167,7 +167,7 @@ fn readers_inside_nmi_handlers_are_respected() {
     });
     let done = flag();
     let d2 = Arc::clone(&done);
-    let gp = m.run_on(0, move |e| {
+    let mut gp = m.run_on(0, move |e| {
         let r = e.synchronize_rcu_expedited();
         d2.store(true, Ordering::SeqCst);
         r
@@ -255,6 +255,9 @@ fn pointer_swap_never_frees_what_a_reader_holds() {
                     }
                     reads.fetch_add(1, Ordering::Relaxed);
                     drop(_r);
+                    // Between sections, a safe point: the writer's no-wait calls run here
+                    // (they never run inside the reader's code, which a signal interrupted).
+                    smpcall::hosted::safe_point();
                     // 4 CPUs share 2 cores here: let the writer's CPU run.
                     std::thread::yield_now();
                 }
@@ -262,7 +265,7 @@ fn pointer_swap_never_frees_what_a_reader_holds() {
         })
         .collect();
     let (h2, bad2) = (Arc::clone(&head), Arc::clone(&violations));
-    let writer = m.run_on(0, move |e| {
+    let mut writer = m.run_on(0, move |e| {
         let mut graveyard: Vec<*mut Node> = Vec::new();
         for i in 1..=SWAPS {
             let new = Box::into_raw(Box::new(Node {
@@ -297,7 +300,7 @@ fn pointer_swap_never_frees_what_a_reader_holds() {
     });
     writer.join_timeout(LIMIT * 3).expect("the writer finished");
     stop.store(true, Ordering::SeqCst);
-    for r in readers {
+    for mut r in readers {
         r.join_timeout(LIMIT).unwrap();
     }
     assert_eq!(
@@ -331,7 +334,7 @@ fn a_cpu_inside_a_reader_is_not_taken_down_and_offline_cpus_cannot_read() {
     let inside = flag();
     let release = flag();
     let (ins, rel) = (Arc::clone(&inside), Arc::clone(&release));
-    let reader = m.run_on(2, move |e| {
+    let mut reader = m.run_on(2, move |e| {
         let _r = e.rcu_read_lock().unwrap();
         ins.store(true, Ordering::SeqCst);
         wait_until(LIMIT, "the test to end the reader", || {
@@ -349,7 +352,7 @@ fn a_cpu_inside_a_reader_is_not_taken_down_and_offline_cpus_cannot_read() {
     // Now it can go; a task still running there cannot start a reader.
     let parked = flag();
     let p2 = Arc::clone(&parked);
-    let late = m.run_on(2, move |e| {
+    let mut late = m.run_on(2, move |e| {
         wait_until(LIMIT, "CPU 2 to go offline", || !e.is_online(2));
         p2.store(true, Ordering::SeqCst);
         e.rcu_read_lock().map(|_| ())

@@ -14,28 +14,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use fastrand::Rng; // workloads derived from a seed: the tests' one generator
 use smpcall::sim::{self, Program, Sim, SimConfig, SimEngine, SimFailure, SimIdle, SimReport};
-use smpcall::{CpuId, CpuMask, Csd, Error};
+use smpcall::{CpuId, CpuMask, Csd, DeadlockReason, Error};
 
 // ---------------------------------------------------------------------------------------------
 // A seeded mixed workload with a per-call ledger.
 // ---------------------------------------------------------------------------------------------
-
-/// splitmix64, for deriving workloads from a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Per (call, CPU): how often the call's function ran there, and how often it should have.
 struct Ledger {
@@ -160,7 +145,7 @@ impl Default for Mix {
 
 /// A random set of CPUs out of `n`.
 fn random_mask(rng: &mut Rng, n: usize) -> CpuMask {
-    (0..n).filter(|_| rng.below(2) == 0).collect()
+    (0..n).filter(|_| rng.u64(..2) == 0).collect()
 }
 
 /// A no-wait call's function that makes a nested no-wait call from handler context (to `next`,
@@ -186,12 +171,12 @@ fn mixed_program(seed: u64, me: CpuId, n: usize, ledger: Arc<Ledger>, mix: Mix) 
     let csds: [Pin<&'static Csd>; 2] =
         [(); 2].map(|_| Pin::static_ref(Box::leak(Box::new(Csd::new()))));
     Box::new(move |e: &SimEngine| {
-        let mut rng = Rng(seed ^ (me as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F));
+        let mut rng = Rng::with_seed(seed ^ me as u64).fork();
         let l = &ledger;
         for op in 0..OPS_PER_CPU {
             let id = me * OPS_PER_CPU + op;
-            let t = rng.below(n as u64) as CpuId;
-            let mut kind = rng.below(if mix.hotplug { 16 } else { 13 });
+            let t = rng.u64(..n as u64) as CpuId;
+            let mut kind = rng.u64(..if mix.hotplug { 16 } else { 13 });
             if kind == 12 && !mix.nested {
                 kind = 2;
             }
@@ -235,7 +220,7 @@ fn mixed_program(seed: u64, me: CpuId, n: usize, ledger: Arc<Ledger>, mix: Mix) 
                     }
                 }
                 6 => {
-                    let r = if rng.below(2) == 0 {
+                    let r = if rng.u64(..2) == 0 {
                         e.call_all(|cpu| l.hit(id, cpu))
                     } else {
                         e.call_others(|cpu| l.hit(id, cpu))
@@ -247,7 +232,7 @@ fn mixed_program(seed: u64, me: CpuId, n: usize, ledger: Arc<Ledger>, mix: Mix) 
                 }
                 7 => {
                     let l2 = Arc::clone(l);
-                    let r = if rng.below(2) == 0 {
+                    let r = if rng.u64(..2) == 0 {
                         e.call_all_async(move |cpu| l2.hit(id, cpu))
                     } else {
                         e.call_others_async(move |cpu| l2.hit(id, cpu))
@@ -258,7 +243,7 @@ fn mixed_program(seed: u64, me: CpuId, n: usize, ledger: Arc<Ledger>, mix: Mix) 
                     }
                 }
                 8 | 9 => {
-                    let csd = csds[rng.below(2) as usize];
+                    let csd = csds[rng.u64(..2) as usize];
                     let l2 = Arc::clone(l);
                     match e.call_async_csd(csd, t, move |cpu| l2.hit(id, cpu)) {
                         Ok(()) => l.expect(id, [t]),
@@ -273,14 +258,14 @@ fn mixed_program(seed: u64, me: CpuId, n: usize, ledger: Arc<Ledger>, mix: Mix) 
                         Ok(()) => l.expect(id, [t]),
                         Err(err) => l.refused(err),
                     }
-                    for _ in 0..rng.below(4) {
+                    for _ in 0..rng.u64(..4) {
                         sim::yield_now();
                     }
                     drop(g);
                 }
                 12 => {
                     let l2 = Arc::clone(l);
-                    let next = rng.below(n as u64) as CpuId;
+                    let next = rng.u64(..n as u64) as CpuId;
                     match e.call_single_async(t, move |cpu| nested_hit(&l2, id, cpu, next)) {
                         Ok(()) => l.expect(id, [t]),
                         Err(err) => l.refused(err),
@@ -299,7 +284,7 @@ fn mixed_program(seed: u64, me: CpuId, n: usize, ledger: Arc<Ledger>, mix: Mix) 
                 14 => {
                     // Take a CPU down for a while, then bring it back.
                     if e.cpu_down(t).is_ok() {
-                        for _ in 0..rng.below(20) {
+                        for _ in 0..rng.u64(..20) {
                             sim::yield_now();
                         }
                         if let Err(err) = e.cpu_up(t) {
@@ -309,7 +294,7 @@ fn mixed_program(seed: u64, me: CpuId, n: usize, ledger: Arc<Ledger>, mix: Mix) 
                 }
                 _ => {
                     let mask = random_mask(&mut rng, n);
-                    let odd = rng.below(2) == 0;
+                    let odd = rng.u64(..2) == 0;
                     let l2 = Arc::clone(l);
                     match e.call_cond_async(
                         &mask,
@@ -321,7 +306,7 @@ fn mixed_program(seed: u64, me: CpuId, n: usize, ledger: Arc<Ledger>, mix: Mix) 
                     }
                 }
             }
-            for _ in 0..rng.below(3) {
+            for _ in 0..rng.u64(..3) {
                 sim::yield_now();
             }
         }
@@ -331,16 +316,16 @@ fn mixed_program(seed: u64, me: CpuId, n: usize, ledger: Arc<Ledger>, mix: Mix) 
 /// A seed-derived configuration: 3 or 4 CPUs, halting or polling idle, light to heavy
 /// preemption.
 fn config_for(seed: u64) -> SimConfig {
-    let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let mut rng = Rng::with_seed(seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
     SimConfig {
-        cpus: 3 + rng.below(2) as usize,
+        cpus: 3 + rng.u64(..2) as usize,
         seed,
-        idle: if rng.below(3) == 0 {
+        idle: if rng.u64(..3) == 0 {
             SimIdle::Poll
         } else {
             SimIdle::Halt
         },
-        preemption: [0.05, 0.2, 0.5, 0.9][rng.below(4) as usize],
+        preemption: [0.05, 0.2, 0.5, 0.9][rng.u64(..4) as usize],
         max_steps: 3_000_000,
         ..SimConfig::default()
     }
@@ -701,24 +686,24 @@ fn concurrent_senders_to_a_randomly_masking_cpu_never_strand_a_call() {
         {
             let (finished, toggles) = (Arc::clone(&finished), Arc::clone(&toggles));
             programs.push(Box::new(move |e| {
-                let mut rng = Rng(seed ^ 0x5EED_0000);
+                let mut rng = Rng::with_seed(seed ^ 0x5EED_0000);
                 while finished.load(Ordering::SeqCst) < SENDERS {
                     let g = e.irq_save();
-                    for _ in 0..rng.below(16) {
+                    for _ in 0..rng.u64(..16) {
                         sim::yield_now();
                     }
-                    if rng.below(3) == 0 {
+                    if rng.u64(..3) == 0 {
                         // Serve the queue while masked (a safe point): an IPI already pending
                         // stays pending, so a sender that now finds the queue empty sends
                         // another, which meets it and coalesces — two "ICR writes" arriving as
                         // one interrupt.
                         e.serve_queue();
-                        for _ in 0..rng.below(16) {
+                        for _ in 0..rng.u64(..16) {
                             sim::yield_now();
                         }
                     }
                     drop(g);
-                    for _ in 0..rng.below(8) {
+                    for _ in 0..rng.u64(..8) {
                         sim::yield_now();
                     }
                     toggles.fetch_add(1, Ordering::SeqCst);
@@ -729,11 +714,11 @@ fn concurrent_senders_to_a_randomly_masking_cpu_never_strand_a_call() {
             let (l, finished) = (Arc::clone(&ledger), Arc::clone(&finished));
             let csd = Pin::static_ref(Box::leak(Box::new(Csd::new())));
             programs.push(Box::new(move |e| {
-                let mut rng = Rng(seed.wrapping_mul(31) ^ me as u64);
+                let mut rng = Rng::with_seed(seed.wrapping_mul(31) ^ me as u64).fork();
                 for i in 0..CALLS {
                     let id = me * CALLS + i;
                     let l2 = Arc::clone(&l);
-                    let r = match rng.below(3) {
+                    let r = match rng.u64(..3) {
                         0 => e.call_single(0, |cpu| l.hit(id, cpu)),
                         1 => e.call_single_async(0, move |cpu| l2.hit(id, cpu)),
                         _ => e.call_async_csd(csd, 0, move |cpu| l2.hit(id, cpu)),
@@ -742,7 +727,7 @@ fn concurrent_senders_to_a_randomly_masking_cpu_never_strand_a_call() {
                         Ok(()) => l.expect(id, [0]),
                         Err(err) => l.refused(err),
                     }
-                    for _ in 0..rng.below(3) {
+                    for _ in 0..rng.u64(..3) {
                         sim::yield_now();
                     }
                 }
@@ -965,6 +950,74 @@ fn bug_stop_machine_participant_survives_a_nested_wait_in_prepare() {
         Sim::run(config, programs)
             .map(drop)
             .map_err(|f| f.to_string())
+    });
+}
+
+/// Issue 16: advancing a stop_machine stage was two stores (the fresh count, then the stage). A
+/// participant whose `enter_serving` slipped between them saw a non-zero count and still
+/// Prepare, so it served on into the next stage. Here CPU 0 takes CPU 2 down while CPU 1 sends
+/// CPU 2 a no-wait call whose function makes two no-wait calls back to CPU 1: served by CPU 2
+/// in that window, the second waits for the slot 2→1 that only CPU 1 frees, and CPU 1 has
+/// meanwhile stopped serving in DisableIrqInactive: every CPU spins, `cpu_down` never returns
+/// (the run hits `max_steps`). The engine now gives the simulator scheduling points inside the
+/// stage protocol (`StageCounts`: between reading and updating the word, and before the last
+/// ack publishes the next stage). With the old two-store protocol and a scheduling point
+/// between its stores, 3 of these 2000 seeds deadlock (240 — CPU 2 waiting for slot 2→1, CPU 1
+/// masked in DisableIrqInactive —, 1176, 1701); without that point none of 4000 does (the
+/// simulator could not reach it). None does with the single-word protocol.
+#[test]
+fn issue16_stop_stage_is_one_store_so_nobody_serves_past_prepare() {
+    expect_all_seeds_pass("cpu_down + nested no-wait calls back", 0..2000, |seed| {
+        // Results that a call function may not assert on (it runs as a handler).
+        let unexpected = Arc::new(AtomicUsize::new(0));
+        let back = {
+            let unexpected = unexpected.clone();
+            move |_cpu: CpuId| {
+                for _ in 0..2 {
+                    let r = sim::with_engine(|e| e.call_single_async(1, |_| {}));
+                    // Refused inside stop_machine past Prepare (CPU 2's last flush) instead
+                    // of waiting for CPU 1, which is masked then; or refused because CPU 2
+                    // went down while this function waited for the slot (it served the
+                    // stop_machine call nested in that wait).
+                    if !matches!(
+                        r,
+                        Some(
+                            Ok(())
+                                | Err(Error::WouldDeadlock(DeadlockReason::StopMachine))
+                                | Err(Error::Offline(2))
+                        )
+                    ) {
+                        unexpected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        };
+        let programs: Vec<Program> = vec![
+            Box::new(|e| {
+                let r = e.cpu_down(2);
+                assert!(r.is_ok(), "cpu_down(2): {r:?}");
+            }),
+            Box::new(move |e| {
+                let r = e.call_single_async(2, back);
+                assert!(
+                    matches!(r, Ok(()) | Err(Error::Offline(2))),
+                    "call to CPU 2: {r:?}"
+                );
+            }),
+            Box::new(|_| {}),
+        ];
+        let config = SimConfig {
+            max_steps: 50_000,
+            ..bug_config(3, seed)
+        };
+        let run = Sim::run(config, programs)
+            .map(drop)
+            .map_err(|f| f.to_string());
+        let unexpected = unexpected.load(Ordering::Relaxed);
+        run.and_then(|()| match unexpected {
+            0 => Ok(()),
+            n => Err(format!("seed {seed}: {n} nested calls failed unexpectedly")),
+        })
     });
 }
 

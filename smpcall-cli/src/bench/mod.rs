@@ -240,6 +240,7 @@ pub const ROW_IDS: &[&str] = &[
     "sync_polling",
     "sync_polling_nodiag",
     "sync_busy",
+    "sync_busy_unchecked",
     "sync_sleeping",
     "crossbeam_blocking",
     "crossbeam_spinning",
@@ -280,8 +281,13 @@ fn row_meta(id: &str, topo: &Topology) -> (String, Category, Side) {
         "floor" => ("floor: cache-line ping-pong".into(), Single, Floor),
         "sync_polling" => ("smpcall call_single → polling CPU".into(), Single, Ours),
         "sync_polling_nodiag" => ("  same, per-call diagnostics off".into(), Single, Ours),
+        "sync_busy_unchecked" => (
+            "  same, unsafe run_calls_in_signal_handlers".into(),
+            Single,
+            Ours,
+        ),
         "sync_busy" => (
-            "smpcall call_single → busy CPU (signal)".into(),
+            "smpcall call_single → busy CPU (signal, interruptible)".into(),
             Single,
             Ours,
         ),
@@ -369,6 +375,9 @@ fn measure_row(ctx: &Ctx, id: &str, name: &str) -> Result<Measured, BenchError> 
             false,
         )?),
         "sync_busy" => ours_lat(ours::sync_single(ctx, name, TargetState::Busy)?),
+        "sync_busy_unchecked" => {
+            ours_lat(ours::sync_single(ctx, name, TargetState::BusyUnchecked)?)
+        }
         "sync_sleeping" => ours_lat(ours::sync_single(ctx, name, TargetState::Sleeping)?),
         "crossbeam_blocking" => lat(peers::crossbeam_rr(ctx, name, false)?),
         "crossbeam_spinning" => lat(peers::crossbeam_rr(ctx, name, true)?),

@@ -22,8 +22,12 @@ pub const CSD_RING: usize = 128;
 pub enum TargetState {
     /// Idle, polling its queue (`IdlePolicy::Poll`): no IPI needed.
     Polling,
-    /// Running a task that spins: calls reach it by signal.
+    /// Running a task that spins inside an `interruptible` region (the sound default: the
+    /// signal handler may run calls there): calls reach it by signal.
     Busy,
+    /// Running a task that spins, on a machine built with the `unsafe`
+    /// `run_calls_in_signal_handlers` opt-in: calls run in the handler wherever it lands.
+    BusyUnchecked,
     /// Idle, asleep on its futex (`IdlePolicy::Sleep`): calls wake it.
     Sleeping,
 }
@@ -91,15 +95,28 @@ fn delivery(before: Counters, after: Counters, calls: u64) -> Delivery {
 }
 
 fn machine(ctx: &Ctx, cpus: usize, idle: IdlePolicy) -> Result<Machine, BenchError> {
-    Machine::builder()
+    machine_with(ctx, cpus, idle, false)
+}
+
+fn machine_with(
+    ctx: &Ctx,
+    cpus: usize,
+    idle: IdlePolicy,
+    calls_in_handlers: bool,
+) -> Result<Machine, BenchError> {
+    let mut b = Machine::builder()
         .cpus(cpus)
         .idle(idle)
-        .timeout(ctx.cfg.wait_bound)
-        .build()
-        .map_err(|error| BenchError::Engine {
-            what: format!("starting a {cpus}-CPU machine"),
-            error,
-        })
+        .timeout(ctx.cfg.wait_bound);
+    if calls_in_handlers {
+        // SAFETY: the bench's call functions are async-signal-safe: they store atomics,
+        // return integers, or spin on the bench clock (rdtsc / clock_gettime).
+        b = unsafe { b.run_calls_in_signal_handlers() };
+    }
+    b.build().map_err(|error| BenchError::Engine {
+        what: format!("starting a {cpus}-CPU machine"),
+        error,
+    })
 }
 
 fn engine_err(what: &str) -> impl Fn(Error) -> BenchError + '_ {
@@ -125,11 +142,12 @@ where
 {
     let idle = match state {
         TargetState::Sleeping => IdlePolicy::Sleep,
-        TargetState::Polling | TargetState::Busy => IdlePolicy::Poll,
+        TargetState::Polling | TargetState::Busy | TargetState::BusyUnchecked => IdlePolicy::Poll,
     };
-    let m = machine(ctx, cpus, idle)?;
+    let unchecked = state == TargetState::BusyUnchecked;
+    let m = machine_with(ctx, cpus, idle, unchecked)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let busy = if state == TargetState::Busy {
+    let busy = if matches!(state, TargetState::Busy | TargetState::BusyUnchecked) {
         let started = Arc::new(AtomicBool::new(false));
         let (s1, st1) = (Arc::clone(&stop), Arc::clone(&started));
         let c = ctx.clone();
@@ -137,7 +155,14 @@ where
             st1.store(true, Ordering::SeqCst);
             // Busy in task context until told to stop (bounded in case nobody does).
             let bound = c.clock.ticks(c.row_bound());
-            spin_until(&c.clock, bound, Relax::Spin, || s1.load(Ordering::Relaxed));
+            let spin = || spin_until(&c.clock, bound, Relax::Spin, || s1.load(Ordering::Relaxed));
+            if unchecked {
+                spin();
+            } else {
+                // SAFETY: the loop reads the clock (rdtsc or clock_gettime) and an atomic:
+                // async-signal-safe, nothing a call's function could interfere with.
+                unsafe { smpcall::hosted::interruptible(spin) };
+            }
         });
         if !spin_until(&ctx.clock, ctx.bound_ticks(), Relax::Yield, || {
             started.load(Ordering::SeqCst)
@@ -149,10 +174,10 @@ where
     } else {
         None
     };
-    let task = m.run_on(0, body);
+    let mut task = m.run_on(0, body);
     let result = task.join_timeout(ctx.row_bound());
     stop.store(true, Ordering::SeqCst);
-    let busy_done = busy.map(|t| t.join_timeout(ctx.cfg.wait_bound));
+    let busy_done = busy.map(|mut t| t.join_timeout(ctx.cfg.wait_bound));
     let down = m.shutdown();
     let r = match result {
         Ok(r) => r?,
@@ -217,7 +242,7 @@ pub fn broadcast(
     let m = machine(ctx, cpus, idle)?;
     let c = ctx.clone();
     let w = what.to_string();
-    let task = m.run_on(0, move |e: &HostEngine| {
+    let mut task = m.run_on(0, move |e: &HostEngine| {
         let before = counters(e);
         let mut calls = 0u64;
         let h = measure(&c.clock, &c.cfg, 0, || {

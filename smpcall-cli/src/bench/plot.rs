@@ -10,8 +10,9 @@ use super::report::{Category, Report, Side};
 use super::BenchError;
 
 const PANEL_HEIGHT: u32 = 420;
-/// Distinguishable line colours (no pale yellow).
-const COLORS: [RGBColor; 9] = [
+/// Distinguishable line colours (no pale yellow, none close to the floor's black), one per
+/// series of a panel: more than any category has rows.
+const COLORS: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -21,8 +22,13 @@ const COLORS: [RGBColor; 9] = [
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
     RGBColor(23, 190, 207),
+    RGBColor(188, 189, 34),
+    RGBColor(0, 0, 128),
+    RGBColor(0, 128, 128),
 ];
 const WIDTH: u32 = 1100;
+/// The legend's column, right of each panel's chart (so it never covers a curve).
+const LEGEND_WIDTH: u32 = 330;
 
 /// Refuses a plot path whose extension is not `.svg` (or absent): only SVG is drawn.
 pub fn check_extension(path: &Path) -> Result<(), BenchError> {
@@ -90,7 +96,8 @@ fn draw_panel<DB: DrawingBackend>(
         .fold(0.0, f64::max)
         .max(lo * 10.0)
         * 1.25;
-    let mut chart = ChartBuilder::on(area)
+    let (chart_area, legend_area) = area.split_horizontally(WIDTH - LEGEND_WIDTH);
+    let mut chart = ChartBuilder::on(&chart_area)
         .caption(
             format!(
                 "{} — latency distribution",
@@ -108,11 +115,14 @@ fn draw_panel<DB: DrawingBackend>(
         .y_desc("percentile")
         .x_label_formatter(&|v| format!("{v:.2}"))
         .draw()?;
-    for (i, (row, lat)) in rows.iter().enumerate() {
+    // The floor is black; every other series takes the next palette colour.
+    let mut next_color = COLORS.iter().cycle();
+    let mut legend = Vec::with_capacity(rows.len());
+    for (row, lat) in &rows {
         let color = if row.side == Side::Floor {
             BLACK.to_rgba()
         } else {
-            COLORS[i % COLORS.len()].to_rgba()
+            next_color.next().expect("cycle").to_rgba()
         };
         let width = match row.side {
             Side::Ours => 3,
@@ -125,16 +135,45 @@ fn draw_panel<DB: DrawingBackend>(
             .iter()
             .map(|p| ((p[1] / 1000.0).clamp(lo, hi), p[0]))
             .collect::<Vec<_>>();
-        chart
-            .draw_series(LineSeries::new(points, style))?
-            .label(row.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        chart.draw_series(LineSeries::new(points, style))?;
+        legend.push((row.name.as_str(), style));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    // The legend, in its own column beside the chart, one line per series.
+    let (x, mut y) = (8, 40);
+    for (name, style) in legend {
+        legend_area.draw(&PathElement::new(vec![(x, y), (x + 24, y)], style))?;
+        legend_area.draw(&Text::new(
+            name.to_string(),
+            (x + 32, y - 7),
+            ("sans-serif", 13).into_font(),
+        ))?;
+        y += 22;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every series of a panel gets its own colour: the palette has no repeats, none is the
+    /// floor's black, and it covers the largest category of a run.
+    #[test]
+    fn palette_colours_are_distinct_and_enough() {
+        for (i, a) in COLORS.iter().enumerate() {
+            assert_ne!(*a, BLACK, "colour {i} is the floor's");
+            for b in &COLORS[i + 1..] {
+                assert_ne!(a, b, "colour {i} repeats");
+            }
+        }
+        // The largest panel is the first: the single-call rows after the floor, up to the
+        // first broadcast row (ROW_IDS is in table order).
+        let ids = super::super::ROW_IDS;
+        let single = ids.iter().position(|&id| id == "call_others").expect("row") - 1;
+        assert!(
+            single <= COLORS.len(),
+            "{single} series, {} colours",
+            COLORS.len()
+        );
+    }
 }

@@ -442,7 +442,18 @@ impl Report {
 
     /// The report as pretty-printed JSON (every figure).
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("a report always serialises")
+        /// The report with the format's version first.
+        #[derive(Serialize)]
+        struct Versioned<'a> {
+            schema_version: u32,
+            #[serde(flatten)]
+            report: &'a Report,
+        }
+        let versioned = Versioned {
+            schema_version: crate::JSON_SCHEMA_VERSION,
+            report: self,
+        };
+        serde_json::to_string_pretty(&versioned).expect("a report always serialises")
     }
 }
 

@@ -125,7 +125,10 @@ pub fn engine(n: usize) -> Result<SoloEngine, Error> {
 /// Marks every CPU online (the platform's bring-up).
 fn bring_up(e: &SoloEngine) -> Result<(), Error> {
     for cpu in 0..e.nr_cpus() {
-        e.mark_online(cpu)?;
+        // SAFETY: this thread plays every CPU and serves each one's queue whenever a
+        // measurement needs it to progress (`serve`, and a waiting sender's `relax` while a
+        // `ServeOnRelax` is alive), which is this platform's delivery.
+        unsafe { e.mark_online(cpu)? };
     }
     Ok(())
 }
@@ -143,14 +146,20 @@ pub fn poll_while<R>(e: &SoloEngine, poller: CpuId, sender: CpuId, body: impl Fn
     let mut body = Some(body);
     let mut out = None;
     on(poller);
-    e.idle_poll(|| {
-        if let Some(body) = body.take() {
-            on(sender);
-            out = Some(body());
-            on(poller);
-        }
-        true
-    });
+    // SAFETY: this is `poller`'s idle loop on this platform, at task level (no handler of
+    // `poller` runs, interrupts unmasked). `body` runs as another CPU (`sender`) in between
+    // two checks of the loop — on one thread, that is what the two CPUs running side by side
+    // looks like.
+    unsafe {
+        e.idle_poll(|| {
+            if let Some(body) = body.take() {
+                on(sender);
+                out = Some(body());
+                on(poller);
+            }
+            true
+        });
+    }
     on(sender);
     out.expect("idle_poll asks whether to stop at least once")
 }

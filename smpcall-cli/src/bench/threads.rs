@@ -84,7 +84,7 @@ pub fn spin_until(clock: &Clock, bound: u64, relax: Relax, mut done: impl FnMut(
             return true;
         }
         looks = looks.wrapping_add(1);
-        if looks % 1024 == 0 || relax == Relax::Yield && looks % 16 == 0 {
+        if looks.is_multiple_of(1024) || relax == Relax::Yield && looks.is_multiple_of(16) {
             let now = clock.now();
             if deadline == 0 {
                 deadline = now.saturating_add(bound);

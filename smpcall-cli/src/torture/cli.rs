@@ -88,6 +88,11 @@ pub struct TortureOptions {
     /// Long waits: one call in 1000 makes each of its functions busy-wait 1 ms.
     #[arg(long)]
     pub long_wait: bool,
+    /// Run call functions inside the IPI signal handler wherever it lands (the `unsafe`
+    /// opt-in `run_calls_in_signal_handlers`: the torture's functions are async-signal-safe).
+    /// Default: the sound delivery, where a busy CPU runs calls at its next safe point.
+    #[arg(long)]
+    pub signal_calls: bool,
     /// Print a statistics line to stderr this often (0: never).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub stat_interval: Duration,
@@ -170,6 +175,7 @@ impl TortureOptions {
         cfg.mix = self.mix(cfg.mix);
         cfg.min_calls_per_cpu = cfg.min_calls_per_cpu.max(self.min_calls_per_cpu);
         cfg.long_wait |= self.long_wait;
+        cfg.signal_calls |= self.signal_calls;
         cfg.inject = self.inject_fault.or(cfg.inject);
         cfg.onoff = self.onoff.or(cfg.onoff);
         if self.drop_ipi > 0.0 {

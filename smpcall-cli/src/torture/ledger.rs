@@ -634,7 +634,9 @@ impl Ledger {
                 self.count_live(LIVE_RPC);
                 return false;
             }
-            // More CPUs than cores: let the target run.
+            // A safe point: the reply may be a call to this CPU. More CPUs than cores: let
+            // the target run.
+            smpcall::hosted::safe_point();
             thread::yield_now();
         }
         true

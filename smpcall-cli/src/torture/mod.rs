@@ -134,6 +134,10 @@ pub struct Config {
     /// [`LONG_WAIT_NS`] (besides the brief 1–5 µs busy-waits of one call in
     /// [`SHORT_SPIN_ONE_IN`], always on).
     pub long_wait: bool,
+    /// Run call functions inside the IPI signal handler wherever it lands (the machine's
+    /// `unsafe` `run_calls_in_signal_handlers`; the torture's functions are async-signal-safe).
+    /// Off: the sound default, where busy CPUs run calls at their safe points.
+    pub signal_calls: bool,
     /// Bound on each wait: after the deadline a task to finish, calls to drain, shutdown;
     /// half of it for an rpc's completion.
     pub timeout: Duration,
@@ -185,6 +189,7 @@ impl Default for Config {
             min_calls_per_cpu: 0,
             mix: Mix::default(),
             long_wait: false,
+            signal_calls: false,
             timeout: Duration::from_secs(30),
             inject: None,
             onoff: None,
@@ -289,21 +294,30 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
     let mut builder = Machine::builder()
         .cpus(n)
         .idle(cfg.idle)
-        .timeout(cfg.timeout)
-        .report_sink(if cfg.verbose_reports || !faults_on {
-            faults::verbose_sink
-        } else {
-            faults::quiet_sink
-        });
+        .timeout(cfg.timeout);
+    let sink: fn(&str) = if cfg.verbose_reports || !faults_on {
+        faults::verbose_sink
+    } else {
+        faults::quiet_sink
+    };
+    // SAFETY: both sinks only bump atomic counters and write(2) to stderr: async-signal-safe.
+    builder = unsafe { builder.report_sink(sink) };
     if let Some(threshold) = cfg.machine_stall_threshold() {
         builder = builder.stall_threshold(threshold);
     }
     if faults_on {
-        builder = builder.faults(Faults {
-            drop_ipi: cfg.drop_ipi,
-            delay_ipi: cfg.delay_ipi,
-            seed: cfg.seed,
-        });
+        builder = builder.faults(
+            Faults::none()
+                .drop_ipi(cfg.drop_ipi)
+                .delay_ipi(cfg.delay_ipi)
+                .seed(cfg.seed),
+        );
+    }
+    if cfg.signal_calls {
+        // SAFETY: every function the torture sends (`on_call`, the RCU reader checks, the
+        // rpc replies) only touches atomics in the ledger, spins and reads the clock:
+        // async-signal-safe.
+        builder = unsafe { builder.run_calls_in_signal_handlers() };
     }
     let machine = builder.build()?;
     let stall_ns = machine.engine().stall_threshold_ns();
@@ -390,7 +404,7 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
     }
     let mut hung = Vec::new();
     let mut rcu_errors = 0usize;
-    for (cpu, task) in tasks.into_iter().enumerate() {
+    for (cpu, mut task) in tasks.into_iter().enumerate() {
         // Every task has finished, or the bound is spent: this does not wait long.
         let left = join_deadline
             .saturating_duration_since(Instant::now())
@@ -584,6 +598,7 @@ fn spin_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
+        smpcall::hosted::safe_point();
         thread::yield_now();
     }
 }
@@ -718,6 +733,9 @@ impl<'a> Worker<'a> {
             if now >= deadline && (issued >= cfg.min_calls_per_cpu || now >= hard_deadline) {
                 break;
             }
+            // A safe point per step: calls deferred to this CPU (it was busy in this loop when
+            // their IPI came) run here.
+            smpcall::hosted::safe_point();
             if let Some(driver) = &mut w.driver {
                 driver.tick(engine, &w.ledger);
             }
@@ -870,7 +888,7 @@ impl<'a> Worker<'a> {
             return;
         }
         self.fitting += 1;
-        if (self.fitting - 1) % FAULT_EVERY != 0 {
+        if !(self.fitting - 1).is_multiple_of(FAULT_EVERY) {
             return;
         }
         match fault {

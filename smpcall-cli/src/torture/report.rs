@@ -136,6 +136,8 @@ pub fn primitive(kind: Kind) -> &'static str {
 /// The JSON form of a [`Report`] (`smpcall torture --json`).
 #[derive(Debug, Serialize)]
 pub struct JsonReport {
+    /// The format's version ([`crate::JSON_SCHEMA_VERSION`]).
+    pub schema_version: u32,
     /// `SUCCESS` or `FAILURE`, as the text form's last line.
     pub result: &'static str,
     /// Whether the run passed.
@@ -193,8 +195,13 @@ pub struct JsonConfig {
     pub idle: String,
     /// The seed (repeat the run with `--seed`).
     pub seed: u64,
+    /// The same seed as a decimal string: JSON readers that hold numbers as doubles (jq,
+    /// JavaScript) round a 64-bit seed; this one survives them.
+    pub seed_str: String,
     /// Whether long waits were on.
     pub long_wait: bool,
+    /// Whether functions ran inside signal handlers (`--signal-calls`).
+    pub signal_calls: bool,
     /// The injected fault (self-test), if any.
     pub inject: Option<String>,
     /// Call records per CPU.
@@ -288,6 +295,7 @@ impl From<&Report> for JsonReport {
         let v = &r.verification;
         let c = &r.config;
         JsonReport {
+            schema_version: crate::JSON_SCHEMA_VERSION,
             result: if r.success() { "SUCCESS" } else { "FAILURE" },
             success: r.success(),
             exit_code: r.exit_code(),
@@ -296,7 +304,9 @@ impl From<&Report> for JsonReport {
                 duration_s: c.duration.as_secs_f64(),
                 idle: idle_name(c.idle),
                 seed: c.seed,
+                seed_str: c.seed.to_string(),
                 long_wait: c.long_wait,
+                signal_calls: c.signal_calls,
                 inject: c.inject.map(|f| format!("{f:?}")),
                 max_calls_per_cpu: c.max_calls_per_cpu,
                 min_calls_per_cpu: c.min_calls_per_cpu,
@@ -433,6 +443,7 @@ pub fn idle_name(idle: IdlePolicy) -> String {
         IdlePolicy::Poll => "poll".to_owned(),
         IdlePolicy::Sleep => "sleep".to_owned(),
         IdlePolicy::PollThenSleep(d) => format!("mixed (poll {d:?}, then sleep)"),
+        other => format!("{other:?}"),
     }
 }
 
@@ -460,12 +471,17 @@ impl fmt::Display for Report {
         let v = &self.verification;
         writeln!(
             f,
-            "smpcall torture: {} CPUs, {:?}, idle {}, seed {:#x}, long waits {}{}",
+            "smpcall torture: {} CPUs, {:?}, idle {}, seed {:#x}, long waits {}, calls run {}{}",
             c.cpus,
             c.duration,
             idle_name(c.idle),
             c.seed,
             if c.long_wait { "on" } else { "off" },
+            if c.signal_calls {
+                "in signal handlers (--signal-calls)"
+            } else {
+                "at safe points"
+            },
             stresses(c)
         )?;
         if let Some(fault) = c.inject {

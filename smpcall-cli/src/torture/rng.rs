@@ -1,38 +1,29 @@
 //! A small seeded generator: one independent stream per CPU, derived from the run's seed.
 
-/// A xorshift64* generator. Cheap, no allocation, good enough to choose call kinds and targets.
+/// A seeded generator (`fastrand`'s wyrand: cheap, no allocation), good enough to choose call
+/// kinds and targets; the one crate the command, the tests and the bare-metal tests use.
 ///
 /// Each CPU gets its own stream ([`Rng::for_stream`]), so a given seed fixes the sequence of
 /// choices every CPU makes (not the interleaving between CPUs, which the host scheduler decides).
 #[derive(Clone, Debug)]
-pub struct Rng(u64);
+pub struct Rng(fastrand::Rng);
 
 impl Rng {
-    /// Stream `stream` (a CPU id) of the run seeded with `seed`.
+    /// Stream `stream` (a CPU id) of the run seeded with `seed`: a generator seeded with
+    /// `seed ^ stream` is forked, which scatters neighbouring seeds and streams.
     pub fn for_stream(seed: u64, stream: u64) -> Rng {
-        // splitmix64 of (seed, stream): decorrelates neighbouring seeds and streams.
-        let mut z = seed ^ stream.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        // xorshift needs a non-zero state.
-        Rng(z | 1)
+        Rng(fastrand::Rng::with_seed(seed ^ stream).fork())
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.u64(..)
     }
 
     /// A number in `0..n` (`n > 0`), without modulo bias worth mentioning.
     pub fn below(&mut self, n: u64) -> u64 {
         debug_assert!(n > 0, "Rng::below(0)");
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+        self.0.u64(..n)
     }
 
     /// True with probability `1/n`.

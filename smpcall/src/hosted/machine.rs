@@ -1,0 +1,408 @@
+//! The [`Machine`]: starting CPU threads, submitting tasks, hotplug from any thread, shutdown.
+
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use super::builder::{IdlePolicy, MachineBuilder, Pinning};
+use super::cpu_thread::cpu_main;
+use super::platform::{probability_threshold, HostCpu, HostPlatform, Job};
+use super::signals::{self, SignalKind};
+use super::HostEngine;
+use crate::cpumask::CpuId;
+use crate::engine::{Engine, HeapStorage};
+use crate::error::Error;
+
+static NEXT_MACHINE_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(super) struct Inner {
+    pub(super) engine: HostEngine,
+    pub(super) idle: IdlePolicy,
+    watchdog_exit: AtomicBool,
+}
+
+/// The watchdog: re-sends IPIs to CPUs whose queued calls stay untaken (no-wait calls have
+/// no waiter to notice a lost IPI). Parks between checks; shutdown unparks it.
+fn watchdog_main(inner: Arc<Inner>, period: Duration) {
+    while !inner.watchdog_exit.load(Ordering::SeqCst) {
+        thread::park_timeout(period);
+        if inner.watchdog_exit.load(Ordering::SeqCst) {
+            break;
+        }
+        inner.engine.check_stalls();
+    }
+}
+
+/// A set of CPUs made of threads, running the [`Engine`]. Dropping it shuts it down.
+///
+/// ```
+/// use smpcall::hosted::Machine;
+/// let m = Machine::builder().cpus(3).build()?;
+/// let ran_on = m.run_on(0, |e| e.call_others(|_cpu| {})).join()??;
+/// assert_eq!(ran_on.weight(), 2);
+/// m.shutdown()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Machine {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+    watchdog: Option<JoinHandle<()>>,
+    timeout: Duration,
+    down: bool,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("engine", &self.inner.engine)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Undoes a build that failed half-way: the signal handlers it installed.
+struct InstalledSignals(Vec<(i32, SignalKind)>);
+
+impl Drop for InstalledSignals {
+    fn drop(&mut self) {
+        for &(signo, kind) in &self.0 {
+            signals::release(signo, kind);
+        }
+    }
+}
+
+impl Machine {
+    /// A builder with the defaults.
+    pub fn builder() -> MachineBuilder {
+        MachineBuilder::default()
+    }
+
+    pub(super) fn start(b: MachineBuilder) -> Result<Machine, Error> {
+        if b.cpus == 0 || b.cpus > crate::MAX_CPUS {
+            return Err(Error::InvalidConfig(
+                "CPU count must be between 1 and MAX_CPUS (1024)",
+            ));
+        }
+        if b.timeout.is_zero() {
+            return Err(Error::InvalidConfig("the timeout must be longer than zero"));
+        }
+        let drop_threshold = probability_threshold(b.faults.drop_ipi)?;
+        let delay_threshold = probability_threshold(b.faults.delay_ipi)?;
+        let mut installed = InstalledSignals(Vec::new());
+        let (signo, new) = signals::choose(b.signal, SignalKind::Ipi, None)?;
+        if new {
+            installed.0.push((signo, SignalKind::Ipi));
+        }
+        let (nmi_signo, new) = signals::choose(b.nmi_signal, SignalKind::Nmi, Some(signo))?;
+        if new {
+            installed.0.push((nmi_signo, SignalKind::Nmi));
+        }
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let ncores = thread::available_parallelism().map_or(1, |n| n.get());
+        let platform = HostPlatform {
+            id: NEXT_MACHINE_ID.fetch_add(1, Ordering::Relaxed),
+            // SAFETY: getpid has no preconditions.
+            pid: unsafe { libc::getpid() },
+            signo,
+            nmi_signo,
+            delivery: b.delivery,
+            calls_in_handlers: b.calls_in_handlers,
+            oversubscribed: b.cpus > ncores,
+            cpus: (0..b.cpus).map(|_| HostCpu::new()).collect(),
+            drop_threshold: AtomicU64::new(drop_threshold),
+            delay_threshold: AtomicU64::new(delay_threshold),
+            sink: b.sink,
+            fault_rng: AtomicU64::new(b.faults.seed),
+            ipis_dropped: AtomicU64::new(0),
+            ipis_delayed: AtomicU64::new(0),
+        };
+        let engine = Engine::new(platform, HeapStorage::new(b.cpus))?;
+        engine.set_stall_threshold_ns(b.stall_threshold.as_nanos().min(u64::MAX as u128) as u64);
+        let inner = Arc::new(Inner {
+            engine,
+            idle: b.idle,
+            watchdog_exit: AtomicBool::new(false),
+        });
+        let pin = |cpu: usize| -> Option<core_affinity::CoreId> {
+            match b.pinning {
+                Pinning::Never => None,
+                Pinning::Auto if b.cpus > cores.len() => None,
+                _ if cores.is_empty() => None,
+                _ => Some(cores[cpu % cores.len()]),
+            }
+        };
+        // From here on, a failure stops and joins whatever was started (`Drop`).
+        let mut machine = Machine {
+            inner,
+            threads: Vec::with_capacity(b.cpus),
+            watchdog: None,
+            timeout: b.timeout,
+            down: false,
+        };
+        for cpu in 0..b.cpus {
+            let inner2 = Arc::clone(&machine.inner);
+            let core = pin(cpu);
+            let t = thread::Builder::new()
+                .name(format!("smpcall-cpu{cpu}"))
+                .spawn(move || cpu_main(inner2, cpu, core))
+                .map_err(|_| Error::InvalidConfig("could not spawn a CPU thread"))?;
+            machine.threads.push(t);
+        }
+        if !b.stall_threshold.is_zero() {
+            let inner2 = Arc::clone(&machine.inner);
+            let period =
+                (b.stall_threshold / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
+            let w = thread::Builder::new()
+                .name("smpcall-watchdog".into())
+                .spawn(move || watchdog_main(inner2, period))
+                .map_err(|_| Error::InvalidConfig("could not spawn the watchdog thread"))?;
+            machine.watchdog = Some(w);
+        }
+        let deadline = Instant::now() + b.timeout;
+        for cpu in 0..b.cpus {
+            while !machine.host(cpu).started.load(Ordering::SeqCst) {
+                if Instant::now() > deadline {
+                    return Err(Error::TimedOut("CPU threads to start"));
+                }
+                thread::sleep(Duration::from_micros(100));
+            }
+            // SAFETY: CPU `cpu`'s thread has started and serves its IPIs (signal handler
+            // unblocked, idle loop running).
+            unsafe { machine.inner.engine.mark_online(cpu) }?;
+            // It may have parked as offline before we marked it: kick it.
+            machine.inner.engine.platform().wake_if_sleeping(cpu);
+        }
+        // Built: the handlers stay (they are never removed from a process that used them).
+        std::mem::forget(installed);
+        Ok(machine)
+    }
+
+    fn host(&self, cpu: CpuId) -> &HostCpu {
+        &self.inner.engine.platform().cpus[cpu]
+    }
+
+    /// The engine: statistics, diagnostics, and calls from this machine's CPUs. Its platform
+    /// hooks are `unsafe` (only this backend calls them).
+    pub fn engine(&self) -> &HostEngine {
+        &self.inner.engine
+    }
+
+    /// The hosted platform: signal numbers, IPI counters, fault injection.
+    pub fn platform(&self) -> &HostPlatform {
+        self.inner.engine.platform()
+    }
+
+    /// Number of CPUs.
+    pub fn nr_cpus(&self) -> usize {
+        self.inner.engine.nr_cpus()
+    }
+
+    /// Runs `f` in CPU `cpu`'s task context (after the tasks submitted before it).
+    pub fn run_on<F, R>(&self, cpu: CpuId, f: F) -> Task<R>
+    where
+        F: FnOnce(&HostEngine) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        if cpu >= self.nr_cpus() {
+            return Task {
+                state: TaskState::Refused(Error::UnknownCpu(cpu)),
+            };
+        }
+        if !self.inner.engine.is_online(cpu) {
+            return Task {
+                state: TaskState::Refused(Error::Offline(cpu)),
+            };
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |engine| {
+            let r = panic::catch_unwind(AssertUnwindSafe(|| f(engine)));
+            let _ = tx.send(r);
+        });
+        let hc = self.host(cpu);
+        hc.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(job);
+        hc.has_tasks.store(true, Ordering::SeqCst);
+        self.inner.engine.platform().wake_if_sleeping(cpu);
+        Task {
+            state: TaskState::Pending(rx, cpu),
+        }
+    }
+
+    /// The diagnostic dump of every CPU (see [`Engine::dump`]).
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        let _ = self.inner.engine.dump(&mut out);
+        out
+    }
+
+    /// Takes `cpu` offline (see [`Engine::cpu_down`]), driven from the calling thread — which
+    /// need not be a CPU, and uses no task slot: it works while every CPU runs a long task.
+    ///
+    /// While calls are still queued to `cpu` and its thread is busy outside a safe point (they
+    /// could not run before it leaves), the attempt is undone and retried until the builder's
+    /// timeout; then [`Error::TimedOut`] is returned and **nothing happened**: `cpu` stays
+    /// online. Tasks already queued to `cpu` still run there, but calls they make are refused
+    /// with [`Error::Offline`]; new tasks are refused.
+    pub fn cpu_down(&self, cpu: CpuId) -> Result<(), Error> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match self.inner.engine.cpu_down(cpu) {
+                Err(Error::NotAtSafePoint(_)) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_micros(200));
+                }
+                Err(Error::NotAtSafePoint(_)) => {
+                    return Err(Error::TimedOut(
+                        "the CPU to reach a safe point with calls queued (it stays online)",
+                    ))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Brings `cpu` back online (see [`Engine::cpu_up`]), driven from the calling thread.
+    pub fn cpu_up(&self, cpu: CpuId) -> Result<(), Error> {
+        self.inner.engine.cpu_up(cpu)
+    }
+
+    /// Shuts down: refuses new calls, lets every task finish, drains every queue, stops and
+    /// joins the threads. If that does not finish within the builder's timeout, the threads
+    /// are left running (their memory is kept alive, never freed under them) and
+    /// [`Error::TimedOut`] is returned; use [`try_shutdown`](Machine::try_shutdown) to keep
+    /// the machine and retry instead.
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        let timeout = self.timeout;
+        let r = self.try_shutdown(timeout);
+        if r.is_err() {
+            self.detach();
+        }
+        r
+    }
+
+    /// Like [`shutdown`](Machine::shutdown), bounded by `timeout`, but on
+    /// [`Error::TimedOut`] the machine stays whole (new calls are refused; tasks and queued
+    /// calls go on) and the shutdown can be retried. Returns `Ok` at once if already shut down.
+    pub fn try_shutdown(&mut self, timeout: Duration) -> Result<(), Error> {
+        if self.down {
+            return Ok(());
+        }
+        let engine = &self.inner.engine;
+        // SAFETY: we own the machine; its shutdown protocol is this function.
+        unsafe { engine.shut_down() };
+        let n = self.threads.len();
+        for cpu in 0..n {
+            self.host(cpu).stop.store(true, Ordering::SeqCst);
+            engine.platform().wake_if_sleeping(cpu);
+        }
+        let deadline = Instant::now() + timeout;
+        let all_parked = |m: &Machine| (0..n).all(|c| m.host(c).parked.load(Ordering::SeqCst));
+        while !(all_parked(self) && engine.is_quiescent()) {
+            if Instant::now() > deadline {
+                return Err(Error::TimedOut("tasks and calls to finish at shutdown"));
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+        for cpu in 0..n {
+            self.host(cpu).exit.store(true, Ordering::SeqCst);
+            engine.platform().wake_if_sleeping(cpu);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.stop_watchdog();
+        self.down = true;
+        Ok(())
+    }
+
+    fn stop_watchdog(&mut self) {
+        self.inner.watchdog_exit.store(true, Ordering::SeqCst);
+        if let Some(w) = self.watchdog.take() {
+            w.thread().unpark();
+            let _ = w.join();
+        }
+    }
+
+    /// Gives up on threads that did not stop: they keep their `Arc`, so nothing is freed under
+    /// them.
+    fn detach(&mut self) {
+        self.threads.clear();
+        self.inner.watchdog_exit.store(true, Ordering::SeqCst);
+        if let Some(w) = self.watchdog.take() {
+            w.thread().unpark();
+        }
+        self.down = true;
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let timeout = self.timeout;
+        if self.try_shutdown(timeout).is_err() {
+            self.detach();
+        }
+    }
+}
+
+enum TaskState<R> {
+    Refused(Error),
+    Pending(mpsc::Receiver<thread::Result<R>>, CpuId),
+    Joined,
+}
+
+/// A task submitted with [`Machine::run_on`].
+#[must_use = "a task's result (and any panic in it) is only seen through join"]
+pub struct Task<R> {
+    state: TaskState<R>,
+}
+
+impl<R> std::fmt::Debug for Task<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.state {
+            TaskState::Refused(e) => write!(f, "Task(refused: {e})"),
+            TaskState::Pending(_, cpu) => write!(f, "Task(on CPU {cpu})"),
+            TaskState::Joined => f.write_str("Task(joined)"),
+        }
+    }
+}
+
+impl<R> Task<R> {
+    /// Waits for the task's result. A panic in the task is resumed here.
+    pub fn join(mut self) -> Result<R, Error> {
+        match std::mem::replace(&mut self.state, TaskState::Joined) {
+            TaskState::Refused(e) => Err(e),
+            TaskState::Pending(rx, _) => match rx.recv() {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(payload)) => panic::resume_unwind(payload),
+                Err(_) => Err(Error::ShutDown),
+            },
+            TaskState::Joined => Err(Error::InvalidConfig("the task was already joined")),
+        }
+    }
+
+    /// Like [`join`](Task::join), but gives up after `limit` with [`Error::TimedOut`]; the
+    /// task keeps running and can be joined again. After a result was returned, further joins
+    /// return [`Error::InvalidConfig`].
+    pub fn join_timeout(&mut self, limit: Duration) -> Result<R, Error> {
+        let TaskState::Pending(rx, _) = &self.state else {
+            return match std::mem::replace(&mut self.state, TaskState::Joined) {
+                TaskState::Refused(e) => Err(e),
+                _ => Err(Error::InvalidConfig("the task was already joined")),
+            };
+        };
+        let r = match rx.recv_timeout(limit) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(Error::TimedOut("a task to finish"))
+            }
+            r => r,
+        };
+        self.state = TaskState::Joined;
+        match r {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(payload)) => panic::resume_unwind(payload),
+            Err(_) => Err(Error::ShutDown),
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The two signals: the IPI handler (the engine's own work at once, user calls only where that
+//! is sound), the NMI handler, and how the signal numbers are chosen and owned.
+//!
+//! Why each piece of signal-context work is async-signal-safe:
+//! * **restricted flush** ([`Engine::handle_ipi_engine_only`](crate::Engine::handle_ipi_engine_only)):
+//!   lock-free queue operations on call data the CPU holds; it runs only call data marked
+//!   any-context, which only the engine creates —
+//! * **stop_machine participation**: atomic stage counters, spinning, `sched_yield`; the user's
+//!   function runs only on a CPU that may run user code (else the run is refused, nothing done);
+//! * **RCU quiescent-state check**: a per-CPU counter load and an atomic decrement;
+//! * **NMI state report and stall reports**: formatting into a stack buffer (no allocation) and
+//!   one `write(2)`, or the `unsafe` report sink whose contract demands the same;
+//! * the handlers save and restore `errno`, read only a `const` thread-local (no lazy
+//!   initialisation), and never unwind (a panic in engine code aborts).
+
+use std::ptr;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
+use super::platform::current;
+use crate::error::Error;
+
+/// The IPI signal handler.
+extern "C" fn on_ipi_signal(_signo: libc::c_int) {
+    // SAFETY: this thread's errno location; saved and restored around the handler.
+    let errno = unsafe { *libc::__errno_location() };
+    let c = current();
+    if !c.engine.is_null() {
+        // SAFETY: the pointer is set by this CPU thread while its machine is alive and cleared
+        // (with this signal blocked) before the thread exits.
+        let engine = unsafe { &*c.engine };
+        let platform = engine.platform();
+        let hc = &platform.cpus[c.cpu];
+        // Relaxed: this thread's own flags (written by it and its handlers only).
+        if hc.masked.load(Ordering::Relaxed) {
+            hc.pending.store(true, Ordering::Relaxed);
+        } else if platform.calls_in_handlers || hc.interruptible.load(Ordering::Relaxed) > 0 {
+            // SAFETY: the interrupted code is async-signal-safe (an `interruptible` region, or
+            // `sleep`'s clock_nanosleep), or the machine's builder promised that every function
+            // is (`run_calls_in_signal_handlers`): any call may run here.
+            unsafe { engine.handle_ipi() };
+        } else {
+            // SAFETY: the IPI handler of this CPU; deferred user calls run at its next safe
+            // point (idle loop, waits, safe_point, unmask), as the delivery contract requires.
+            unsafe { engine.handle_ipi_engine_only() };
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// The NMI signal handler: runs whatever the soft mask says (that is the point of an NMI).
+/// While it runs, every signal is blocked (the IPI one included), so NMIs never nest and an
+/// IPI never interrupts an NMI handler.
+extern "C" fn on_nmi_signal(_signo: libc::c_int) {
+    // SAFETY: this thread's errno location; saved and restored around the handler.
+    let errno = unsafe { *libc::__errno_location() };
+    let c = current();
+    if !c.engine.is_null() {
+        // SAFETY: as in `on_ipi_signal`; NMIs do not nest (every signal is blocked while this
+        // handler runs), which is `handle_nmi`'s contract. NMI call functions are
+        // async-signal-safe by `nmi_call_many`'s contract.
+        unsafe { (*c.engine).handle_nmi() };
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Which of our handlers a signal gets.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum SignalKind {
+    Ipi,
+    Nmi,
+}
+
+impl SignalKind {
+    fn handler(self) -> usize {
+        let handler: extern "C" fn(libc::c_int) = match self {
+            SignalKind::Ipi => on_ipi_signal,
+            SignalKind::Nmi => on_nmi_signal,
+        };
+        handler as usize
+    }
+}
+
+/// Serialises every look at and change of our signals' dispositions in this process.
+static DISPOSITIONS: Mutex<()> = Mutex::new(());
+
+/// The current disposition's handler of `signo`, or `None` if it is not a valid signal.
+fn disposition(signo: i32) -> Option<usize> {
+    // SAFETY: a zeroed sigaction is a valid out value.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: null `act` only queries; `old` is a valid out pointer.
+    (unsafe { libc::sigaction(signo, ptr::null(), &mut old) } == 0).then_some(old.sa_sigaction)
+}
+
+/// Makes sure `signo` carries our handler of `kind`, installing it if the signal is free.
+/// Checked at every build (not remembered): a user may have installed a handler of their own
+/// on it after an earlier machine shut down. Returns whether this call installed it.
+pub(super) fn claim(signo: i32, kind: SignalKind) -> Result<bool, Error> {
+    let _g = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
+    let other = match kind {
+        SignalKind::Ipi => SignalKind::Nmi,
+        SignalKind::Nmi => SignalKind::Ipi,
+    };
+    let Some(current) = disposition(signo) else {
+        return Err(Error::InvalidConfig(match kind {
+            SignalKind::Ipi => "the IPI signal number is not a valid signal",
+            SignalKind::Nmi => "the NMI signal number is not a valid signal",
+        }));
+    };
+    if current == kind.handler() {
+        return Ok(false);
+    }
+    if current == other.handler() {
+        return Err(Error::InvalidConfig("the IPI and NMI signals must differ"));
+    }
+    if current != libc::SIG_DFL {
+        return Err(Error::InvalidConfig(match kind {
+            SignalKind::Ipi => "the IPI signal already has another handler in this process",
+            SignalKind::Nmi => "the NMI signal already has another handler in this process",
+        }));
+    }
+    // SAFETY: zeroed sigaction is a valid starting point; we set handler, flags, mask.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = kind.handler();
+    act.sa_flags = libc::SA_RESTART;
+    // SAFETY: valid pointer to our sigaction's mask.
+    unsafe {
+        match kind {
+            SignalKind::Ipi => libc::sigemptyset(&mut act.sa_mask),
+            SignalKind::Nmi => libc::sigfillset(&mut act.sa_mask),
+        }
+    };
+    // SAFETY: installs a handler that is async-signal-safe (see the module documentation).
+    if unsafe { libc::sigaction(signo, &act, ptr::null_mut()) } != 0 {
+        return Err(Error::InvalidConfig(match kind {
+            SignalKind::Ipi => "could not install the IPI signal handler",
+            SignalKind::Nmi => "could not install the NMI signal handler",
+        }));
+    }
+    Ok(true)
+}
+
+/// Puts back the default disposition of a signal this build installed (a failed build leaves
+/// no handler behind).
+pub(super) fn release(signo: i32, kind: SignalKind) {
+    let _g = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
+    if disposition(signo) == Some(kind.handler()) {
+        // SAFETY: zeroed sigaction with SIG_DFL (0) restores the default disposition.
+        let act: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer.
+        unsafe { libc::sigaction(signo, &act, ptr::null_mut()) };
+    }
+}
+
+/// Picks the signal of `kind`: the requested one (which must be a real-time signal), or the
+/// first real-time signal that is ours already or free (skipping `avoid`). Returns the signal
+/// and whether this call installed the handler.
+pub(super) fn choose(
+    requested: Option<i32>,
+    kind: SignalKind,
+    avoid: Option<i32>,
+) -> Result<(i32, bool), Error> {
+    let (lo, hi) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+    if let Some(s) = requested {
+        if s < lo || s > hi {
+            return Err(Error::InvalidConfig(match kind {
+                SignalKind::Ipi => {
+                    "the IPI signal must be a real-time signal (SIGRTMIN..=SIGRTMAX)"
+                }
+                SignalKind::Nmi => {
+                    "the NMI signal must be a real-time signal (SIGRTMIN..=SIGRTMAX)"
+                }
+            }));
+        }
+        return claim(s, kind).map(|installed| (s, installed));
+    }
+    for signo in lo..=hi {
+        if Some(signo) == avoid {
+            continue;
+        }
+        if let Ok(installed) = claim(signo, kind) {
+            return Ok((signo, installed));
+        }
+    }
+    Err(Error::InvalidConfig(match kind {
+        SignalKind::Ipi => "no free real-time signal for IPIs",
+        SignalKind::Nmi => "no free real-time signal for NMIs",
+    }))
+}
+
+pub(super) fn set_signal_blocked(signo: i32, blocked: bool) {
+    // SAFETY: building a signal set on the stack and applying it to this thread only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signo);
+        let how = if blocked {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, ptr::null_mut());
+    }
+}

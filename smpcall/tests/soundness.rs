@@ -1,0 +1,365 @@
+//! The edges of the safe API (issue 10): where user functions run, bounded nesting, errors
+//! that mean nothing happened, hotplug without task slots, small promises of the hosted API.
+//! Each test fails on the code before the fix (named in each test's comment).
+
+mod common;
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{spin_until, wait_until, LIMIT};
+use smpcall::hosted::{Delivery, IdlePolicy, Machine};
+use smpcall::{CpuMask, DeadlockReason, Error};
+
+thread_local! {
+    /// Set while this thread runs "user code" that a signal handler must not interrupt with a
+    /// user function (stands for: inside `malloc`, holding a lock).
+    static IN_USER_CODE: Cell<bool> = const { Cell::new(false) };
+}
+
+fn machine(cpus: usize) -> Machine {
+    Machine::builder()
+        .cpus(cpus)
+        .idle(IdlePolicy::Sleep)
+        .build()
+        .unwrap()
+}
+
+/// Before: the signal handler ran the function at once, inside the busy task's code.
+#[test]
+fn user_functions_never_run_inside_a_signal_handler_that_interrupted_user_code() {
+    let m = machine(2);
+    let busy = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
+    let (b2, r2) = (Arc::clone(&busy), Arc::clone(&release));
+    let mut worker = m.run_on(1, move |_| {
+        IN_USER_CODE.with(|f| f.set(true));
+        b2.store(true, Ordering::SeqCst);
+        spin_until(LIMIT, "the test to end the busy loop", || {
+            r2.load(Ordering::SeqCst)
+        });
+        IN_USER_CODE.with(|f| f.set(false));
+        smpcall::hosted::safe_point()
+    });
+    wait_until(LIMIT, "CPU 1 to be busy", || busy.load(Ordering::SeqCst));
+    let interrupted = Arc::new(AtomicUsize::new(0));
+    let ran = Arc::new(AtomicUsize::new(0));
+    let (i2, ran2) = (Arc::clone(&interrupted), Arc::clone(&ran));
+    let signals_before = m.platform().signals_sent();
+    m.run_on(0, move |e| {
+        e.call_single_async(1, move |_| {
+            if IN_USER_CODE.with(Cell::get) {
+                i2.fetch_add(1, Ordering::SeqCst);
+            }
+            ran2.fetch_add(1, Ordering::SeqCst);
+        })
+    })
+    .join_timeout(LIMIT)
+    .unwrap()
+    .unwrap();
+    // The signal went out and was handled: the call is deferred, not lost.
+    wait_until(LIMIT, "the IPI to be handled and the call deferred", || {
+        m.engine().deferred_calls(1) == 1
+    });
+    assert!(m.platform().signals_sent() > signals_before);
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "not run inside the busy code"
+    );
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(
+        worker.join_timeout(LIMIT).unwrap(),
+        1,
+        "the safe point ran it"
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    assert_eq!(interrupted.load(Ordering::SeqCst), 0);
+    assert_eq!(m.engine().deferred_calls(1), 0);
+    m.shutdown().unwrap();
+}
+
+/// The engine's own work still runs in the handler: a grace period does not wait for a busy
+/// CPU's safe point (it would, if RCU's check were deferred like a user call).
+#[test]
+fn a_grace_period_completes_while_a_cpu_is_busy_outside_safe_points() {
+    let m = machine(3);
+    let release = Arc::new(AtomicBool::new(false));
+    let r2 = Arc::clone(&release);
+    let mut worker = m.run_on(2, move |_| {
+        spin_until(LIMIT, "the grace periods to finish", || {
+            r2.load(Ordering::SeqCst)
+        });
+    });
+    let gps = m
+        .run_on(0, |e| {
+            for _ in 0..20 {
+                e.synchronize_rcu_expedited()?;
+            }
+            Ok::<_, Error>(e.rcu_stats().grace_periods)
+        })
+        .join_timeout(LIMIT)
+        .unwrap()
+        .unwrap();
+    assert_eq!(gps, 20);
+    release.store(true, Ordering::SeqCst);
+    worker.join_timeout(LIMIT).unwrap();
+    m.shutdown().unwrap();
+}
+
+/// Before: each busy-slot wait served the queue one flush deeper, without bound, until the CPU
+/// thread overflowed its stack (SIGSEGV) — the whole test process died.
+#[test]
+fn unbounded_handler_nesting_is_refused_instead_of_overflowing_the_stack() {
+    const CALLS: usize = 20_000;
+    let m = machine(3);
+    let held = common::MaskedCpu::hold(&m, 1);
+    let ok = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let other = Arc::new(AtomicUsize::new(0));
+    let on_cpu1 = Arc::new(AtomicUsize::new(0));
+    let (ok2, ref2, oth2, c1) = (
+        Arc::clone(&ok),
+        Arc::clone(&refused),
+        Arc::clone(&other),
+        Arc::clone(&on_cpu1),
+    );
+    let mut sender = m.run_on(2, move |e| {
+        for _ in 0..CALLS {
+            let (ok, refused, other, c1) = (
+                Arc::clone(&ok2),
+                Arc::clone(&ref2),
+                Arc::clone(&oth2),
+                Arc::clone(&c1),
+            );
+            // Runs on CPU 0; its own no-wait call to the masked CPU 1 finds the slot busy.
+            e.call_single_async(0, move |_| {
+                let r = smpcall::hosted::with_engine(|e| {
+                    e.call_single_async(1, move |_| {
+                        c1.fetch_add(1, Ordering::SeqCst);
+                    })
+                })
+                .expect("on a CPU");
+                match r {
+                    Ok(()) => ok.fetch_add(1, Ordering::SeqCst),
+                    Err(Error::WouldDeadlock(DeadlockReason::NestingLimit)) => {
+                        refused.fetch_add(1, Ordering::SeqCst)
+                    }
+                    Err(_) => other.fetch_add(1, Ordering::SeqCst),
+                };
+            })
+            .unwrap();
+        }
+    });
+    sender.join_timeout(LIMIT * 6).expect("every call was sent");
+    let done = || {
+        ok.load(Ordering::SeqCst) + refused.load(Ordering::SeqCst) + other.load(Ordering::SeqCst)
+    };
+    // The functions still waiting for the slot to CPU 1 (one per nesting level but the last)
+    // finish once CPU 1 unmasks.
+    wait_until(LIMIT * 3, "all but the nested waiters to have run", || {
+        done() >= CALLS - 8
+    });
+    held.release();
+    wait_until(LIMIT, "every call to CPU 0 to have run", || done() == CALLS);
+    let accepted = ok.load(Ordering::SeqCst);
+    wait_until(LIMIT, "every accepted call to CPU 1 to run", || {
+        on_cpu1.load(Ordering::SeqCst) == accepted
+    });
+    assert_eq!(other.load(Ordering::SeqCst), 0);
+    assert!(refused.load(Ordering::SeqCst) > 0, "the limit was reached");
+    assert!(accepted > 0, "the first call got through");
+    m.shutdown().unwrap();
+}
+
+/// Before: `Machine::cpu_down` queued a task behind the CPU's long task, returned
+/// `TimedOut` — and the CPU went down later anyway.
+#[test]
+fn machine_cpu_down_needs_no_task_slot_and_an_error_means_nothing_happened() {
+    let m = Machine::builder()
+        .cpus(4)
+        .idle(IdlePolicy::Sleep)
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let release = Arc::new(AtomicBool::new(false));
+    let busy = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = [0, 1, 3]
+        .into_iter()
+        .map(|cpu| {
+            let (r, b) = (Arc::clone(&release), Arc::clone(&busy));
+            m.run_on(cpu, move |_| {
+                b.fetch_add(1, Ordering::SeqCst);
+                spin_until(LIMIT, "the test to end the long tasks", || {
+                    r.load(Ordering::SeqCst)
+                })
+            })
+        })
+        .collect();
+    wait_until(LIMIT, "CPUs 0, 1, 3 to be busy", || {
+        busy.load(Ordering::SeqCst) == 3
+    });
+    // CPUs 0, 1, 3 busy in long tasks: no task slot there, and none is needed — the calling
+    // thread drives the hotplug. Nothing queued to CPU 2: it goes down at once.
+    assert_eq!(m.cpu_down(2), Ok(()));
+    assert!(!m.engine().is_online(2));
+    // A call queued to busy CPU 3 cannot run before it would leave: refused after the
+    // timeout, and CPU 3 stays online — also later.
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r2 = Arc::clone(&ran);
+    // CPU 2 comes back (idle: no long task) and sends the call.
+    assert_eq!(m.cpu_up(2), Ok(()));
+    let mut sender = m.run_on(2, move |e| {
+        e.call_single_async(3, move |_| {
+            r2.fetch_add(1, Ordering::SeqCst);
+        })
+    });
+    sender.join_timeout(LIMIT).unwrap().unwrap();
+    wait_until(LIMIT, "the call to be deferred on CPU 3", || {
+        m.engine().deferred_calls(3) == 1
+    });
+    assert!(matches!(m.cpu_down(3), Err(Error::TimedOut(_))));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(m.engine().is_online(3) && m.engine().is_accepting(3));
+    release.store(true, Ordering::SeqCst);
+    for mut t in tasks {
+        t.join_timeout(LIMIT).unwrap();
+    }
+    wait_until(LIMIT, "the deferred call to run", || {
+        ran.load(Ordering::SeqCst) == 1
+    });
+    assert!(
+        m.engine().is_online(3),
+        "the failed cpu_down did not happen later"
+    );
+    m.shutdown().unwrap();
+}
+
+/// Before: the CPU picked to drive `cpu_down(0)` could be CPU 1, going down concurrently:
+/// up to 94 of 100 rounds failed with `Offline(1)`.
+#[test]
+fn concurrent_cpu_downs_from_other_threads_both_succeed() {
+    let m = Arc::new(machine(4));
+    for round in 0..30 {
+        let (a, b) = (Arc::clone(&m), Arc::clone(&m));
+        let t0 = std::thread::spawn(move || a.cpu_down(0));
+        let t1 = std::thread::spawn(move || b.cpu_down(1));
+        assert_eq!(t0.join().unwrap(), Ok(()), "round {round}");
+        assert_eq!(t1.join().unwrap(), Ok(()), "round {round}");
+        m.cpu_up(0).unwrap();
+        m.cpu_up(1).unwrap();
+    }
+    Arc::try_unwrap(m).unwrap().shutdown().unwrap();
+}
+
+/// Before: `Delivery::SafePoint` promised no signal, but a stall report sent the NMI signal.
+#[test]
+fn safe_point_delivery_sends_no_signal_even_for_a_stall_report() {
+    let m = Machine::builder()
+        .cpus(2)
+        .idle(IdlePolicy::Sleep)
+        .delivery(Delivery::SafePoint)
+        .stall_threshold(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let release = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicBool::new(false));
+    let (r2, s2) = (Arc::clone(&release), Arc::clone(&started));
+    let mut busy = m.run_on(1, move |_| {
+        s2.store(true, Ordering::SeqCst);
+        spin_until(LIMIT, "the stall to be reported", || {
+            r2.load(Ordering::SeqCst)
+        });
+        smpcall::hosted::safe_point()
+    });
+    wait_until(LIMIT, "CPU 1 to be busy", || started.load(Ordering::SeqCst));
+    let mut waiter = m.run_on(0, |e| e.call_single(1, |cpu| cpu));
+    wait_until(LIMIT, "a stall report", || {
+        m.engine().diag_stats().stall_reports > 0
+    });
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(waiter.join_timeout(LIMIT).unwrap(), Ok(1));
+    busy.join_timeout(LIMIT).unwrap();
+    assert_eq!(m.engine().nmis_received(1), 0, "no NMI signal");
+    assert_eq!(m.platform().signals_sent(), 0, "no IPI signal");
+    m.shutdown().unwrap();
+}
+
+/// Before: a timed-out join consumed the task; it could not be joined again.
+#[test]
+fn a_timed_out_join_can_be_retried() {
+    let m = machine(2);
+    let mut t = m.run_on(1, |_| {
+        smpcall::hosted::sleep(Duration::from_millis(100));
+        7
+    });
+    assert_eq!(
+        t.join_timeout(Duration::from_millis(1)),
+        Err(Error::TimedOut("a task to finish"))
+    );
+    assert_eq!(t.join_timeout(LIMIT), Ok(7));
+    assert!(t.join_timeout(LIMIT).is_err(), "joined once only");
+    m.shutdown().unwrap();
+}
+
+/// Before: `sleep(Duration::MAX)` overflowed its deadline and returned after ~136 µs.
+#[test]
+fn sleep_for_duration_max_does_not_return_early() {
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = Arc::clone(&done);
+    // A detached thread: it sleeps for as long as the test process lives.
+    std::thread::spawn(move || {
+        smpcall::hosted::sleep(Duration::MAX);
+        d2.store(true, Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!done.load(Ordering::SeqCst));
+}
+
+/// Before: an idle machine took 220–250 ms to shut down (the watchdog slept 250 ms).
+#[test]
+fn an_idle_machine_shuts_down_promptly() {
+    let m = machine(2);
+    std::thread::sleep(Duration::from_millis(20));
+    let start = Instant::now();
+    m.shutdown().unwrap();
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(150), "shutdown took {took:?}");
+}
+
+/// Before: the sink was a bare `fn(&str)`; a closure could not capture where to count.
+#[test]
+fn the_report_sink_can_capture_state() {
+    let lines = Arc::new(AtomicU64::new(0));
+    let l2 = Arc::clone(&lines);
+    // SAFETY: the sink only increments an atomic: async-signal-safe.
+    let builder = unsafe {
+        Machine::builder()
+            .cpus(2)
+            .idle(IdlePolicy::Sleep)
+            .report_sink(move |_| {
+                l2.fetch_add(1, Ordering::SeqCst);
+            })
+    };
+    let m = builder.build().unwrap();
+    m.engine().dump_to_report();
+    assert!(lines.load(Ordering::SeqCst) > 0);
+    m.shutdown().unwrap();
+}
+
+/// Before: unknown CPUs in a many-call's mask were silently dropped.
+#[test]
+fn a_many_call_naming_an_unknown_cpu_is_refused() {
+    let m = machine(2);
+    let r = m
+        .run_on(0, |e| {
+            let mask: CpuMask = [1, 5].into_iter().collect();
+            (e.call_many(&mask, |_| ()), e.call_many_async(&mask, |_| ()))
+        })
+        .join_timeout(LIMIT)
+        .unwrap();
+    assert_eq!(r, (Err(Error::UnknownCpu(5)), Err(Error::UnknownCpu(5))));
+    m.shutdown().unwrap();
+}
