@@ -119,6 +119,9 @@ fn dropped_ipis_are_reported_and_recovered() {
         "1500ms",
         "--drop-ipi",
         "0.2",
+        // Interrupt-style delivery: with safe points at every step a lost IPI would rarely
+        // strand a call long enough to be reported.
+        "--signal-calls",
         "--seed",
         "0xd20",
         "--min-calls-per-cpu",

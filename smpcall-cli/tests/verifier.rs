@@ -229,7 +229,7 @@ fn duplicate_run_also_spoils_the_out_value() {
 fn rpc_that_never_completes_times_out_instead_of_hanging() {
     let l = Ledger::new(2, 16).unwrap();
     let id = l.begin(0, Kind::Rpc, 0b10).unwrap();
-    assert!(!l.wait_done(id, 1, Duration::from_millis(20)));
+    assert!(!l.wait_done(id, 1, Duration::from_millis(20), true));
     assert_eq!(
         classes(&verify(&l)),
         [(Violation::Lost, 1), (Violation::RpcTimeout, 1)]
@@ -237,7 +237,7 @@ fn rpc_that_never_completes_times_out_instead_of_hanging() {
     // A completed rpc passes both its wait and its out check.
     let ok = l.begin(1, Kind::Rpc, 0b01).unwrap();
     l.deliver_spinning(ok, Some(0), 0, 2_000);
-    assert!(l.wait_done(ok, 1, Duration::from_secs(10)));
+    assert!(l.wait_done(ok, 1, Duration::from_secs(10), true));
     assert!(l.check_out(ok));
     assert_eq!(l.live().rpc_timeout, 1);
 }

@@ -89,12 +89,26 @@ impl Payload {
     }
 
     /// A payload holding `f` itself. Fails to compile if `F` does not fit.
+    ///
+    /// The failure is a post-monomorphisation error (stable Rust has no way to bound a
+    /// closure's size in its type), so `cargo build` reports it, not `cargo check`. rustc
+    /// prints it as "index out of bounds: the length is <limit> but the index is <closure
+    /// size>", then the message below, then the instantiation note that names your closure
+    /// (file and line).
     pub(crate) fn inline<F>(f: F) -> Self {
         const {
+            let closure_size = size_of::<F>();
+            if closure_size > INLINE_CLOSURE_BYTES {
+                // Shows both numbers in the compiler's error: length = the limit in bytes,
+                // index = the closure's size in bytes.
+                let limit_in_bytes = [0u8; INLINE_CLOSURE_BYTES];
+                let _closure_too_large = limit_in_bytes[closure_size];
+            }
             assert!(
                 size_of::<F>() <= INLINE_CLOSURE_BYTES,
-                "closure too large for a no-wait call: capture at most INLINE_CLOSURE_BYTES \
-                 (e.g. an Arc or a &'static) or use a waiting call"
+                "closure too large for a no-wait call: it may capture at most INLINE_CLOSURE_BYTES \
+                 (32 bytes on 64-bit targets) — capture an Arc or a &'static instead, or use a \
+                 waiting call"
             );
             assert!(
                 align_of::<F>() <= align_of::<usize>(),

@@ -184,14 +184,22 @@ impl Default for PerCpu {
 /// Where the engine keeps its per-CPU state and call-data slots.
 ///
 /// # Safety
-/// `cpus()` and `slots()` must always return the same memory, which must neither move nor be
-/// freed while the storage value exists — even if the storage value itself is moved (call data
-/// in flight points into it). `slots().len()` must be `cpus().len()²`.
+/// `cpus()`, `slots()` and `foreign_slots()` must always return the same memory, which must
+/// neither move nor be freed while the storage value exists — even if the storage value itself
+/// is moved (call data in flight points into it). `slots().len()` must be `cpus().len()²`;
+/// `foreign_slots().len()` a multiple of `cpus().len()`.
 pub unsafe trait Storage: Sync {
     /// One [`PerCpu`] per CPU.
     fn cpus(&self) -> &[PerCpu];
     /// `cpus().len()²` call-data slots, indexed `sender * n + target`.
     fn slots(&self) -> &[Csd];
+    /// Call data for threads that are not CPUs ("foreign" senders): `rows × n` slots, indexed
+    /// `row * n + target`. A foreign no-wait or many-call holds one row while it queues (at
+    /// most 64 rows are used). Default: none — foreign threads can then make only waiting
+    /// single calls and calls with caller-owned call data.
+    fn foreign_slots(&self) -> &[Csd] {
+        &[]
+    }
 }
 
 /// Storage with no allocator at all, for a `static`: `N` CPUs, `N²` slots.
@@ -244,15 +252,23 @@ unsafe impl<const N: usize> Storage for &'static StaticStorage<N> {
 pub struct HeapStorage {
     cpus: Box<[PerCpu]>,
     slots: Box<[Csd]>,
+    foreign: Box<[Csd]>,
 }
 
 #[cfg(all(feature = "std", not(loom)))]
 impl HeapStorage {
-    /// Storage for `n` CPUs.
+    /// Storage for `n` CPUs, with no call data for foreign threads.
     pub fn new(n: usize) -> Self {
+        Self::with_foreign_rows(n, 0)
+    }
+
+    /// Storage for `n` CPUs and `rows` rows of call data for threads that are not CPUs
+    /// (see [`Storage::foreign_slots`]): `rows` foreign threads can queue at the same time.
+    pub fn with_foreign_rows(n: usize, rows: usize) -> Self {
         HeapStorage {
             cpus: (0..n).map(|_| PerCpu::new()).collect(),
             slots: (0..n * n).map(|_| Csd::new()).collect(),
+            foreign: (0..n * rows.min(64)).map(|_| Csd::new()).collect(),
         }
     }
 }
@@ -266,6 +282,9 @@ unsafe impl Storage for HeapStorage {
     }
     fn slots(&self) -> &[Csd] {
         &self.slots
+    }
+    fn foreign_slots(&self) -> &[Csd] {
+        &self.foreign
     }
 }
 
@@ -339,8 +358,11 @@ fn run_local<R>(f: impl FnOnce() -> R) -> R {
 
 /// The cross-CPU call engine.
 ///
-/// All calls are made *from* one of the engine's CPUs (the platform's
-/// [`current_cpu`](Platform::current_cpu)); elsewhere they return [`Error::NotOnCpu`].
+/// Calls are made from one of the engine's CPUs (the platform's
+/// [`current_cpu`](Platform::current_cpu)) or from a thread that is not one (a *foreign*
+/// thread: see `foreign.rs` for where its call data lives — waiting single calls use its stack,
+/// no-wait and many-calls a foreign row of the [`Storage`]). Foreign threads cannot be RCU
+/// readers or wait for grace periods ([`Error::NotOnCpu`]).
 ///
 /// | call | waits | closure |
 /// |---|---|---|
@@ -372,6 +394,13 @@ pub struct Engine<P: Platform, S: Storage> {
     pub(crate) hotplug: crate::stop::HotplugCounters,
     pub(crate) diag: crate::diag::DiagCounters,
     pub(crate) rcu: crate::rcu::RcuState,
+    /// Rows of foreign call data (`storage.foreign_slots().len() / nr_cpus`, at most 64).
+    pub(crate) foreign_rows: usize,
+    /// Bit `r` set: foreign row `r` is in use by a foreign sender.
+    pub(crate) foreign_rows_busy: AtomicU64,
+    /// Foreign senders between their "target accepting?" check and their push; `cpu_down`
+    /// waits for it to drain after it stopped accepting (see `foreign.rs`).
+    pub(crate) foreign_pushers: AtomicU32,
 }
 
 impl<P: Platform, S: Storage> core::fmt::Debug for Engine<P, S> {
@@ -400,6 +429,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 "storage must hold one call-data slot per sender and target (n² slots)",
             ));
         }
+        let storage_foreign_len = storage.foreign_slots().len();
+        if storage_foreign_len % n != 0 {
+            return Err(Error::InvalidConfig(
+                "storage's foreign call data must be whole rows of one slot per target",
+            ));
+        }
         Ok(Engine {
             platform,
             storage,
@@ -414,6 +449,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             hotplug: crate::stop::HotplugCounters::new(),
             diag: crate::diag::DiagCounters::new(),
             rcu: crate::rcu::RcuState::new(),
+            foreign_rows: (storage_foreign_len / n).min(64),
+            foreign_rows_busy: AtomicU64::new(0),
+            foreign_pushers: AtomicU32::new(0),
         })
     }
 
@@ -590,7 +628,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         F: FnOnce(CpuId) -> R + Send,
         R: Send,
     {
-        let me = self.enter()?;
+        let me = match self.enter() {
+            Ok(me) => me,
+            Err(Error::NotOnCpu) => {
+                self.check_target(cpu)?;
+                return self.call_single_foreign(cpu, f);
+            }
+            Err(e) => return Err(e),
+        };
         self.check_target(cpu)?;
         self.check_can_wait(me)?;
         if cpu == me {
@@ -667,7 +712,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: FnOnce(CpuId) + Send + 'static,
     {
-        let me = self.enter()?;
+        let me = match self.enter() {
+            Ok(me) => me,
+            Err(Error::NotOnCpu) => {
+                self.check_target(cpu)?;
+                return self.call_single_async_foreign(cpu, f);
+            }
+            Err(e) => return Err(e),
+        };
         self.check_target(cpu)?;
         if cpu == me {
             let _masked = self.irq_save();
@@ -717,9 +769,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: FnOnce(CpuId) + Send + 'static,
     {
-        let me = self.enter()?;
-        self.check_target(cpu)?;
         let csd = csd.get_ref();
+        let me = match self.enter() {
+            Ok(me) => me,
+            Err(Error::NotOnCpu) => {
+                self.check_target(cpu)?;
+                return self.call_async_csd_foreign(csd, cpu, f);
+            }
+            Err(e) => return Err(e),
+        };
+        self.check_target(cpu)?;
         if cpu == me {
             // Run locally. "Busy" semantics stay uniform: a busy csd is refused here too.
             if !csd.try_lock() {
@@ -769,7 +828,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: Fn(CpuId) + Sync,
     {
-        let me = self.enter()?;
+        let me = match self.enter() {
+            Ok(me) => me,
+            Err(Error::NotOnCpu) => {
+                self.check_mask(mask)?;
+                return self.call_many_foreign(mask, f);
+            }
+            Err(e) => return Err(e),
+        };
         self.check_mask(mask)?;
         self.check_can_wait(me)?;
         let mut others = mask.and(&self.accepting.load());
@@ -818,7 +884,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: Fn(CpuId) + Clone + Send + 'static,
     {
-        let me = self.enter()?;
+        let me = match self.enter() {
+            Ok(me) => me,
+            Err(Error::NotOnCpu) => {
+                self.check_mask(mask)?;
+                return self.call_many_async_foreign(mask, f);
+            }
+            Err(e) => return Err(e),
+        };
         self.check_mask(mask)?;
         let mut others = mask.and(&self.accepting.load());
         others.clear(me);
@@ -1029,6 +1102,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         &self.storage.cpus()[cpu]
     }
 
+    pub(crate) fn storage_foreign_slots(&self) -> &[Csd] {
+        self.storage.foreign_slots()
+    }
+
     pub(crate) fn slot(&self, sender: CpuId, target: CpuId) -> &Csd {
         &self.storage.slots()[sender * self.nr_cpus + target]
     }
@@ -1127,10 +1204,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
     }
 
+    /// Every CPU but the caller (every CPU, for a thread that is not one).
     fn all_but_me(&self) -> Result<CpuMask, Error> {
-        let me = self.enter()?;
         let mut mask = CpuMask::first_n(self.nr_cpus);
-        mask.clear(me);
+        match self.enter() {
+            Ok(me) => mask.clear(me),
+            Err(Error::NotOnCpu) => {}
+            Err(e) => return Err(e),
+        }
         Ok(mask)
     }
 
@@ -1257,7 +1338,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     ///
     /// # Safety
     /// `csd` must be locked by this CPU, filled, and alive until `target` releases it.
-    unsafe fn enqueue(&self, target: CpuId, csd: &Csd) -> bool {
+    pub(crate) unsafe fn enqueue(&self, target: CpuId, csd: &Csd) -> bool {
         let pc = self.per_cpu(target);
         // Relaxed: statistics.
         pc.calls_queued.fetch_add(1, Ordering::Relaxed);

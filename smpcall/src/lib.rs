@@ -37,6 +37,7 @@ mod csd;
 mod diag;
 mod engine;
 mod error;
+mod foreign;
 mod nmi;
 mod platform;
 mod queue;

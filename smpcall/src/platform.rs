@@ -25,6 +25,10 @@ use crate::cpumask::{CpuId, CpuMask};
 ///    (nested in the masked code); an IPI arriving meanwhile is delivered after the restore that
 ///    unmasks. `handle_ipi` itself runs with interrupts masked.
 ///    [`irqs_masked`](Platform::irqs_masked) tells the truth about the current CPU.
+/// 4. **Foreign threads.** Where `current_cpu` returns `None`, the engine lets the thread make
+///    calls: [`send_ipi`](Platform::send_ipi), [`relax`](Platform::relax) and
+///    [`now_ns`](Platform::now_ns) must work there too (a platform whose every thread is a CPU
+///    has nothing to do).
 pub unsafe trait Platform: Sync {
     /// Saved interrupt state, returned by [`irq_save`](Platform::irq_save).
     type IrqState: Copy;

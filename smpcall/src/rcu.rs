@@ -267,6 +267,19 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.rcu.gp_seq.load(Ordering::Relaxed)
     }
 
+    /// Ends every read-side section of `cpu`'s thread, which is exiting (the hosted backend's
+    /// thread-exit clean-up): it runs no more code, so nothing it read can be used any more.
+    /// A quiescent state a grace period was waiting for is reported.
+    pub(crate) fn rcu_end_sections_on_exit(&self, cpu: CpuId) {
+        let rcu = &self.per_cpu(cpu).rcu;
+        // Relaxed: only this CPU writes them.
+        rcu.nesting.store(0, Ordering::Relaxed);
+        let gp = rcu.qs_pending.swap(0, Ordering::Relaxed);
+        if gp != 0 {
+            self.rcu_report_qs(cpu, gp);
+        }
+    }
+
     /// Whether `cpu` is inside a read-side section (checked on `cpu` itself by `cpu_down`).
     pub(crate) fn rcu_reader_on(&self, cpu: CpuId) -> bool {
         // Relaxed: read on `cpu` itself, which the reader's code runs on (program order).

@@ -86,6 +86,8 @@ pub struct HotplugStats {
     pub stop_machines: u64,
     /// Reports of a stop_machine stage taking longer than the stall threshold.
     pub stalls_reported: u64,
+    /// `cpu_down`s refused with [`Error::NotAtSafePoint`] (nothing happened).
+    pub downs_refused_not_at_safe_point: u64,
 }
 
 #[derive(Debug)]
@@ -94,6 +96,7 @@ pub(crate) struct HotplugCounters {
     ups: AtomicU64,
     stop_machines: AtomicU64,
     stalls_reported: AtomicU64,
+    downs_refused: AtomicU64,
 }
 
 impl HotplugCounters {
@@ -103,6 +106,7 @@ impl HotplugCounters {
             ups: AtomicU64::new(0),
             stop_machines: AtomicU64::new(0),
             stalls_reported: AtomicU64::new(0),
+            downs_refused: AtomicU64::new(0),
         }
     }
 }
@@ -347,8 +351,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             ));
         }
         // Going down: refuse new calls. Senders that already passed the check are inside their
-        // masked push region; stop_machine below cannot start before they have pushed.
+        // masked push region; stop_machine below cannot start before they have pushed. Foreign
+        // senders cannot mask: wait until none is between its check and its push (foreign.rs).
         self.accepting.clear(cpu);
+        self.wait_for_foreign_pushers();
         let participants = self.online.load();
         // 0: went down; 1: inside an RCU reader; 2: user calls left that it may not run here.
         let refusal = core::sync::atomic::AtomicU32::new(0);
@@ -377,6 +383,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
             _ => {
                 self.accepting.set(cpu);
+                // Relaxed: statistics.
+                self.hotplug.downs_refused.fetch_add(1, Ordering::Relaxed);
                 return Err(Error::NotAtSafePoint(cpu));
             }
         }
@@ -412,6 +420,62 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         Ok(())
     }
 
+    /// Brings `cpu` online for a thread that has just become it (the hosted backend's attach):
+    /// unlike [`cpu_up`](Engine::cpu_up), the caller *is* the offline CPU. Serialised with
+    /// hotplug and stop_machine (which need nothing from an offline CPU, so taking the lock
+    /// without serving cannot deadlock).
+    pub(crate) fn cpu_attach(&self, cpu: CpuId) -> Result<(), Error> {
+        if self.is_shut_down() {
+            return Err(Error::ShutDown);
+        }
+        let cpu = self.check_cpu(cpu)?;
+        self.lock_stop(None)?;
+        let r = if self.online.test(cpu) {
+            Err(Error::Hotplug("the CPU slot is online already"))
+        } else {
+            self.possible.set(cpu);
+            self.online.set(cpu);
+            self.accepting.set(cpu);
+            // Relaxed: statistics.
+            self.hotplug.ups.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        };
+        self.unlock_stop();
+        r
+    }
+
+    /// Takes the calling CPU `me` offline by itself (the hosted backend's leave): like
+    /// [`cpu_down`](Engine::cpu_down) — no new calls accepted, every queued call runs here
+    /// first, through stop_machine with `me` as the active CPU — but driven from `me`'s own
+    /// task context, and allowed for the last online CPU. `Ok` if `me` is offline already.
+    pub(crate) fn cpu_leave(&self, me: CpuId) -> Result<(), Error> {
+        self.check_can_wait(me)?;
+        match self.lock_stop(Some(me)) {
+            Err(Error::Offline(_)) => return Ok(()),
+            other => other?,
+        }
+        if !self.online.test(me) {
+            self.unlock_stop();
+            return Ok(());
+        }
+        self.accepting.clear(me);
+        self.wait_for_foreign_pushers();
+        let participants = self.online.load();
+        let dying = |c: CpuId| {
+            if c == me {
+                // Task context (the caller takes part itself): nothing is restricted, so the
+                // final flush runs everything.
+                let left = self.die(me);
+                debug_assert!(left, "a leaving CPU could not run its own calls");
+            }
+        };
+        self.stop_locked(Some(me), &participants, &CpuMask::single(me), &dying, false);
+        // Relaxed: statistics.
+        self.hotplug.downs.fetch_add(1, Ordering::Relaxed);
+        self.unlock_stop();
+        Ok(())
+    }
+
     /// Hotplug and stop_machine counters.
     pub fn hotplug_stats(&self) -> HotplugStats {
         // Relaxed: statistics.
@@ -421,6 +485,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             ups: r(&self.hotplug.ups),
             stop_machines: r(&self.hotplug.stop_machines),
             stalls_reported: r(&self.hotplug.stalls_reported),
+            downs_refused_not_at_safe_point: r(&self.hotplug.downs_refused),
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{spin_until, wait_until, LIMIT};
 use smpcall::hosted::{Delivery, IdlePolicy, Machine};
-use smpcall::{CpuMask, DeadlockReason, Error};
+use smpcall::{CpuMask, DeadlockReason, Error, Platform};
 
 thread_local! {
     /// Set while this thread runs "user code" that a signal handler must not interrupt with a
@@ -87,12 +87,15 @@ fn user_functions_never_run_inside_a_signal_handler_that_interrupted_user_code()
 fn a_grace_period_completes_while_a_cpu_is_busy_outside_safe_points() {
     let m = machine(3);
     let release = Arc::new(AtomicBool::new(false));
-    let r2 = Arc::clone(&release);
+    let started = Arc::new(AtomicBool::new(false));
+    let (r2, s2) = (Arc::clone(&release), Arc::clone(&started));
     let mut worker = m.run_on(2, move |_| {
+        s2.store(true, Ordering::SeqCst);
         spin_until(LIMIT, "the grace periods to finish", || {
             r2.load(Ordering::SeqCst)
         });
     });
+    wait_until(LIMIT, "CPU 2 to be busy", || started.load(Ordering::SeqCst));
     let gps = m
         .run_on(0, |e| {
             for _ in 0..20 {
@@ -108,6 +111,9 @@ fn a_grace_period_completes_while_a_cpu_is_busy_outside_safe_points() {
     worker.join_timeout(LIMIT).unwrap();
     m.shutdown().unwrap();
 }
+
+static LOWEST: AtomicUsize = AtomicUsize::new(usize::MAX);
+static HIGHEST: AtomicUsize = AtomicUsize::new(0);
 
 /// Before: each busy-slot wait served the queue one flush deeper, without bound, until the CPU
 /// thread overflowed its stack (SIGSEGV) — the whole test process died.
@@ -136,6 +142,12 @@ fn unbounded_handler_nesting_is_refused_instead_of_overflowing_the_stack() {
             );
             // Runs on CPU 0; its own no-wait call to the masked CPU 1 finds the slot busy.
             e.call_single_async(0, move |_| {
+                // Where this function's frame is: the spread over all runs is the stack the
+                // nesting takes (the first run is at depth 1, the deepest at the limit).
+                let here = 0u8;
+                let addr = std::hint::black_box(&here) as *const u8 as usize;
+                LOWEST.fetch_min(addr, Ordering::Relaxed);
+                HIGHEST.fetch_max(addr, Ordering::Relaxed);
                 let r = smpcall::hosted::with_engine(|e| {
                     e.call_single_async(1, move |_| {
                         c1.fetch_add(1, Ordering::SeqCst);
@@ -170,6 +182,15 @@ fn unbounded_handler_nesting_is_refused_instead_of_overflowing_the_stack() {
     });
     assert_eq!(other.load(Ordering::SeqCst), 0);
     assert!(refused.load(Ordering::SeqCst) > 0, "the limit was reached");
+    let spread = HIGHEST.load(Ordering::Relaxed) - LOWEST.load(Ordering::Relaxed);
+    let levels = smpcall::hosted::HostPlatform::MAX_CALL_NESTING as usize - 1;
+    eprintln!(
+        "nesting: {spread} bytes of stack between depth 1 and depth {} ({} bytes per level)",
+        levels + 1,
+        spread / levels
+    );
+    // The hosted CPU threads have 2 MiB stacks: the bounded nesting stays far below.
+    assert!(spread < 1 << 20, "{spread} bytes");
     assert!(accepted > 0, "the first call got through");
     m.shutdown().unwrap();
 }

@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use smpcall::hosted::HostEngine;
-use smpcall::CpuId;
+use smpcall::{CpuId, Error};
 
 use super::ledger::Ledger;
 use super::rng::Rng;
@@ -68,6 +68,9 @@ impl Driver {
                         ledger.set_offline(cpu, true);
                         self.down = Some(cpu);
                     }
+                    // The victim was busy outside a safe point with calls queued to it: nothing
+                    // happened (counted by the engine); try again at the next tick.
+                    Err(Error::NotAtSafePoint(_)) => {}
                     Err(e) => self.errors.push(format!("cpu_down({cpu}) from CPU 0: {e}")),
                 }
             }
@@ -103,6 +106,9 @@ pub struct HotplugSummary {
     pub cycles_offline: u64,
     /// Completed `cpu_up`s (engine).
     pub cycles_online: u64,
+    /// `cpu_down`s refused because the victim was busy outside a safe point with calls queued
+    /// (nothing happened; the driver tries again at its next tick).
+    pub downs_refused_busy: u64,
     /// stop_machine runs (engine; every `cpu_down` is one).
     pub stop_machines: u64,
     /// Calls refused with `Error::Offline` (expected under hotplug).

@@ -616,7 +616,7 @@ impl Ledger {
     /// The rpc caller's wait: until `runs` functions of call `id` completed, spinning and
     /// yielding, at most `limit`. On time-out records a [`Violation::RpcTimeout`] and returns
     /// `false` (never hangs). Task context.
-    pub fn wait_done(&self, id: RecordId, runs: u64, limit: Duration) -> bool {
+    pub fn wait_done(&self, id: RecordId, runs: u64, limit: Duration, safe_points: bool) -> bool {
         let Some(rec) = self.record(id) else {
             return false;
         };
@@ -634,9 +634,11 @@ impl Ledger {
                 self.count_live(LIVE_RPC);
                 return false;
             }
-            // A safe point: the reply may be a call to this CPU. More CPUs than cores: let
-            // the target run.
-            smpcall::hosted::safe_point();
+            // A safe point: the reply may be a call to this CPU (unless calls run in signal
+            // handlers). More CPUs than cores: let the target run.
+            if safe_points {
+                smpcall::hosted::safe_point();
+            }
             thread::yield_now();
         }
         true

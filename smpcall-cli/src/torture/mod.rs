@@ -544,6 +544,7 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
         interval_ms: interval.as_secs_f64() * 1e3,
         cycles_offline: hotplug_stats.downs,
         cycles_online: hotplug_stats.ups,
+        downs_refused_busy: hotplug_stats.downs_refused_not_at_safe_point,
         stop_machines: hotplug_stats.stop_machines,
         offline_refusals: verification.offline_refusals(),
         offline_refusals_own_cpu: verification.offline_own_cpu,
@@ -634,6 +635,8 @@ struct Outcome {
 
 /// One CPU's side of the workload.
 struct Worker<'a> {
+    /// Calls run in signal handlers (`--signal-calls`): no explicit safe points.
+    signal_calls: bool,
     engine: &'a HostEngine,
     ledger: Arc<Ledger>,
     me: CpuId,
@@ -695,6 +698,7 @@ impl<'a> Worker<'a> {
         }
 
         let mut w = Worker {
+            signal_calls: cfg.signal_calls,
             engine,
             ledger,
             me,
@@ -726,6 +730,7 @@ impl<'a> Worker<'a> {
         // Past the deadline only to reach `min_calls_per_cpu`, and within half the bound (so
         // that the task is not taken for hung).
         let hard_deadline = deadline + cfg.timeout / 2;
+        let signal_calls = cfg.signal_calls;
         let mut capacity_reached = false;
         let mut issued = 0u64;
         loop {
@@ -734,8 +739,11 @@ impl<'a> Worker<'a> {
                 break;
             }
             // A safe point per step: calls deferred to this CPU (it was busy in this loop when
-            // their IPI came) run here.
-            smpcall::hosted::safe_point();
+            // their IPI came) run here. With --signal-calls they run in the handler instead,
+            // and only the IPI (or a re-send after a lost one) brings them.
+            if !signal_calls {
+                smpcall::hosted::safe_point();
+            }
             if let Some(driver) = &mut w.driver {
                 driver.tick(engine, &w.ledger);
             }
@@ -989,7 +997,11 @@ impl<'a> Worker<'a> {
     /// After an accepted call issued at `start` that must run `runs` functions: the rpc
     /// wait, the "out" check for waiting kinds and rpcs, and the latency sample.
     fn finish(&mut self, kind: Kind, id: RecordId, start: Instant, runs: u64) {
-        if kind == Kind::Rpc && !self.ledger.wait_done(id, runs, self.rpc_timeout) {
+        if kind == Kind::Rpc
+            && !self
+                .ledger
+                .wait_done(id, runs, self.rpc_timeout, !self.signal_calls)
+        {
             // Counted as an rpc time-out; no latency sample (it would only say "the bound").
             return;
         }

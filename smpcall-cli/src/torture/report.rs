@@ -597,14 +597,16 @@ impl fmt::Display for Report {
         if let Some(h) = &self.hotplug {
             writeln!(
                 f,
-                "{:<12}every {:.1} ms: {} offline / {} online cycles ({} stop_machines); \
-                 offline refusals {} ({} by an offline caller); offline runs {} (engine), {} \
-                 (seen by functions); local runs after going offline {}",
+                "{:<12}every {:.1} ms: {} offline / {} online cycles ({} stop_machines, {} \
+                 downs refused: victim busy outside a safe point); offline refusals {} ({} by \
+                 an offline caller); offline runs {} (engine), {} (seen by functions); local \
+                 runs after going offline {}",
                 "hotplug",
                 h.interval_ms,
                 h.cycles_offline,
                 h.cycles_online,
                 h.stop_machines,
+                h.downs_refused_busy,
                 h.offline_refusals,
                 h.offline_refusals_own_cpu,
                 h.offline_runs,

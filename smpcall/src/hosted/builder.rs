@@ -63,6 +63,8 @@ pub struct MachineBuilder {
     pub(super) stall_threshold: Duration,
     pub(super) faults: Faults,
     pub(super) sink: Option<ReportSink>,
+    pub(super) foreign_senders: usize,
+    pub(super) attach_slots: usize,
 }
 
 impl std::fmt::Debug for MachineBuilder {
@@ -79,6 +81,8 @@ impl std::fmt::Debug for MachineBuilder {
             .field("stall_threshold", &self.stall_threshold)
             .field("faults", &self.faults)
             .field("sink", &self.sink.is_some())
+            .field("foreign_senders", &self.foreign_senders)
+            .field("attach_slots", &self.attach_slots)
             .finish()
     }
 }
@@ -136,6 +140,8 @@ impl Default for MachineBuilder {
             idle: IdlePolicy::PollThenSleep(Duration::from_micros(50)),
             delivery: Delivery::Signal,
             calls_in_handlers: false,
+            foreign_senders: 4,
+            attach_slots: 0,
             signal: None,
             nmi_signal: None,
             timeout: Duration::from_secs(30),
@@ -147,7 +153,17 @@ impl Default for MachineBuilder {
 }
 
 impl MachineBuilder {
-    /// Number of CPUs (threads); may exceed the number of cores.
+    /// CPU slots (after the spawned CPUs) that threads of your own can take with
+    /// [`Machine::attach`] (default 0). The machine has `cpus + attach_slots` CPUs; a slot is
+    /// offline while nobody is attached to it. `cpus(0)` with slots is a machine made only of
+    /// your threads.
+    pub fn attach_slots(mut self, k: usize) -> Self {
+        self.attach_slots = k;
+        self
+    }
+
+    /// Number of CPUs the machine spawns as threads of its own; may exceed the number of
+    /// cores.
     pub fn cpus(mut self, n: usize) -> Self {
         self.cpus = n;
         self
@@ -177,6 +193,15 @@ impl MachineBuilder {
         self.nmi_signal = Some(signo);
         self
     }
+    /// How many threads that are not CPUs (the main thread, a runtime's workers) can queue
+    /// no-wait calls and many-calls at the same time (default 4, at most 64; more wait for a
+    /// free row). Each costs one call-data slot per CPU (64 bytes each). Waiting single calls
+    /// and calls with caller-owned call data need none.
+    pub fn foreign_senders(mut self, rows: usize) -> Self {
+        self.foreign_senders = rows.min(64);
+        self
+    }
+
     /// Bound on start-up and on shutdown's drain.
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;

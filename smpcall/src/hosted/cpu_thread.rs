@@ -1,14 +1,13 @@
 //! The body of a CPU thread: tasks, the idle loop (poll, sleep, park while offline).
 
-use std::ptr;
 use std::sync::atomic::{compiler_fence, fence, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::attach::{become_cpu, forget_cpu};
 use super::builder::IdlePolicy;
 use super::machine::Inner;
-use super::platform::{Current, HostCpu, AWAKE, CURRENT, SLEEPING};
-use super::signals::set_signal_blocked;
+use super::platform::{HostCpu, AWAKE, SLEEPING};
 use super::HostEngine;
 use crate::cpumask::CpuId;
 
@@ -20,17 +19,8 @@ pub(super) fn cpu_main(inner: Arc<Inner>, cpu: CpuId, core: Option<core_affinity
     let engine = &inner.engine;
     let platform = engine.platform();
     let hc = &platform.cpus[cpu];
-    CURRENT.with(|c| {
-        c.set(Current {
-            machine: platform.id,
-            cpu,
-            engine: engine as *const HostEngine,
-        })
-    });
-    // SAFETY: gettid has no preconditions.
-    hc.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
-    set_signal_blocked(platform.signo, false);
-    set_signal_blocked(platform.nmi_signo, false);
+    // The same identity an attached thread of yours gets (attach.rs).
+    become_cpu(engine, cpu);
     hc.started.store(true, Ordering::SeqCst);
 
     loop {
@@ -59,15 +49,7 @@ pub(super) fn cpu_main(inner: Arc<Inner>, cpu: CpuId, core: Option<core_affinity
 
     // Leave no handler that can reach this CPU's memory: block the signal, then forget who we
     // are. A signal still pending is discarded with the thread.
-    set_signal_blocked(platform.signo, true);
-    set_signal_blocked(platform.nmi_signo, true);
-    CURRENT.with(|c| {
-        c.set(Current {
-            machine: 0,
-            cpu: 0,
-            engine: ptr::null(),
-        })
-    });
+    forget_cpu(platform);
 }
 
 fn wants_attention(hc: &HostCpu) -> bool {

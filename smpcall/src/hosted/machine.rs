@@ -79,9 +79,10 @@ impl Machine {
     }
 
     pub(super) fn start(b: MachineBuilder) -> Result<Machine, Error> {
-        if b.cpus == 0 || b.cpus > crate::MAX_CPUS {
+        let total = b.cpus + b.attach_slots;
+        if total == 0 || total > crate::MAX_CPUS {
             return Err(Error::InvalidConfig(
-                "CPU count must be between 1 and MAX_CPUS (1024)",
+                "CPU count (spawned + attach slots) must be between 1 and MAX_CPUS (1024)",
             ));
         }
         if b.timeout.is_zero() {
@@ -108,8 +109,8 @@ impl Machine {
             nmi_signo,
             delivery: b.delivery,
             calls_in_handlers: b.calls_in_handlers,
-            oversubscribed: b.cpus > ncores,
-            cpus: (0..b.cpus).map(|_| HostCpu::new()).collect(),
+            oversubscribed: total > ncores,
+            cpus: (0..total).map(|c| HostCpu::new(c < b.cpus)).collect(),
             drop_threshold: AtomicU64::new(drop_threshold),
             delay_threshold: AtomicU64::new(delay_threshold),
             sink: b.sink,
@@ -117,7 +118,8 @@ impl Machine {
             ipis_dropped: AtomicU64::new(0),
             ipis_delayed: AtomicU64::new(0),
         };
-        let engine = Engine::new(platform, HeapStorage::new(b.cpus))?;
+        let storage = HeapStorage::with_foreign_rows(total, b.foreign_senders);
+        let engine = Engine::new(platform, storage)?;
         engine.set_stall_threshold_ns(b.stall_threshold.as_nanos().min(u64::MAX as u128) as u64);
         let inner = Arc::new(Inner {
             engine,
@@ -176,6 +178,10 @@ impl Machine {
         // Built: the handlers stay (they are never removed from a process that used them).
         std::mem::forget(installed);
         Ok(machine)
+    }
+
+    pub(super) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     fn host(&self, cpu: CpuId) -> &HostCpu {

@@ -41,6 +41,7 @@
 //!
 //! The backend is Linux-only (`tgkill`, futexes, real-time signals).
 
+mod attach;
 mod builder;
 mod cpu_thread;
 mod machine;
@@ -48,6 +49,7 @@ mod platform;
 mod safe_points;
 mod signals;
 
+pub use attach::CpuGuard;
 pub use builder::{Delivery, Faults, IdlePolicy, MachineBuilder, Pinning};
 pub use machine::{Machine, Task};
 pub use platform::{HostPlatform, ReportSink};

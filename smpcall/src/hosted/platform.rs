@@ -38,11 +38,14 @@ pub(super) struct HostCpu {
     pub(super) started: AtomicBool,
     pub(super) signals_sent: AtomicU64,
     pub(super) futex_wakes: AtomicU64,
+    /// Who is this CPU: a spawned thread, an attached one, or nobody yet (`attach.rs`).
+    pub(super) occupant: std::sync::atomic::AtomicU8,
 }
 
 impl HostCpu {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(spawned: bool) -> Self {
         HostCpu {
+            occupant: super::attach::new_occupant(spawned),
             tid: AtomicI32::new(0),
             state: AtomicU32::new(AWAKE),
             masked: AtomicBool::new(false),

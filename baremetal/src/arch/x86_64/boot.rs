@@ -16,8 +16,9 @@
 //!
 //! Stacks and page tables live in `.bss` here; sizes come from `crate::config`.
 
-use crate::config::{IST_STACK_BYTES, KERNEL_STACK_BYTES, MAX_CPUS};
-use crate::gdt::GDT_LIMIT;
+use super::gdt::GDT_LIMIT;
+use super::IST_STACK_BYTES;
+use crate::config::{KERNEL_STACK_BYTES, MAX_CPUS};
 
 core::arch::global_asm!(
     r#"

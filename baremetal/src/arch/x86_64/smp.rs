@@ -1,8 +1,9 @@
 //! Starting the application processors: CPU count from QEMU's fw_cfg, the real-mode
 //! trampoline copied to 0x8000, INIT-SIPI-SIPI to all-but-self, and each AP's bring-up.
 
+use super::{apic, boot, cpu};
 use crate::config::MAX_CPUS;
-use crate::{apic, arch, boot, percpu, platform, println, time};
+use crate::{percpu, println, time};
 
 /// SIPI vector: the trampoline runs at `TRAMPOLINE_PAGE << 12`.
 const TRAMPOLINE_PAGE: u8 = 0x08;
@@ -11,28 +12,28 @@ const TRAMPOLINE_PAGE: u8 = 0x08;
 pub fn fw_cfg_cpu_count() -> usize {
     // SAFETY: fw_cfg's selector and data ports (0x510/0x511) on QEMU's PC machines.
     unsafe {
-        arch::outw(0x510, 0x0000); // signature
+        cpu::outw(0x510, 0x0000); // signature
         let sig = [
-            arch::inb(0x511),
-            arch::inb(0x511),
-            arch::inb(0x511),
-            arch::inb(0x511),
+            cpu::inb(0x511),
+            cpu::inb(0x511),
+            cpu::inb(0x511),
+            cpu::inb(0x511),
         ];
         if &sig != b"QEMU" {
             return 1;
         }
-        arch::outw(0x510, 0x0005);
-        let lo = arch::inb(0x511) as usize;
-        let hi = arch::inb(0x511) as usize;
+        cpu::outw(0x510, 0x0005);
+        let lo = cpu::inb(0x511) as usize;
+        let hi = cpu::inb(0x511) as usize;
         (hi << 8 | lo).max(1)
     }
 }
 
-/// Starts every AP and waits until `expected - 1` of them are up (or a timeout). Returns the
-/// number of started CPUs (the BSP included).
-pub fn start_aps(expected: usize) -> usize {
+/// Starts every AP: copies the trampoline, INIT-SIPI-SIPI to all-but-self (the caller waits
+/// for them to show up as started).
+pub fn start_aps(expected: usize) {
     if expected <= 1 {
-        return 1;
+        return;
     }
     let (code, len) = boot::trampoline();
     let dest = (TRAMPOLINE_PAGE as usize) << 12;
@@ -45,17 +46,11 @@ pub fn start_aps(expected: usize) -> usize {
     time::delay_us(200);
     apic::send_startup_all_but_self(TRAMPOLINE_PAGE);
     let want = expected.min(MAX_CPUS);
-    time::wait_until(5_000, || percpu::started_count() >= want);
-    if expected > MAX_CPUS {
-        println!(
-            "note: QEMU has {expected} CPUs; this kernel runs {MAX_CPUS}, the rest are parked"
-        );
-    }
+    time::wait_until(5_000, || boot::cpus_entered() as usize >= want);
     let entered = boot::cpus_entered();
     if (entered as usize) < want {
         println!("warning: only {entered} of {want} CPUs entered long mode");
     }
-    percpu::started_count()
 }
 
 /// An AP's Rust entry (from the boot assembly, on its own stack, interrupts masked).
@@ -64,14 +59,7 @@ extern "C" fn ap_main(cpu: u32) -> ! {
     let cpu = cpu as usize;
     // SAFETY: `cpu` came from the boot code's atomic counter: unique, < MAX_CPUS.
     unsafe { percpu::init_this_cpu(cpu) };
-    crate::enable_sse();
+    super::enable_sse();
     apic::enable();
-    percpu::mark_started(cpu);
-    let engine = platform::engine();
-    engine
-        .mark_online(cpu)
-        .expect("cpu index within the storage");
-    // SAFETY: IDT, TSS and APIC are set up.
-    unsafe { arch::enable_irqs() };
-    percpu::idle_loop(cpu)
+    crate::kernel::secondary_main(cpu)
 }

@@ -9,6 +9,6 @@ pub const FAIL: u32 = 0x11;
 /// Ends the virtual machine. If the device is missing, the CPU parks.
 pub fn exit(success: bool) -> ! {
     // SAFETY: the isa-debug-exit port; writing ends the VM (nothing else lives at 0xf4).
-    unsafe { crate::arch::outl(0xf4, if success { PASS } else { FAIL }) };
-    crate::arch::halt_forever()
+    unsafe { super::cpu::outl(0xf4, if success { PASS } else { FAIL }) };
+    super::cpu::halt_forever()
 }

@@ -1,18 +1,19 @@
-//! IPI round trips, in TSC cycles. Under QEMU's TCG these are *emulation* figures (the TSC
-//! follows the host's clock; one "cycle" is a host TSC tick), not hardware ones.
+//! IPI round trips, in counter ticks ("cycles": the TSC on x86_64, the generic timer on
+//! aarch64, `time` on riscv64). Under QEMU's TCG these are *emulation* figures, not hardware
+//! ones.
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crate::config::{PING_VECTOR, PONG_VECTOR};
+use crate::config::Ipi;
 use crate::percpu::CPUS;
-use crate::{apic, arch, time};
+use crate::{arch, time};
 
 static PING_REPLY_TO: AtomicU32 = AtomicU32::new(0);
 static PONGS: AtomicU64 = AtomicU64::new(0);
 
 /// PING handler (on the target): answer with PONG to the asking CPU.
 pub fn on_ping() {
-    apic::send_fixed(PING_REPLY_TO.load(Ordering::Acquire), PONG_VECTOR);
+    arch::send_ipi(PING_REPLY_TO.load(Ordering::Acquire), Ipi::Pong);
 }
 
 /// PONG handler (on the asking CPU).
@@ -61,17 +62,17 @@ pub fn summarise(samples: &mut [u64]) -> Summary {
     }
 }
 
-/// Raw APIC round trip: fixed IPI to `target`, whose handler sends one back; timed until the
+/// Raw IPI round trip: an IPI to `target`, whose handler sends one back; timed until the
 /// answer's handler ran here. Caller: a CPU with interrupts enabled, in task context.
 /// Returns `None` if an answer did not come within 1 s.
-pub fn apic_ping_pong(target: usize, samples: &mut [u64]) -> Option<Summary> {
+pub fn raw_ipi_ping_pong(target: usize, samples: &mut [u64]) -> Option<Summary> {
     let me = crate::percpu::current_index()?;
-    PING_REPLY_TO.store(CPUS[me].apic_id.load(Ordering::Relaxed), Ordering::Release);
-    let dest = CPUS[target].apic_id.load(Ordering::Relaxed);
+    PING_REPLY_TO.store(CPUS[me].hw_id.load(Ordering::Relaxed), Ordering::Release);
+    let dest = CPUS[target].hw_id.load(Ordering::Relaxed);
     for s in samples.iter_mut() {
         let before = PONGS.load(Ordering::Acquire);
-        let t0 = arch::rdtsc();
-        apic::send_fixed(dest, PING_VECTOR);
+        let t0 = arch::cycles();
+        arch::send_ipi(dest, Ipi::Ping);
         let d = time::Deadline::after_ms(1000);
         while PONGS.load(Ordering::Acquire) == before {
             if d.expired() {
@@ -79,7 +80,7 @@ pub fn apic_ping_pong(target: usize, samples: &mut [u64]) -> Option<Summary> {
             }
             arch::pause();
         }
-        *s = arch::rdtsc() - t0;
+        *s = arch::cycles() - t0;
     }
     Some(summarise(samples))
 }
@@ -106,13 +107,13 @@ pub fn mem_ping_pong(target: usize, samples: &mut [u64]) -> Summary {
             return;
         }
         for i in 1..=n {
-            let t0 = arch::rdtsc();
+            let t0 = arch::cycles();
             MEM_PING.store(i, Ordering::Release);
             while MEM_PONG.load(Ordering::Acquire) != i {
                 arch::pause();
             }
             // SAFETY: only CPU 0 writes the samples, within bounds.
-            unsafe { *cell.0.add(i as usize - 1) = arch::rdtsc() - t0 };
+            unsafe { *cell.0.add(i as usize - 1) = arch::cycles() - t0 };
         }
     });
     summarise(samples)

@@ -1,15 +1,14 @@
-//! Per-CPU data, reached through the GS base (IA32_GS_BASE points at this CPU's [`Cpu`]; we
-//! run in ring 0 only and never `swapgs`, so it never changes), and the task mailbox through
-//! which CPU 0 runs test code on the APs in task context.
+//! Per-CPU data (the current CPU's index comes from the architecture's per-CPU register:
+//! the GS base on x86_64, TPIDR_EL1 on aarch64, `tp` on riscv64), and the task mailbox through
+//! which CPU 0 runs test code on the other CPUs in task context.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use smpcall::CpuId;
 
-use crate::config::{MAX_CPUS, WAKE_VECTOR};
-use crate::gdt::Tss;
-use crate::{apic, arch, time};
+use crate::config::{Ipi, MAX_CPUS};
+use crate::{arch, time};
 
 /// Idle by halting: the CPU needs an IPI to notice a call.
 pub const IDLE_HALT: u8 = 0;
@@ -26,10 +25,15 @@ const TASK_DONE: u8 = 3;
 pub struct NmiRecord {
     /// Incremented (Release) after the fields below were written.
     pub seq: AtomicU64,
-    pub rip: AtomicU64,
-    pub rsp: AtomicU64,
-    pub rflags: AtomicU64,
-    pub tsc: AtomicU64,
+    /// Interrupted program counter.
+    pub pc: AtomicU64,
+    /// Interrupted stack pointer.
+    pub sp: AtomicU64,
+    /// 1 if the interrupted code had interrupts masked.
+    pub masked: AtomicU64,
+    /// Counter value when it arrived (for debugging; never written on riscv64).
+    #[cfg_attr(target_arch = "riscv64", allow(dead_code))]
+    pub cycles: AtomicU64,
 }
 
 type TaskFn = dyn Fn(CpuId) + Sync;
@@ -37,17 +41,14 @@ type TaskFn = dyn Fn(CpuId) + Sync;
 /// One CPU's data.
 #[repr(C, align(128))]
 pub struct Cpu {
-    /// CPU index + 1 (0: not set up). Offset 0: read as `gs:[0]`.
-    id_plus_one: AtomicUsize,
-    /// Local APIC id.
-    pub apic_id: AtomicU32,
+    /// Hardware id (local APIC id, MPIDR affinity, hart id).
+    pub hw_id: AtomicU32,
     /// Set up and taking interrupts.
     pub started: AtomicBool,
     /// `IDLE_HALT` or `IDLE_POLL`.
     pub idle_mode: AtomicU8,
     task_state: AtomicU8,
     task: UnsafeCell<Option<*const TaskFn>>,
-    tss: UnsafeCell<Tss>,
     /// The last NMI's record.
     pub nmi: NmiRecord,
     /// Non-zero while this CPU runs its NMI handler.
@@ -61,26 +62,23 @@ pub struct Cpu {
 }
 
 // SAFETY: `task` is written by CPU 0 while `task_state` is NONE/DONE and read by the owning
-// CPU after it saw POSTED (Release/Acquire on `task_state`); `tss` is touched only by the
-// owning CPU at bring-up. Everything else is atomic.
+// CPU after it saw POSTED (Release/Acquire on `task_state`). Everything else is atomic.
 unsafe impl Sync for Cpu {}
 
 impl Cpu {
     const fn new() -> Self {
         Cpu {
-            id_plus_one: AtomicUsize::new(0),
-            apic_id: AtomicU32::new(u32::MAX),
+            hw_id: AtomicU32::new(u32::MAX),
             started: AtomicBool::new(false),
             idle_mode: AtomicU8::new(IDLE_HALT),
             task_state: AtomicU8::new(TASK_NONE),
             task: UnsafeCell::new(None),
-            tss: UnsafeCell::new(Tss::new()),
             nmi: NmiRecord {
                 seq: AtomicU64::new(0),
-                rip: AtomicU64::new(0),
-                rsp: AtomicU64::new(0),
-                rflags: AtomicU64::new(0),
-                tsc: AtomicU64::new(0),
+                pc: AtomicU64::new(0),
+                sp: AtomicU64::new(0),
+                masked: AtomicU64::new(0),
+                cycles: AtomicU64::new(0),
             },
             in_nmi: AtomicU32::new(0),
             wakes: AtomicU64::new(0),
@@ -102,33 +100,42 @@ impl Cpu {
 pub static CPUS: [Cpu; MAX_CPUS] = [const { Cpu::new() }; MAX_CPUS];
 
 /// Bitmask of started CPUs.
-static STARTED_MASK: AtomicU32 = AtomicU32::new(0);
+static STARTED_MASK: AtomicU64 = AtomicU64::new(0);
 
-/// Points GS at CPU `cpu`'s data and loads its TSS (IST stacks) and the IDT. First thing each
-/// CPU does in Rust.
+/// Makes `cpu` this CPU's index (the architecture's per-CPU register). First thing each CPU
+/// does in Rust.
 ///
 /// # Safety
 /// Once per CPU, on that CPU, with a `cpu` no other CPU uses.
 pub unsafe fn init_this_cpu(cpu: usize) {
-    let c = &CPUS[cpu];
-    c.id_plus_one.store(cpu + 1, Ordering::Relaxed);
-    // SAFETY: GS base = our own Cpu, which lives forever; nothing reads GS before this.
-    unsafe { arch::wrmsr(arch::MSR_GS_BASE, c as *const Cpu as u64) };
-    // SAFETY: our own TSS, loaded once (this function's contract).
-    unsafe { crate::gdt::load(cpu, c.tss.get(), crate::boot::ist_block(cpu)) };
-    crate::idt::load();
+    // SAFETY: forwarded.
+    unsafe { arch::set_cpu_index(cpu) };
 }
 
-/// Marks this CPU started (after its APIC is enabled).
+/// Marks this CPU started (after its interrupt controller is set up).
 pub fn mark_started(cpu: usize) {
-    CPUS[cpu].apic_id.store(apic::id(), Ordering::Relaxed);
+    CPUS[cpu].hw_id.store(arch::hw_id(), Ordering::Relaxed);
     CPUS[cpu].started.store(true, Ordering::SeqCst);
     STARTED_MASK.fetch_or(1 << cpu, Ordering::SeqCst);
 }
 
 /// Started CPUs as a bitmask.
-pub fn started_mask() -> u32 {
+pub fn started_mask() -> u64 {
     STARTED_MASK.load(Ordering::SeqCst)
+}
+
+/// CPUs the machine has (QEMU's fw_cfg count), set once at boot.
+static PRESENT: AtomicUsize = AtomicUsize::new(0);
+
+/// Records how many CPUs the machine has.
+pub fn set_present(n: usize) {
+    PRESENT.store(n, Ordering::SeqCst);
+}
+
+/// Whether every CPU the machine has is started (none parked, none failed): the condition for
+/// the all-but-self shorthand, which reaches every CPU but the sender.
+pub fn all_present_started() -> bool {
+    started_count() == PRESENT.load(Ordering::SeqCst)
 }
 
 /// Number of started CPUs.
@@ -136,16 +143,10 @@ pub fn started_count() -> usize {
     started_mask().count_ones() as usize
 }
 
-/// The current CPU's index, from `gs:[0]`; `None` before `init_this_cpu`.
+/// The current CPU's index; `None` before `init_this_cpu`.
 #[inline]
 pub fn current_index() -> Option<usize> {
-    let v: usize;
-    // SAFETY: reads 8 bytes at GS base: our `Cpu::id_plus_one` once set up. Before that the GS
-    // base is 0 and this reads identity-mapped low memory, which the range check rejects or
-    // (at worst) misreads before any CPU is set up — nothing calls it that early.
-    unsafe {
-        core::arch::asm!("mov {}, gs:[0]", out(reg) v, options(nostack, readonly, preserves_flags))
-    };
+    let v = arch::cpu_index_plus_one();
     if (1..=MAX_CPUS).contains(&v) {
         Some(v - 1)
     } else {
@@ -160,16 +161,16 @@ pub fn this() -> &'static Cpu {
 
 /// Sends a WAKE IPI (wakes a halted CPU; no engine involvement).
 pub fn wake(cpu: usize) {
-    let id = CPUS[cpu].apic_id.load(Ordering::Relaxed);
+    let id = CPUS[cpu].hw_id.load(Ordering::Relaxed);
     if id != u32::MAX {
-        apic::send_fixed(id, WAKE_VECTOR);
+        arch::send_ipi(id, Ipi::Wake);
     }
 }
 
 /// Runs `f(cpu)` on every CPU of `mask` in task context (interrupts on), CPU 0's share on the
 /// caller, and returns when all have returned. Called on CPU 0 only. `f` may borrow: this does
 /// not return before every CPU is done with it.
-pub fn run_on(mask: u32, f: &(dyn Fn(CpuId) + Sync)) {
+pub fn run_on(mask: u64, f: &(dyn Fn(CpuId) + Sync)) {
     let me = current_index().expect("run_on from a CPU");
     assert_eq!(me, 0, "run_on is driven by CPU 0");
     let ptr: *const (dyn Fn(CpuId) + Sync + '_) = f;
@@ -204,8 +205,8 @@ pub fn run_on(mask: u32, f: &(dyn Fn(CpuId) + Sync)) {
 }
 
 /// The CPU indices set in `mask`.
-pub fn bits(mask: u32) -> impl Iterator<Item = usize> {
-    (0..32).filter(move |i| mask & (1 << i) != 0)
+pub fn bits(mask: u64) -> impl Iterator<Item = usize> {
+    (0..64).filter(move |i| mask & (1 << i) != 0)
 }
 
 fn task_posted(c: &Cpu) -> bool {
@@ -234,20 +235,23 @@ pub fn idle_loop(me: usize) -> ! {
         }
         let poll = c.idle_mode.load(Ordering::Relaxed) == IDLE_POLL && engine.is_online(me);
         if poll {
-            engine.idle_poll(|| {
-                task_posted(c)
-                    || c.idle_mode.load(Ordering::Relaxed) != IDLE_POLL
-                    || !engine.is_online(me)
-            });
+            // SAFETY: this CPU's idle loop, at task level, between posted tasks.
+            unsafe {
+                engine.idle_poll(|| {
+                    task_posted(c)
+                        || c.idle_mode.load(Ordering::Relaxed) != IDLE_POLL
+                        || !engine.is_online(me)
+                })
+            };
         } else {
             arch::disable_irqs();
             if task_posted(c) || c.idle_mode.load(Ordering::Relaxed) == IDLE_POLL {
-                // SAFETY: IDT and APIC are set up on a started CPU.
+                // SAFETY: interrupt entry and controller are set up on a started CPU.
                 unsafe { arch::enable_irqs() };
                 continue;
             }
             c.halts.fetch_add(1, Ordering::Relaxed);
-            arch::enable_irqs_and_halt();
+            arch::enable_irqs_and_wait();
         }
     }
 }

@@ -1,15 +1,16 @@
-//! `smpcall::Platform` on the local APIC, and the kernel's one engine.
+//! `smpcall::Platform` over the architecture's interface (`crate::arch`), and the kernel's one
+//! engine. What each operation is on each architecture: see `baremetal/README.md`.
 //!
 //! | engine needs | here |
 //! |---|---|
-//! | current CPU | `gs:[0]` (per-CPU data, set up once per CPU) |
-//! | send IPI | fixed IPI on `CALL_VECTOR` through the ICR; the all-but-self shorthand when the mask is every other started CPU |
-//! | mask / unmask | `pushfq; cli` / `sti` if IF was set |
-//! | relax | `pause` |
-//! | clock | TSC, calibrated against the PIT |
+//! | current CPU | `arch::cpu_index_plus_one()` (a per-CPU register, set once per CPU) |
+//! | send IPI | `arch::send_ipi(hw id, Ipi::Call)`; `arch::send_ipi_all_but_self` when the mask is every other started CPU and every present CPU booted |
+//! | mask / unmask | `arch::irq_save` / `arch::irq_restore` |
+//! | relax | `arch::pause` |
+//! | clock | `arch::cycles`, see `time` |
 //! | report | serial console, bounded lock |
-//! | NMI | APIC NMI delivery mode (one CPU, or all-but-self for the platform's dump); the NMI handler (IST2) records the interrupted RIP/RSP/RFLAGS, then calls `Engine::handle_nmi` |
-//! | is CPU c masked? (stall reports) | asked by NMI: c's handler records the interrupted RFLAGS |
+//! | NMI | `arch::send_nmi` where `arch::HAS_NMI`; the handler records the interrupted context, then calls `Engine::handle_nmi` |
+//! | is CPU c masked? (stall reports) | asked by NMI: c's handler records the interrupted mask |
 //! | fault injection | `drop_next_ipi(cpu)`: the next call IPI to `cpu` is not sent |
 
 use core::cell::UnsafeCell;
@@ -19,16 +20,16 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use smpcall::{CpuId, CpuMask, Engine, Platform, StaticStorage};
 
-use crate::config::{CALL_VECTOR, MAX_CPUS};
+use crate::config::{Ipi, MAX_CPUS};
 use crate::percpu::{self, CPUS};
-use crate::{apic, arch, time};
+use crate::{arch, time};
 
-/// The local-APIC platform (state lives in the per-CPU data).
+/// The kernel's platform (state lives in the per-CPU data and the architecture).
 #[derive(Debug)]
-pub struct ApicPlatform {
-    /// Fixed IPIs sent one CPU at a time.
+pub struct KernelPlatform {
+    /// Call IPIs sent one CPU at a time.
     pub unicast: AtomicU64,
-    /// All-but-self broadcasts (one ICR write for every other CPU).
+    /// All-but-self broadcasts (one send for every other CPU).
     pub broadcasts: AtomicU64,
     /// Fault injection: drop the next call IPI to this CPU (the lost-IPI test).
     drop_next: [AtomicBool; MAX_CPUS],
@@ -38,9 +39,9 @@ pub struct ApicPlatform {
     pub reports: AtomicU64,
 }
 
-impl ApicPlatform {
+impl KernelPlatform {
     const fn new() -> Self {
-        ApicPlatform {
+        KernelPlatform {
             unicast: AtomicU64::new(0),
             broadcasts: AtomicU64::new(0),
             drop_next: [const { AtomicBool::new(false) }; MAX_CPUS],
@@ -59,31 +60,30 @@ impl ApicPlatform {
     }
 }
 
-fn apic_id_of(cpu: CpuId) -> Option<u32> {
+fn hw_id_of(cpu: CpuId) -> Option<u32> {
     let c = CPUS.get(cpu)?;
     if !c.started.load(Ordering::Acquire) {
         return None;
     }
-    Some(c.apic_id.load(Ordering::Relaxed))
+    Some(c.hw_id.load(Ordering::Relaxed))
 }
 
-// SAFETY (the trait's three points):
-// 1. Identity: `current_cpu` reads `gs:[0]`, which `percpu::init_this_cpu` sets once per CPU to
-//    that CPU's own, distinct index before the CPU touches the engine; nothing changes the GS
-//    base afterwards and a CPU is a CPU (no migration).
-// 2. Delivery: `send_ipi(c)` writes the ICR with c's APIC id and CALL_VECTOR. The target APIC
-//    latches the vector in IRR and delivers it once IF=1 (and the vector is not in service;
-//    then right after the EOI that ends the running handler); the vector's handler calls
-//    `Engine::handle_ipi` and only then sends EOI, so every IPI is followed by a handle_ipi
-//    that starts after the send. It masks around the two ICR writes (callable masked, from
-//    the handler, never blocks beyond a bounded wait for the ICR to be idle).
-// NMI (`send_nmi`): an APIC NMI reaches the target whatever its IF; x86 blocks further NMIs
-//    until the handler's `iretq`, and the handler (on IST2) never faults or enables anything
-//    that would unblock them early, so `handle_nmi` never nests on a CPU.
-// 3. Masking: `irq_save` is `pushfq; cli`, `irq_restore` is `sti` only if IF was set; the
-//    call vector is an interrupt gate, so `handle_ipi` runs with IF=0 and a fixed IPI that
-//    arrives meanwhile stays pending in IRR until the `sti`. `irqs_masked` reads RFLAGS.IF.
-unsafe impl Platform for ApicPlatform {
+// SAFETY (the trait's three points), resting on what every `arch` module guarantees (see
+// `arch/x86_64/mod.rs`, which lists the interface, and each architecture's notes):
+// 1. Identity: `current_cpu` reads the per-CPU register that `percpu::init_this_cpu` sets once
+//    per CPU to that CPU's own, distinct index before the CPU touches the engine; nothing
+//    changes it afterwards and a CPU is a CPU (no migration).
+// 2. Delivery: `arch::send_ipi(id, Ipi::Call)` makes the target take an interrupt whose
+//    handler calls `Engine::handle_ipi` (through `irq::handle`), which starts after the send:
+//    the interrupt stays pending while the target masks and is taken at unmask. The send is
+//    callable masked and from the handler, and never blocks beyond a bounded wait.
+// NMI (`send_nmi`, only where `arch::HAS_NMI`): reaches the target whatever its `irq_save`
+//    mask, and the architecture blocks a second one until the handler returns, so
+//    `handle_nmi` never nests on a CPU.
+// 3. Masking: between `arch::irq_save` and the `arch::irq_restore` that unmasks, the call
+//    interrupt is not taken on this CPU; the interrupt entry runs `handle_ipi` masked.
+//    `irqs_masked` reads the current CPU's mask.
+unsafe impl Platform for KernelPlatform {
     type IrqState = bool;
 
     fn current_cpu(&self) -> Option<CpuId> {
@@ -99,9 +99,9 @@ unsafe impl Platform for ApicPlatform {
             self.dropped.fetch_add(1, Ordering::SeqCst);
             return;
         }
-        if let Some(id) = apic_id_of(cpu) {
+        if let Some(id) = hw_id_of(cpu) {
             self.unicast.fetch_add(1, Ordering::Relaxed);
-            apic::send_fixed(id, CALL_VECTOR);
+            arch::send_ipi(id, Ipi::Call);
         }
     }
 
@@ -109,7 +109,7 @@ unsafe impl Platform for ApicPlatform {
         let Some(me) = percpu::current_index() else {
             return;
         };
-        let mut bits = 0u32;
+        let mut bits = 0u64;
         let mut beyond = false;
         for cpu in mask {
             if cpu < MAX_CPUS {
@@ -118,10 +118,18 @@ unsafe impl Platform for ApicPlatform {
                 beyond = true;
             }
         }
+        // Linux's rule for the all-but-self shorthand: the targets are every CPU but me, and
+        // every CPU present has booted (the shorthand also reaches CPUs we never started, e.g.
+        // APs parked beyond MAX_CPUS or ones that failed to come up).
         let others = percpu::started_mask() & !(1 << me);
-        if !beyond && bits == others && others.count_ones() >= 2 && !self.drop_pending() {
+        if !beyond
+            && bits == others
+            && others.count_ones() >= 2
+            && percpu::all_present_started()
+            && !self.drop_pending()
+            && arch::send_ipi_all_but_self(Ipi::Call)
+        {
             self.broadcasts.fetch_add(1, Ordering::Relaxed);
-            apic::send_fixed_all_but_self(CALL_VECTOR);
         } else {
             for cpu in mask {
                 self.send_ipi(cpu);
@@ -150,12 +158,12 @@ unsafe impl Platform for ApicPlatform {
     }
 
     fn has_nmi(&self) -> bool {
-        true
+        arch::HAS_NMI
     }
 
     fn send_nmi(&self, cpu: CpuId) {
-        if let Some(id) = apic_id_of(cpu) {
-            apic::send_nmi(id);
+        if let Some(id) = hw_id_of(cpu) {
+            arch::send_nmi(id);
         }
     }
 
@@ -170,7 +178,7 @@ unsafe impl Platform for ApicPlatform {
 }
 
 /// The engine type of this kernel.
-pub type KernelEngine = Engine<ApicPlatform, &'static StaticStorage<MAX_CPUS>>;
+pub type KernelEngine = Engine<KernelPlatform, &'static StaticStorage<MAX_CPUS>>;
 
 /// Per-CPU queues and call-data slots: no allocator anywhere.
 static STORAGE: StaticStorage<MAX_CPUS> = StaticStorage::new();
@@ -230,7 +238,7 @@ static ENGINE: Global<KernelEngine> = Global::new();
 
 /// Creates the engine (BSP, before the APs start).
 pub fn init_engine() {
-    let engine = Engine::new(ApicPlatform::new(), &STORAGE).expect("engine configuration");
+    let engine = Engine::new(KernelPlatform::new(), &STORAGE).expect("engine configuration");
     if ENGINE.init(engine).is_err() {
         panic!("engine initialised twice");
     }

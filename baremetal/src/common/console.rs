@@ -1,4 +1,5 @@
-//! The serial console (COM1, 0x3f8) and a fixed-size text buffer.
+//! The serial console (the architecture's UART: COM1 on x86_64, PL011 on aarch64, the
+//! 16550 of QEMU's riscv `virt`) and a fixed-size text buffer.
 //!
 //! Lines from several CPUs are kept whole by a lock taken with interrupts masked (so an
 //! interrupt handler on the same CPU never waits for its own task). The lock is never waited
@@ -10,35 +11,13 @@
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::arch::{self, inb, outb};
+use crate::arch;
 
-const COM1: u16 = 0x3f8;
-/// Owner of the console lock: CPU index + 1, 0 when free.
 static OWNER: AtomicUsize = AtomicUsize::new(0);
 
-/// Programs COM1: 115200 baud, 8N1, FIFO on.
+/// Sets up the UART.
 pub fn init() {
-    // SAFETY: the standard 16550 programming sequence on COM1.
-    unsafe {
-        outb(COM1 + 1, 0x00);
-        outb(COM1 + 3, 0x80);
-        outb(COM1, 0x01);
-        outb(COM1 + 1, 0x00);
-        outb(COM1 + 3, 0x03);
-        outb(COM1 + 2, 0xC7);
-        outb(COM1 + 4, 0x03);
-    }
-}
-
-fn put_byte(b: u8) {
-    // SAFETY: COM1's line-status and transmit registers.
-    unsafe {
-        let mut spins = 0;
-        while inb(COM1 + 5) & 0x20 == 0 && spins < 100_000 {
-            spins += 1;
-        }
-        outb(COM1, b);
-    }
+    arch::console_init();
 }
 
 struct Serial;
@@ -46,7 +25,7 @@ struct Serial;
 impl Write for Serial {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         for b in s.bytes() {
-            put_byte(b);
+            arch::console_put(b);
         }
         Ok(())
     }

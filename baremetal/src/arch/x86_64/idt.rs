@@ -4,8 +4,8 @@
 
 use core::cell::UnsafeCell;
 
-use crate::config::{CALL_VECTOR, PING_VECTOR, PONG_VECTOR, SPURIOUS_VECTOR, WAKE_VECTOR};
-use crate::gdt::{IST_EXC, IST_IRQ, IST_NMI, KERNEL_CS};
+use super::gdt::{IST_EXC, IST_IRQ, IST_NMI, KERNEL_CS};
+use super::{apic, cpu, SPURIOUS_VECTOR};
 
 // Stub `v` sits at `isr_stubs + 16 * v`. Vectors for which the CPU pushes an error code (8,
 // 10-14, 17, 21, 29, 30) skip the dummy push, so every frame has the same shape:
@@ -192,30 +192,15 @@ const EXCEPTION_NAMES: [&str; 32] = [
 extern "C" fn isr_dispatch(frame: &mut Frame) {
     let v = frame.vector as u8;
     match v {
-        2 => crate::nmi::on_nmi(frame),
+        2 => crate::nmi::on_nmi(frame.rip, frame.rsp, frame.rflags & cpu::RFLAGS_IF == 0),
         0..=31 => exception(frame),
-        CALL_VECTOR => {
-            if let Some(engine) = crate::platform::try_engine() {
-                engine.handle_ipi();
-            }
-            crate::apic::eoi();
-        }
-        WAKE_VECTOR => {
-            crate::percpu::this().count_wake();
-            crate::apic::eoi();
-        }
-        PING_VECTOR => {
-            crate::bench::on_ping();
-            crate::apic::eoi();
-        }
-        PONG_VECTOR => {
-            crate::bench::on_pong();
-            crate::apic::eoi();
-        }
         SPURIOUS_VECTOR => {}
         _ => {
-            crate::percpu::this().count_unexpected();
-            crate::apic::eoi();
+            match super::ipi_of(v) {
+                Some(ipi) => crate::irq::handle(ipi),
+                None => crate::irq::unexpected(),
+            }
+            apic::eoi();
         }
     }
 }
@@ -232,7 +217,7 @@ fn exception(frame: &Frame) -> ! {
         frame.rip,
         frame.rsp,
         frame.rflags,
-        crate::arch::cr2(),
+        cpu::cr2(),
         frame.rax,
         frame.rbx,
         frame.rcx,
@@ -241,5 +226,5 @@ fn exception(frame: &Frame) -> ! {
         frame.rdi,
         frame.rbp,
     ));
-    crate::exit::exit(false)
+    super::exit(false)
 }

@@ -7,8 +7,8 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
-use crate::arch;
-use crate::config::SPURIOUS_VECTOR;
+use super::cpu as arch;
+use super::SPURIOUS_VECTOR;
 
 const BASE: usize = 0xFEE0_0000;
 
@@ -90,12 +90,7 @@ fn send(dest_apic_id: u32, low: u32) {
     // One that sends (the engine's NMI functions may make no-wait calls) could land between
     // the interrupted code's ICR-high and ICR-low writes; it restores ICR high afterwards, so
     // the interrupted send still goes where it was meant to.
-    let in_nmi = crate::percpu::current_index().is_some_and(|c| {
-        crate::percpu::CPUS[c]
-            .in_nmi
-            .load(core::sync::atomic::Ordering::Relaxed)
-            != 0
-    });
+    let in_nmi = crate::nmi::in_nmi();
     let saved_high = if in_nmi {
         Some(read(REG_ICR_HIGH))
     } else {

@@ -7,7 +7,8 @@
 
 use core::cell::UnsafeCell;
 
-use crate::config::{IST_EXC_BYTES, IST_IRQ_BYTES, IST_NMI_BYTES, MAX_CPUS};
+use super::{IST_EXC_BYTES, IST_IRQ_BYTES, IST_NMI_BYTES};
+use crate::config::MAX_CPUS;
 
 /// Null, 64-bit code (0x08), data (0x10), 32-bit code (0x18, AP trampoline), then one 16-byte
 /// TSS descriptor per CPU from 0x20.

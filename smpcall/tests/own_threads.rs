@@ -1,0 +1,355 @@
+//! Your own threads (issue 11): any thread can attach as a CPU and leave again (through the
+//! hotplug contract), and any thread can call.
+
+mod common;
+
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+
+use common::{wait_until, LIMIT};
+use smpcall::hosted::{IdlePolicy, Machine};
+use smpcall::{CpuMask, Csd, Error};
+
+fn machine(spawned: usize, slots: usize) -> Machine {
+    Machine::builder()
+        .cpus(spawned)
+        .attach_slots(slots)
+        .idle(IdlePolicy::Sleep)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn the_main_thread_attaches_calls_and_leaves_and_its_id_is_reused() {
+    let m = machine(2, 2);
+    assert!(
+        !m.engine().is_online(2) && !m.engine().is_online(3),
+        "slots start offline"
+    );
+    let me = m.attach().unwrap();
+    assert_eq!(me.cpu(), 2, "the lowest free slot");
+    assert!(m.engine().is_online(2));
+    assert_eq!(
+        m.attach().unwrap_err(),
+        Error::Busy,
+        "one identity per thread"
+    );
+    // Calls from here, and to here (a spawned CPU calls the attached one, which serves at its
+    // own wait).
+    let r = me
+        .engine()
+        .call_single(0, |cpu| {
+            smpcall::hosted::with_engine(|e| e.call_single_async(2, |_| ()))
+                .unwrap()
+                .map(|()| cpu)
+        })
+        .unwrap();
+    assert_eq!(r, Ok(0));
+    drop(me);
+    assert!(!m.engine().is_online(2), "left: offline");
+    let r = m.run_on(0, |e| e.call_single(2, |_| ())).join().unwrap();
+    assert_eq!(r, Err(Error::Offline(2)), "later calls are refused");
+    let again = m.attach().unwrap();
+    assert_eq!(again.cpu(), 2, "the id is reused");
+    drop(again);
+    m.shutdown().unwrap();
+}
+
+#[test]
+fn a_thread_that_is_not_a_cpu_makes_every_kind_of_call() {
+    let m = machine(3, 0);
+    let e = m.engine();
+    let runs = Arc::new(AtomicU64::new(0));
+    let bump = |r: &Arc<AtomicU64>| {
+        let r = Arc::clone(r);
+        move |_cpu: usize| {
+            r.fetch_add(1, Ordering::SeqCst);
+        }
+    };
+    assert_eq!(e.call_single(1, |cpu| cpu * 10), Ok(10));
+    e.call_single_async(2, bump(&runs)).unwrap();
+    let csd = pin!(Csd::new());
+    e.call_async_csd(csd.as_ref(), 0, bump(&runs)).unwrap();
+    let all = CpuMask::first_n(3);
+    let counted = AtomicU64::new(0);
+    let count = |_cpu: usize| {
+        counted.fetch_add(1, Ordering::SeqCst);
+    };
+    assert_eq!(e.call_many(&all, count).unwrap(), all);
+    assert_eq!(e.call_all(count).unwrap(), all);
+    assert_eq!(
+        e.call_others(count).unwrap(),
+        all,
+        "every CPU: the caller is none"
+    );
+    let odd = e.call_cond(&all, |c| c % 2 == 1, count).unwrap();
+    assert_eq!(odd, CpuMask::single(1));
+    assert_eq!(counted.load(Ordering::SeqCst), 3 + 3 + 3 + 1);
+    assert_eq!(e.call_many_async(&all, bump(&runs)).unwrap(), all);
+    assert_eq!(e.call_all_async(bump(&runs)).unwrap(), all);
+    assert_eq!(e.call_others_async(bump(&runs)).unwrap(), all);
+    assert_eq!(
+        e.call_cond_async(&all, |c| c == 0, bump(&runs)).unwrap(),
+        CpuMask::single(0)
+    );
+    wait_until(LIMIT, "every no-wait call to run", || {
+        runs.load(Ordering::SeqCst) == 2 + 3 + 3 + 3 + 1
+    });
+    // Still refused: an unknown CPU, an offline one; RCU needs a CPU.
+    assert_eq!(e.call_single(7, |_| ()), Err(Error::UnknownCpu(7)));
+    m.cpu_down(2).unwrap();
+    assert_eq!(e.call_single_async(2, |_| ()), Err(Error::Offline(2)));
+    assert_eq!(
+        e.call_many(&all, count).unwrap(),
+        CpuMask::first_n(2),
+        "offline pruned"
+    );
+    assert!(matches!(
+        e.synchronize_rcu_expedited(),
+        Err(Error::NotOnCpu)
+    ));
+    m.shutdown().unwrap();
+}
+
+/// Spawned CPUs flood the attach slots with calls while threads of ours attach and leave:
+/// every call is accounted exactly once — run on the CPU it was sent to, or refused with
+/// `Offline` — and never runs after its CPU left.
+#[test]
+fn attach_and_leave_under_a_flood_of_calls_keep_exactly_once() {
+    const SENDERS: usize = 2;
+    const SLOTS: usize = 2;
+    const ROUNDS: usize = 60;
+    let m = Arc::new(machine(SENDERS, SLOTS));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Per call: 0 = sent and accepted, not yet run; 1 = ran; refused calls are not recorded.
+    let accepted = Arc::new(AtomicU64::new(0));
+    let ran = Arc::new(AtomicU64::new(0));
+    let ran_twice = Arc::new(AtomicU64::new(0));
+    let ran_offline = Arc::new(AtomicU64::new(0));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|s| {
+            let (stop, accepted, ran, twice, offline) = (
+                Arc::clone(&stop),
+                Arc::clone(&accepted),
+                Arc::clone(&ran),
+                Arc::clone(&ran_twice),
+                Arc::clone(&ran_offline),
+            );
+            m.run_on(s, move |e| {
+                let mut i = 0u64;
+                let mut refused = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let target = SENDERS + (i as usize % SLOTS);
+                    i += 1;
+                    let once = Arc::new(AtomicBool::new(false));
+                    let (ran, twice, offline) =
+                        (Arc::clone(&ran), Arc::clone(&twice), Arc::clone(&offline));
+                    let f = move |cpu: usize| {
+                        if once.swap(true, Ordering::SeqCst) {
+                            twice.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if !smpcall::hosted::with_engine(|e| e.is_online(cpu)).unwrap_or(false) {
+                            offline.fetch_add(1, Ordering::SeqCst);
+                        }
+                        ran.fetch_add(1, Ordering::SeqCst);
+                    };
+                    let r = if i % 3 == 0 {
+                        e.call_single(target, f)
+                    } else {
+                        e.call_single_async(target, f)
+                    };
+                    match r {
+                        Ok(()) => {
+                            accepted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(Error::Offline(_)) => refused += 1,
+                        Err(other) => panic!("unexpected refusal {other}"),
+                    }
+                    smpcall::hosted::safe_point();
+                }
+                refused
+            })
+        })
+        .collect();
+    let start = Arc::new(Barrier::new(SLOTS));
+    let churners: Vec<_> = (0..SLOTS)
+        .map(|_| {
+            let (m, start) = (Arc::clone(&m), Arc::clone(&start));
+            std::thread::spawn(move || {
+                start.wait();
+                for _ in 0..ROUNDS {
+                    let g = m.attach().expect("a free slot");
+                    for _ in 0..50 {
+                        smpcall::hosted::safe_point();
+                        std::thread::yield_now();
+                    }
+                    drop(g);
+                    std::thread::yield_now();
+                }
+            })
+        })
+        .collect();
+    for c in churners {
+        c.join().unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut refused = 0;
+    for mut s in senders {
+        refused += s.join_timeout(LIMIT).unwrap();
+    }
+    let accepted = accepted.load(Ordering::SeqCst);
+    wait_until(LIMIT, "every accepted call to run", || {
+        ran.load(Ordering::SeqCst) == accepted
+    });
+    assert_eq!(ran_twice.load(Ordering::SeqCst), 0, "no call ran twice");
+    assert_eq!(
+        ran_offline.load(Ordering::SeqCst),
+        0,
+        "no call ran after its CPU left"
+    );
+    assert!(
+        accepted > 0 && refused > 0,
+        "accepted {accepted}, refused {refused}"
+    );
+    let stats = m.engine().total_stats();
+    assert_eq!(stats.offline_runs, 0);
+    Arc::try_unwrap(m).unwrap().shutdown().unwrap();
+}
+
+fn threads_of_this_process() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+fn ipi_signal_blocked_here(signo: i32) -> bool {
+    // SAFETY: querying this thread's signal mask into a zeroed set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+        libc::sigismember(&set, signo) == 1
+    }
+}
+
+#[test]
+fn a_thousand_attach_leave_cycles_leave_nothing_behind() {
+    let m = machine(1, 2);
+    let signo = m.platform().signal();
+    let threads = threads_of_this_process();
+    let t = std::thread::spawn(move || {
+        for i in 0..1000 {
+            let g = m.attach().unwrap();
+            assert_eq!(g.cpu(), 1, "cycle {i}: the same slot every time");
+            assert!(!ipi_signal_blocked_here(signo));
+            let ran = g.engine().call_single(0, |cpu| cpu).unwrap();
+            assert_eq!(ran, 0);
+            drop(g);
+            assert!(
+                ipi_signal_blocked_here(signo),
+                "cycle {i}: signal blocked again"
+            );
+            assert!(!m.engine().is_online(1));
+        }
+        assert_eq!(m.engine().hotplug_stats().downs, 1000);
+        m.shutdown().unwrap();
+    });
+    t.join().unwrap();
+    assert!(
+        threads_of_this_process() <= threads,
+        "no thread left behind"
+    );
+}
+
+#[test]
+fn a_thread_that_exits_or_panics_while_attached_leaves_cleanly() {
+    let m = Arc::new(machine(1, 1));
+    // Exit with the guard forgotten.
+    let m2 = Arc::clone(&m);
+    std::thread::spawn(move || {
+        let g = m2.attach().unwrap();
+        std::mem::forget(g);
+    })
+    .join()
+    .unwrap();
+    assert!(!m.engine().is_online(1), "left at thread exit");
+    // Panic while attached.
+    let m2 = Arc::clone(&m);
+    let r = std::thread::spawn(move || {
+        let _g = m2.attach().unwrap();
+        panic!("the user's thread fails");
+    })
+    .join();
+    assert!(r.is_err());
+    assert!(!m.engine().is_online(1), "left while unwinding");
+    // The slot is free again, and works.
+    let m2 = Arc::clone(&m);
+    let n = std::thread::spawn(move || {
+        let g = m2.attach().unwrap();
+        g.engine().call_single(0, |_| 5).unwrap()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(n, 5);
+    Arc::try_unwrap(m).unwrap().shutdown().unwrap();
+}
+
+#[test]
+fn leaving_inside_an_rcu_reader_is_refused_and_happens_at_thread_exit() {
+    let m = Arc::new(machine(1, 1));
+    let m2 = Arc::clone(&m);
+    let still_online = Arc::new(AtomicUsize::new(0));
+    let s2 = Arc::clone(&still_online);
+    std::thread::spawn(move || {
+        let g = m2.attach().unwrap();
+        let reader = m2.engine().rcu_read_lock().unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(g)));
+        assert!(r.is_err(), "dropping the guard inside a reader panics");
+        if m2.engine().is_online(1) {
+            s2.fetch_add(1, Ordering::SeqCst);
+        }
+        drop(reader);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        still_online.load(Ordering::SeqCst),
+        1,
+        "the reader stayed protected"
+    );
+    assert!(!m.engine().is_online(1), "left at thread exit");
+    let gp = m
+        .run_on(0, |e| e.synchronize_rcu_expedited())
+        .join_timeout(LIMIT)
+        .unwrap();
+    assert_eq!(gp, Ok(()));
+    Arc::try_unwrap(m).unwrap().shutdown().unwrap();
+}
+
+#[test]
+fn attach_errors_change_nothing() {
+    let m = machine(1, 0);
+    assert!(matches!(m.attach(), Err(Error::Unsupported(_))), "no slot");
+    let m = machine(1, 1);
+    // A spawned CPU thread is a CPU already (of `m`), so it cannot attach to another machine.
+    let mut inner = Machine::builder().cpus(1).attach_slots(1).build().unwrap();
+    let r = m
+        .run_on(0, move |_| {
+            let r = inner.attach().map(|_| ());
+            inner.try_shutdown(LIMIT).unwrap();
+            r
+        })
+        .join()
+        .unwrap();
+    assert_eq!(
+        r,
+        Err(Error::Busy),
+        "a CPU of another machine cannot attach"
+    );
+    let g = m.attach().unwrap();
+    drop(g);
+    m.shutdown().unwrap();
+    // After shutdown: refused, nothing attached.
+    let m = machine(1, 1);
+    let mut m2 = m;
+    m2.try_shutdown(LIMIT).unwrap();
+    assert_eq!(m2.attach().unwrap_err(), Error::ShutDown);
+}
