@@ -6,13 +6,16 @@
 //!                 [--onoff INTERVAL] [--drop-ipi P] [--delay-ipi P] [--stall-threshold D]
 //!                 [--dump-on-stall] [--verbose] [--rcu]
 //!                 [--stat-interval 1s] [--json PATH|-]
-//! smpcall bench [--quick] [--iterations N] [--json FILE] [--plot FILE.svg]
+//! smpcall bench [--quick] [--iterations N] [--json FILE] [--plot FILE.svg] [--check]
+//! smpcall bench --scaling [--cpus 2,8,1024] [--no-instructions] [--json FILE] [--check]
+//! smpcall bench --cost [--json FILE]
 //! smpcall dump [--cpus N]
 //! ```
 //!
-//! Exit status: 0 on success, 1 when the torture run found a violation, 2 when it could not
-//! be set up (bad arguments, the machine would not start), a bench row failed, or the dump
-//! scenario could not complete.
+//! Exit status: 0 on success, 1 when the torture run found a violation or `bench --check`
+//! missed a target, 2 when it could not be set up (bad arguments, an output file that cannot
+//! be written, the machine would not start), a bench row failed, or the dump scenario could
+//! not complete. Without `--check` a missed bench target is reported and the status stays 0.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -113,9 +116,138 @@ struct BenchArgs {
     /// Draw the latency distributions to this SVG file.
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
+    /// Exit with status 1 when a target is missed (without it a miss is reported and the exit
+    /// status stays 0).
+    #[arg(long)]
+    check: bool,
+    /// Instead of the latency rows: how a many-call's cost grows with the CPU count, counted
+    /// deterministically (instructions under callgrind, IPIs, simulator steps, memory).
+    #[arg(long)]
+    scaling: bool,
+    /// CPU counts for --scaling, comma-separated (default 2,4,8,…,1024).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "N,N,...",
+        requires = "scaling"
+    )]
+    cpus: Option<Vec<usize>>,
+    /// Skip the callgrind instruction counts of --scaling.
+    #[arg(long, requires = "scaling")]
+    no_instructions: bool,
+    /// Internal: the program --scaling runs under callgrind.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    scaling_probe: Option<Vec<usize>>,
+    /// Instead of the latency rows: account for a waiting call_single to a polling CPU,
+    /// instructions per call on each side by function (needs valgrind).
+    #[arg(long, conflicts_with = "scaling")]
+    cost: bool,
+    /// Internal: the program --cost runs under callgrind.
+    #[arg(long, hide = true)]
+    cost_probe: bool,
+}
+
+fn cost(args: &BenchArgs) -> ExitCode {
+    let exe = match this_exe() {
+        Ok(exe) => exe,
+        Err(code) => return code,
+    };
+    match bench::cost::measure(&exe) {
+        Ok(c) => {
+            println!("{c}");
+            let json = serde_json::to_string_pretty(&c).expect("cost figures serialise");
+            match write_json(args.json.as_ref(), &json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(code) => code,
+            }
+        }
+        Err(e) => setup_error(format_args!("cost: {e}")),
+    }
+}
+
+/// Checks --json and --plot before anything is measured.
+fn check_outputs(args: &BenchArgs) -> Result<(), bench::BenchError> {
+    if let Some(path) = &args.json {
+        bench::output::check_writable(path, "--json")?;
+    }
+    if let Some(path) = &args.plot {
+        bench::plot::check_extension(path)?;
+        bench::output::check_writable(path, "--plot")?;
+    }
+    Ok(())
+}
+
+fn write_json(path: Option<&PathBuf>, json: &str) -> Result<(), ExitCode> {
+    if let Some(path) = path {
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("smpcall bench: cannot write {}: {e}", path.display());
+            return Err(ExitCode::from(2));
+        }
+    }
+    Ok(())
+}
+
+/// Reports a setup error of `smpcall bench`: exit status 2.
+fn setup_error(what: impl std::fmt::Display) -> ExitCode {
+    eprintln!("smpcall bench: {what}");
+    ExitCode::from(2)
+}
+
+/// This program's path, which --scaling and --cost re-run under callgrind.
+fn this_exe() -> Result<PathBuf, ExitCode> {
+    std::env::current_exe()
+        .map_err(|e| setup_error(format_args!("cannot find this program's path: {e}")))
+}
+
+fn scaling(args: &BenchArgs) -> ExitCode {
+    let mut cfg = bench::scaling::ScalingConfig::default();
+    if let Some(sizes) = &args.cpus {
+        cfg.sizes = sizes.clone();
+    }
+    cfg.instructions = !args.no_instructions;
+    let exe = match this_exe() {
+        Ok(exe) => exe,
+        Err(code) => return code,
+    };
+    let report = match bench::scaling::measure(&exe, &cfg) {
+        Ok(r) => r,
+        Err(e) => return setup_error(format_args!("scaling: {e}")),
+    };
+    println!("{report}");
+    if let Err(code) = write_json(args.json.as_ref(), &report.to_json()) {
+        return code;
+    }
+    if args.check && !report.check() {
+        eprintln!("smpcall bench: --check: a scaling target was missed");
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
 }
 
 fn bench(args: BenchArgs) -> ExitCode {
+    let probe = match (&args.scaling_probe, args.cost_probe) {
+        (Some(sizes), _) => Some(bench::scaling::probe(sizes)),
+        (None, true) => Some(bench::cost::probe()),
+        (None, false) => None,
+    };
+    if let Some(result) = probe {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => setup_error(format_args!("probe: {e}")),
+        };
+    }
+    if (args.scaling || args.cost) && args.plot.is_some() {
+        return setup_error("--plot draws the latency rows; --scaling and --cost have none");
+    }
+    if let Err(e) = check_outputs(&args) {
+        return setup_error(e);
+    }
+    if args.scaling {
+        return scaling(&args);
+    }
+    if args.cost {
+        return cost(&args);
+    }
     let mut cfg = if args.quick {
         bench::Config::quick()
     } else {
@@ -135,17 +267,19 @@ fn bench(args: BenchArgs) -> ExitCode {
         }
     };
     println!("{report}");
-    if let Some(path) = &args.json {
-        if let Err(e) = std::fs::write(path, report.to_json()) {
-            eprintln!("smpcall bench: cannot write {}: {e}", path.display());
-            return ExitCode::from(2);
-        }
+    if let Err(code) = write_json(args.json.as_ref(), &report.to_json()) {
+        return code;
     }
     if let Some(path) = &args.plot {
         if let Err(e) = bench::plot::write_svg(&report, path) {
             eprintln!("smpcall bench: {e}");
             return ExitCode::from(2);
         }
+    }
+    let missed = report.targets().filter(|(_, t)| !t.met).count();
+    if args.check && missed > 0 {
+        eprintln!("smpcall bench: --check: {missed} target(s) missed");
+        return ExitCode::from(1);
     }
     ExitCode::SUCCESS
 }

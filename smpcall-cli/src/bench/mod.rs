@@ -1,5 +1,6 @@
 //! `smpcall bench`: our calls side by side with the peers a user would otherwise pick, in one
-//! run, as ratios (DESIGN §4).
+//! run, as ratios, checked against performance targets stated in words on each row.
+//! `--scaling` ([`scaling`]) counts instead how a many-call's cost grows with the CPU count.
 //!
 //! Every latency row times many round trips (after a warm-up) with one cheap clock
 //! ([`Clock`]: the calibrated TSC on x86_64) and records each in an HDR histogram; caller and
@@ -42,12 +43,17 @@
 //! [`ours`] (smpcall on a hosted machine), [`report`] (ratios, targets, table, JSON),
 //! [`plot`] (the SVG of the latency distributions); here the configuration and the driver.
 
+pub mod callgrind;
 pub mod clock;
+pub mod cost;
 pub mod ours;
+pub mod output;
 pub mod peers;
 pub mod plot;
 pub mod report;
 pub mod sample;
+pub mod scaling;
+pub mod solo;
 pub mod threads;
 
 use std::fmt;

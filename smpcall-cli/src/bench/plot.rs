@@ -30,17 +30,20 @@ const WIDTH: u32 = 1100;
 /// The legend's column, right of each panel's chart (so it never covers a curve).
 const LEGEND_WIDTH: u32 = 330;
 
+/// Refuses a plot path whose extension is not `.svg` (or absent): only SVG is drawn.
+pub fn check_extension(path: &Path) -> Result<(), BenchError> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("svg") => Ok(()),
+        None => Ok(()),
+        Some(e) => Err(BenchError::Output(format!(
+            "--plot writes SVG (built without font libraries); `.{e}` is not supported, use a .svg file"
+        ))),
+    }
+}
+
 /// Writes the plot of `report` to `path` (SVG; other extensions are refused).
 pub fn write_svg(report: &Report, path: &Path) -> Result<(), BenchError> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some(e) if e.eq_ignore_ascii_case("svg") => {}
-        None => {}
-        Some(e) => {
-            return Err(BenchError::Output(format!(
-                "--plot writes SVG (built without font libraries); `.{e}` is not supported, use a .svg file"
-            )))
-        }
-    }
+    check_extension(path)?;
     let cats: Vec<Category> = Category::ALL
         .into_iter()
         .filter(|&c| {
