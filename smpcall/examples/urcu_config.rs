@@ -8,6 +8,9 @@
 //! could still see one would notice (wrong magic, fields of two versions). Every field is an
 //! atomic, so even that failure would be a detected wrong value, not a data race.
 //!
+//! A grace period waits for each busy reader to take a signal: with more threads than cores (3
+//! on 2 here) a preempted reader takes it only when it runs again (milliseconds).
+//!
 //! ```sh
 //! cargo run --release -p smpcall --example urcu_config [MILLISECONDS]   # default 300
 //! ```
@@ -23,6 +26,7 @@ const READERS: usize = 2;
 const LIVE: u64 = 0x1157_C0DE;
 const POISON: u64 = 0xDEAD_DEAD;
 
+#[derive(Default)]
 struct Config {
     magic: AtomicU64,
     version: AtomicU64,
@@ -40,11 +44,7 @@ impl Config {
     }
 
     fn new(version: u64) -> Box<Config> {
-        let c = Box::new(Config {
-            magic: AtomicU64::new(0),
-            version: AtomicU64::new(0),
-            limits: Default::default(),
-        });
+        let c = Box::<Config>::default();
         c.fill(version);
         c
     }
@@ -62,13 +62,8 @@ fn write_configs(
     let (start, mut version, mut gps) = (Instant::now(), 1u64, 0u64);
     while start.elapsed() < run_for {
         version += 1;
-        let fresh = match free.pop() {
-            Some(c) => {
-                c.fill(version);
-                c
-            }
-            None => Config::new(version),
-        };
+        let fresh = free.pop().unwrap_or_default();
+        fresh.fill(version);
         let old = current.swap(Box::into_raw(fresh), Ordering::AcqRel);
         me.engine().synchronize_rcu_expedited()?;
         gps += 1;
