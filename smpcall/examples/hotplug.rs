@@ -3,8 +3,8 @@
 //! * `stop_machine(2, f)` runs `f` on CPU 2 while every other online CPU spins masked;
 //! * `cpu_down(2)`: calls to CPU 2 are refused with `Error::Offline(2)`, many-calls skip it;
 //!   `cpu_up(2)` brings it back;
-//! * then `CYCLES` down/up cycles while a thread of our own keeps calling every CPU: every call
-//!   it got accepted ran exactly once, every refusal says `Offline`.
+//! * then `CYCLES` down/up cycles while another thread (not a CPU) keeps calling every CPU:
+//!   as many runs as accepted calls, each on the CPU it was sent to; every refusal is `Offline`.
 //!
 //! ```sh
 //! cargo run --release -p smpcall --example hotplug [CYCLES]   # default 300
@@ -83,7 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let hp = e.hotplug_stats();
     println!(
-        "{cycles} down/up cycles ({} downs, {} ups): {accepted} calls accepted and run once, \
+        "{cycles} down/up cycles ({} downs, {} ups): {accepted} calls accepted and run, \
          {refused} refused with Offline; {} runs on an offline CPU",
         hp.downs,
         hp.ups,
