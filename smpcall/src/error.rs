@@ -104,7 +104,8 @@ impl fmt::Display for Error {
             Error::Busy => f.write_str("call data is busy: its previous call is still in flight"),
             Error::ShutDown => f.write_str("the machine is shut down"),
             Error::NotOnCpu => f.write_str(
-                "the calling thread is not a CPU of this machine; submit work to a CPU instead",
+                "the calling thread is not a CPU of this machine (RCU readers and grace periods \
+                 need one: attach it, or call from a CPU)",
             ),
             Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
             Error::Hotplug(why) => write!(f, "CPU hotplug refused: {why}"),

@@ -480,6 +480,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         Ok(())
     }
 
+    /// Takes `cpu` out of the online and accepting masks after its thread exited at shutdown
+    /// (the engine refuses every call by then and every queue is drained): a stop_machine
+    /// started later — an attached thread leaving after the shutdown — must not wait for it.
+    #[cfg(all(feature = "std", target_os = "linux", not(loom)))]
+    pub(crate) fn retire_after_shutdown(&self, cpu: CpuId) {
+        debug_assert!(self.is_shut_down());
+        self.accepting.clear(cpu);
+        self.online.clear(cpu);
+    }
+
     /// Hotplug and stop_machine counters.
     pub fn hotplug_stats(&self) -> HotplugStats {
         // Relaxed: statistics.

@@ -438,3 +438,37 @@ fn calls_from_other_threads_keep_exactly_once_under_hotplug() {
     );
     Arc::try_unwrap(m).unwrap().shutdown().unwrap();
 }
+
+/// Found by the examples: a guard dropped after the machine shut down hung in its
+/// stop_machine, waiting for the spawned CPUs whose threads had already exited.
+#[test]
+fn a_guard_dropped_after_shutdown_leaves_at_once() {
+    use std::sync::mpsc::channel;
+    let m = Arc::new(machine(1, 1));
+    assert!(matches!(
+        m.run_on(1, |_| ()).join(),
+        Err(Error::Unsupported(_))
+    ));
+    let (attached_tx, attached) = channel();
+    let (go_tx, go) = channel::<()>();
+    let (left_tx, left) = channel();
+    let m2 = Arc::clone(&m);
+    // Detached: if dropping the guard hung, this thread would stay stuck and the test fails
+    // below instead of hanging.
+    std::thread::spawn(move || {
+        let g = m2.attach().unwrap();
+        drop(m2);
+        attached_tx.send(g.cpu()).unwrap();
+        go.recv().unwrap();
+        drop(g);
+        left_tx.send(()).unwrap();
+    });
+    assert_eq!(attached.recv_timeout(LIMIT), Ok(1));
+    let m = Arc::try_unwrap(m).unwrap();
+    m.shutdown().unwrap();
+    go_tx.send(()).unwrap();
+    assert!(
+        left.recv_timeout(LIMIT).is_ok(),
+        "dropping the guard returned"
+    );
+}

@@ -51,6 +51,8 @@ pub struct Machine {
     watchdog: Option<JoinHandle<()>>,
     timeout: Duration,
     down: bool,
+    /// CPUs 0..threads_spawned are the machine's own threads; the rest are attach slots.
+    threads_spawned: usize,
 }
 
 impl std::fmt::Debug for Machine {
@@ -141,6 +143,7 @@ impl Machine {
             watchdog: None,
             timeout: b.timeout,
             down: false,
+            threads_spawned: b.cpus,
         };
         for cpu in 0..b.cpus {
             let inner2 = Arc::clone(&machine.inner);
@@ -188,8 +191,9 @@ impl Machine {
         &self.inner.engine.platform().cpus[cpu]
     }
 
-    /// The engine: statistics, diagnostics, and calls from this machine's CPUs. Its platform
-    /// hooks are `unsafe` (only this backend calls them).
+    /// The engine: statistics, diagnostics, and calls — from this machine's CPUs, attached
+    /// threads, or any other thread (see `Engine`). Its platform hooks are `unsafe` (only this
+    /// backend calls them).
     pub fn engine(&self) -> &HostEngine {
         &self.inner.engine
     }
@@ -204,7 +208,9 @@ impl Machine {
         self.inner.engine.nr_cpus()
     }
 
-    /// Runs `f` in CPU `cpu`'s task context (after the tasks submitted before it).
+    /// Runs `f` in CPU `cpu`'s task context (after the tasks submitted before it). Only the
+    /// machine's own (spawned) CPUs run tasks: for an attach slot this is refused with
+    /// [`Error::Unsupported`] (call that CPU instead).
     pub fn run_on<F, R>(&self, cpu: CpuId, f: F) -> Task<R>
     where
         F: FnOnce(&HostEngine) -> R + Send + 'static,
@@ -213,6 +219,13 @@ impl Machine {
         if cpu >= self.nr_cpus() {
             return Task {
                 state: TaskState::Refused(Error::UnknownCpu(cpu)),
+            };
+        }
+        if cpu >= self.threads_spawned {
+            return Task {
+                state: TaskState::Refused(Error::Unsupported(
+                    "tasks on an attach slot (an attached thread has no task loop; call it)",
+                )),
             };
         }
         if !self.inner.engine.is_online(cpu) {
@@ -317,6 +330,11 @@ impl Machine {
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        // The spawned CPUs' threads are gone: an attached thread that leaves later must not
+        // wait for them in its stop_machine.
+        for cpu in 0..n {
+            engine.retire_after_shutdown(cpu);
         }
         self.stop_watchdog();
         self.down = true;
