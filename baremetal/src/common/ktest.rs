@@ -1823,9 +1823,9 @@ impl core::fmt::Write for DumpLines {
 // ---- bounded handler nesting ----------------------------------------------------------------
 
 /// No-wait calls `nesting-limit` sends (the issue asks for a million, on hosted and bare
-/// metal). On this 2-core host at load 3–6: x86_64 0.5–0.8 s (`-smp 4` to 64, single-threaded
+/// metal). On this 2-core host at load 3–6: x86_64 0.5–1.0 s (`-smp 4` to 64, single-threaded
 /// TCG), aarch64 1.1–1.6 s (`-smp 4 --single`). riscv64 `-smp 4` (multi-threaded TCG, three
-/// spinning vCPUs on two shared cores) took 5–14 s, but under heavier load
+/// spinning vCPUs on two shared cores) took 5–14 s with the 1024-call pool, but under heavier load
 /// `NESTING_BUDGET_MS` can run out first; the PASS line then says how many were sent.
 const NESTING_CALLS: usize = 1_000_000;
 /// Time budget for sending them: a host so busy that TCG falls far behind makes the test send
@@ -1836,7 +1836,7 @@ const NESTING_MIN_CALLS: usize = 10_000;
 /// The nesting limit of this kernel's platform.
 const NESTING_MAX: u32 = <crate::platform::KernelPlatform as Platform>::MAX_CALL_NESTING;
 /// `nesting-limit`'s caller-owned call data for its calls to CPU 0: up to `NEST_POOL` calls in
-/// flight. (riscv64 under load: all 4 runs with 1024 sent the million; with 256, 3 of 8 ran
+/// flight. (riscv64 under load: all 6 runs with 1024 sent the million; with 256, 3 of 8 ran
 /// out of the budget first.)
 const NEST_POOL: usize = 1024;
 static NEST_CSDS: [Csd; NEST_POOL] = [const { Csd::new() }; NEST_POOL];
