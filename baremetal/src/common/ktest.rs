@@ -1825,8 +1825,8 @@ impl core::fmt::Write for DumpLines {
 /// No-wait calls `nesting-limit` sends (the issue asks for a million, on hosted and bare
 /// metal). On this 2-core host at load 3–6: x86_64 0.5–1.0 s (`-smp 4` to 64, single-threaded
 /// TCG), aarch64 1.1–1.6 s (`-smp 4 --single`). riscv64 `-smp 4` (multi-threaded TCG, three
-/// spinning vCPUs on two shared cores) took 5–14 s with the 1024-call pool, but under heavier load
-/// `NESTING_BUDGET_MS` can run out first; the PASS line then says how many were sent.
+/// spinning vCPUs on two shared cores) took 5–14 s with the 1024-call pool, but under heavier
+/// load `NESTING_BUDGET_MS` can run out first; the PASS line then says how many were sent.
 const NESTING_CALLS: usize = 1_000_000;
 /// Time budget for sending them: a host so busy that TCG falls far behind makes the test send
 /// fewer calls (the PASS line says how many), not stretch the run. At least
