@@ -253,6 +253,14 @@ kernel_stacks:
 
 unsafe extern "C" {
     static secondary_entry: u8;
+    static kernel_stacks: u8;
+}
+
+/// `[bottom, top)` of CPU `cpu`'s kernel stack (`KERNEL_STACK_BYTES` of `kernel_stacks`).
+pub fn kernel_stack(cpu: usize) -> (usize, usize) {
+    // Only the label's address is taken.
+    let bottom = &raw const kernel_stacks as usize + cpu * KERNEL_STACK_BYTES;
+    (bottom, bottom + KERNEL_STACK_BYTES)
 }
 
 /// Physical address of the secondary CPUs' entry (identity-mapped).

@@ -186,6 +186,13 @@ pub fn current_sp() -> u64 {
     v
 }
 
+/// `[bottom, top)` of the stack CPU `cpu`'s call IPI handler runs on: no separate interrupt
+/// stack here, the handler runs on the interrupted stack (SP_EL1), which is CPU `cpu`'s kernel
+/// stack (`KERNEL_STACK_BYTES`), shared with the task code it interrupted.
+pub fn call_handler_stack(cpu: usize) -> (usize, usize) {
+    boot::kernel_stack(cpu)
+}
+
 /// An SGI to the CPU with affinity `hw`.
 pub fn send_ipi(hw: u32, ipi: Ipi) {
     gic::send_sgi(hw, gic::sgi(ipi));

@@ -148,6 +148,13 @@ pub fn current_sp() -> u64 {
     v
 }
 
+/// `[bottom, top)` of the stack CPU `cpu`'s call IPI handler runs on: no separate interrupt
+/// stack here, the handler runs on the interrupted stack (sp), which is CPU `cpu`'s kernel
+/// stack (`KERNEL_STACK_BYTES`), shared with the task code it interrupted.
+pub fn call_handler_stack(cpu: usize) -> (usize, usize) {
+    boot::kernel_stack(cpu)
+}
+
 // ---- SBI ----
 
 const SBI_EXT_IPI: usize = 0x0073_5049; // "sPI"

@@ -13,6 +13,7 @@
 //! | `halt_forever()`, `pause()` | park; spin-loop hint |
 //! | `cycles()` | the cycle counter (`time::init` gets its frequency at boot) |
 //! | `current_pc()`, `current_sp()` | for the NMI dump's own line |
+//! | `call_handler_stack(cpu)` | `[bottom, top)` of the stack CPU `cpu`'s call-IPI handler (the engine's flush) runs on |
 //! | `send_ipi(hw, Ipi)`, `send_ipi_all_but_self(Ipi) -> bool` | IPIs; the broadcast returns false where there is none |
 //! | `HAS_NMI`, `send_nmi(hw)`, `send_nmi_all_but_self() -> bool` | the NMI-class signal |
 //! | `start_secondaries(present)` | kick the other CPUs; each ends in `kernel::secondary_main` |
@@ -154,6 +155,13 @@ pub fn current_pc() -> u64 {
 /// The stack pointer.
 pub fn current_sp() -> u64 {
     cpu::current_rsp()
+}
+
+/// `[bottom, top)` of the stack CPU `cpu`'s call IPI handler runs on: its IST1 stack
+/// (`IST_IRQ_BYTES`, the lowest part of its IST block; see `gdt::load`).
+pub fn call_handler_stack(cpu: usize) -> (usize, usize) {
+    let bottom = boot::ist_block(cpu);
+    (bottom, bottom + IST_IRQ_BYTES)
 }
 
 /// A fixed IPI to the CPU with local APIC id `hw`.
