@@ -41,6 +41,9 @@ pub(crate) const SYNC: u32 = 1 << 1;
 /// participation, RCU quiescent-state checks), which only touches atomics. Calls without it
 /// (every user call) run only where the platform says user code may run.
 pub(crate) const ANY_CONTEXT: u32 = 1 << 2;
+/// A deferrable call: to a CPU in a quiet region it is queued without an IPI and runs when the
+/// CPU leaves the region (see `quiet.rs`).
+pub(crate) const DEFERRABLE: u32 = 1 << 3;
 
 /// Source CPU recorded for a call made by a thread that is not one of the engine's CPUs.
 pub(crate) const FOREIGN: CpuId = 0xffff;
@@ -371,6 +374,22 @@ impl Csd {
         // Relaxed: we own the call data; the push that publishes it is a Release.
         let f = self.flags.load(Ordering::Relaxed);
         self.flags.store(f | ANY_CONTEXT, Ordering::Relaxed);
+    }
+
+    /// Marks a call data this CPU holds (filled, not yet pushed) as deferrable.
+    ///
+    /// # Safety
+    /// As for [`set_call`](Csd::set_call).
+    pub(crate) unsafe fn set_deferrable(&self) {
+        // Relaxed: we own the call data; the push that publishes it is a Release.
+        let f = self.flags.load(Ordering::Relaxed);
+        self.flags.store(f | DEFERRABLE, Ordering::Relaxed);
+    }
+
+    /// Whether the call is deferrable (sender side, before the push).
+    pub(crate) fn is_deferrable(&self) -> bool {
+        // Relaxed: the sender's own write, read before the push.
+        self.flags.load(Ordering::Relaxed) & DEFERRABLE != 0
     }
 
     /// Whether the call may run in any context (target side, while it holds the call data).

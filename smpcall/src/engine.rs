@@ -44,6 +44,10 @@ pub struct CpuStats {
     /// Calls this CPU found and ran while it was offline — an "IPI to an offline CPU". They
     /// are run, never dropped, and counted here; in normal use this stays 0.
     pub offline_runs: u64,
+    /// Deferrable calls queued to this CPU while it was in a quiet region (no IPI sent).
+    pub deferred_while_quiet: u64,
+    /// Calls this CPU ran when it left a quiet region.
+    pub run_at_quiet_exit: u64,
 }
 
 impl core::ops::Add for CpuStats {
@@ -57,6 +61,8 @@ impl core::ops::Add for CpuStats {
             calls_run: self.calls_run + o.calls_run,
             flushes: self.flushes + o.flushes,
             offline_runs: self.offline_runs + o.offline_runs,
+            deferred_while_quiet: self.deferred_while_quiet + o.deferred_while_quiet,
+            run_at_quiet_exit: self.run_at_quiet_exit + o.run_at_quiet_exit,
         }
     }
 }
@@ -91,6 +97,10 @@ pub struct PerCpu {
     restricted: AtomicU32,
     /// User calls a restricted flush took and deferred to the next unrestricted one.
     deferred: DeferredCalls,
+    /// In a quiet region (`quiet.rs`): deferrable calls send no IPI. Written by this CPU only.
+    pub(crate) quiet: AtomicBool,
+    pub(crate) deferred_while_quiet: AtomicU64,
+    pub(crate) run_at_quiet_exit: AtomicU64,
     /// Running its own going-down work (its final flush is not an offline delivery).
     pub(crate) dying: AtomicBool,
     /// The stop_machine stage this CPU last acknowledged (0 = not in stop_machine).
@@ -133,6 +143,9 @@ macro_rules! per_cpu_init {
             offline_runs: AtomicU64::new(0),
             restricted: AtomicU32::new(0),
             deferred: DeferredCalls::new(),
+            quiet: AtomicBool::new(false),
+            deferred_while_quiet: AtomicU64::new(0),
+            run_at_quiet_exit: AtomicU64::new(0),
             dying: AtomicBool::new(false),
             stop_stage: AtomicU32::new(0),
             stop_mask_seq: AtomicU64::new(0),
@@ -532,6 +545,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             calls_run: r(&pc.calls_run),
             flushes: r(&pc.flushes),
             offline_runs: r(&pc.offline_runs),
+            deferred_while_quiet: r(&pc.deferred_while_quiet),
+            run_at_quiet_exit: r(&pc.run_at_quiet_exit),
         }
     }
 
@@ -1182,7 +1197,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
     }
 
-    fn check_target(&self, cpu: CpuId) -> Result<(), Error> {
+    pub(crate) fn check_target(&self, cpu: CpuId) -> Result<(), Error> {
         if cpu >= self.nr_cpus {
             Err(Error::UnknownCpu(cpu))
         } else if !self.accepting.test(cpu) {
@@ -1342,9 +1357,25 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let pc = self.per_cpu(target);
         // Relaxed: statistics.
         pc.calls_queued.fetch_add(1, Ordering::Relaxed);
+        // Read before the push: once pushed, the call data is the target's.
+        let deferrable = csd.is_deferrable();
         // SAFETY: forwarded from this function's contract.
         if !unsafe { pc.queue.push(csd) } {
-            // Not the first entry: an IPI (or a flush that will find it) is already under way.
+            // Not the first entry: an IPI (or a flush that will find it) is already under way —
+            // unless the target is quiet and only deferrable calls (which sent none) are
+            // queued. An urgent call to a quiet CPU sends one anyway (at worst a duplicate).
+            // SeqCst: see `quiet.rs` (the Dekker pair with the quiet exit).
+            if !deferrable && pc.quiet.load(Ordering::SeqCst) {
+                pc.ipi_sent.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            return false;
+        }
+        // SeqCst load after the SeqCst push, paired with the quiet exit's SeqCst store of
+        // `false` and queue check (`quiet.rs`): either we see it quiet (and it will see our
+        // call when it leaves) or it is not quiet any more and we send the IPI.
+        if deferrable && pc.quiet.load(Ordering::SeqCst) {
+            pc.deferred_while_quiet.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         // SeqCst load after the SeqCst push: with `idle_poll`'s SeqCst store of `false` and

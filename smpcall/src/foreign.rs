@@ -170,13 +170,33 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: FnOnce(CpuId) + Send + 'static,
     {
+        self.call_single_async_foreign_with(cpu, f, false)
+    }
+
+    /// [`call_single_async_foreign`](Engine::call_single_async_foreign), optionally
+    /// deferrable (`quiet.rs`).
+    pub(crate) fn call_single_async_foreign_with<F>(
+        &self,
+        cpu: CpuId,
+        f: F,
+        deferrable: bool,
+    ) -> Result<(), Error>
+    where
+        F: FnOnce(CpuId) + Send + 'static,
+    {
         let row = self.claim_foreign_row()?;
         let mut f = Some(f);
         let mut ipis = CpuMask::new();
         let fill = |slot: &Csd| {
             let f = f.take().expect("filled once");
-            // SAFETY: claimed by `push_foreign`; inline payload matches `run_inline::<F>`.
-            unsafe { slot.set_call(run_inline::<F>, Payload::inline(f), false) };
+            // SAFETY: claimed by `push_foreign`; inline payload matches `run_inline::<F>`;
+            // deferrable only changes the IPI decision.
+            unsafe {
+                slot.set_call(run_inline::<F>, Payload::inline(f), false);
+                if deferrable {
+                    slot.set_deferrable();
+                }
+            }
             self.note_call::<F>(slot, FOREIGN, cpu);
         };
         let slot = self.foreign_slot(&row, cpu);

@@ -41,6 +41,7 @@ mod foreign;
 mod nmi;
 mod platform;
 mod queue;
+mod quiet;
 mod rcu;
 mod stop;
 mod sync;

@@ -141,6 +141,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// Refused with [`Error::Offline`] on an offline CPU.
     pub fn rcu_read_lock(&self) -> Result<RcuReadGuard<'_, P, S>, Error> {
         let cpu = self.current_cpu().ok_or(Error::NotOnCpu)?;
+        if self.in_quiet_region(cpu) {
+            // The CPU is in an extended quiescent state: grace periods do not wait for it.
+            return Err(Error::Unsupported(
+                "an RCU read-side section inside a quiet region (leave the region first)",
+            ));
+        }
         let rcu = &self.per_cpu(cpu).rcu;
         // Relaxed: only this CPU writes it (see RcuCpu).
         let n = rcu.nesting.load(Ordering::Relaxed);

@@ -53,7 +53,7 @@ pub use attach::CpuGuard;
 pub use builder::{Delivery, Faults, IdlePolicy, MachineBuilder, Pinning};
 pub use machine::{Machine, Task};
 pub use platform::{HostPlatform, ReportSink};
-pub use safe_points::{interruptible, safe_point, sleep, with_engine};
+pub use safe_points::{interruptible, quiet, safe_point, sleep, with_engine};
 
 /// The engine as the hosted backend runs it.
 pub type HostEngine = crate::Engine<HostPlatform, crate::HeapStorage>;

@@ -129,6 +129,14 @@ impl HostPlatform {
             .sum()
     }
 
+    /// Real-time signals (IPIs) sent to `cpu` (0 for an unknown CPU).
+    pub fn signals_sent_to(&self, cpu: CpuId) -> u64 {
+        // Relaxed: statistics.
+        self.cpus
+            .get(cpu)
+            .map_or(0, |c| c.signals_sent.load(Ordering::Relaxed))
+    }
+
     /// Futex wakes of sleeping idle CPUs sent as IPIs, over all CPUs.
     pub fn futex_wakes(&self) -> u64 {
         // Relaxed: statistics.

@@ -126,6 +126,23 @@ pub unsafe fn interruptible<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Runs `f` with the calling CPU in a quiet region ([`Engine::quiet`](crate::Engine::quiet)):
+/// grace periods skip it without a signal, deferrable calls wait until `f` returns (and run
+/// then), urgent calls still interrupt it. For a blocking system call: `quiet(|| read(fd))`.
+/// On a thread that is not a CPU it just runs `f`.
+///
+/// Urgent calls that interrupt a blocking call run at once only in an
+/// [`interruptible`] region (`unsafe`); otherwise at the region's end.
+pub fn quiet<R>(f: impl FnOnce() -> R) -> R {
+    let c = current();
+    if c.engine.is_null() {
+        return f();
+    }
+    // SAFETY: set by this CPU thread while its machine is alive; used only during this call.
+    let engine = unsafe { &*c.engine };
+    engine.quiet(f)
+}
+
 /// Runs `f` with the engine of the machine whose CPU this thread is — from a task or from a
 /// call's function — so nested calls need no `Machine` in a `static`. `None` on a thread that
 /// is not a CPU.
