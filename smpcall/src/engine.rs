@@ -727,11 +727,24 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: FnOnce(CpuId) + Send + 'static,
     {
+        self.call_single_async_with(cpu, f, false)
+    }
+
+    /// [`call_single_async`](Engine::call_single_async), optionally deferrable (`quiet.rs`).
+    pub(crate) fn call_single_async_with<F>(
+        &self,
+        cpu: CpuId,
+        f: F,
+        deferrable: bool,
+    ) -> Result<(), Error>
+    where
+        F: FnOnce(CpuId) + Send + 'static,
+    {
         let me = match self.enter() {
             Ok(me) => me,
             Err(Error::NotOnCpu) => {
                 self.check_target(cpu)?;
-                return self.call_single_async_foreign(cpu, f);
+                return self.call_single_async_foreign_with(cpu, f, deferrable);
             }
             Err(e) => return Err(e),
         };
@@ -755,8 +768,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             |slot| {
                 let f = f.take().expect("filled once");
                 // SAFETY: `queue_call` hands us the slot claimed; inline payload matches
-                // `run_inline::<F>`.
-                unsafe { slot.set_call(run_inline::<F>, Payload::inline(f), false) };
+                // `run_inline::<F>`; deferrable only changes the IPI decision.
+                unsafe {
+                    slot.set_call(run_inline::<F>, Payload::inline(f), false);
+                    if deferrable {
+                        slot.set_deferrable();
+                    }
+                }
                 self.note_call::<F>(slot, me, cpu);
             },
         );

@@ -165,16 +165,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// [`call_single_async`](Engine::call_single_async) from a foreign thread, through a
-    /// foreign row.
-    pub(crate) fn call_single_async_foreign<F>(&self, cpu: CpuId, f: F) -> Result<(), Error>
-    where
-        F: FnOnce(CpuId) + Send + 'static,
-    {
-        self.call_single_async_foreign_with(cpu, f, false)
-    }
-
-    /// [`call_single_async_foreign`](Engine::call_single_async_foreign), optionally
-    /// deferrable (`quiet.rs`).
+    /// foreign row; optionally deferrable (`quiet.rs`).
     pub(crate) fn call_single_async_foreign_with<F>(
         &self,
         cpu: CpuId,

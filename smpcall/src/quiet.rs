@@ -18,9 +18,8 @@
 
 use core::sync::atomic::Ordering;
 
-use crate::cpumask::{CpuId, CpuMask};
-use crate::csd::{run_inline, Payload};
-use crate::engine::{Engine, Storage, Target};
+use crate::cpumask::CpuId;
+use crate::engine::{Engine, Storage};
 use crate::error::Error;
 use crate::platform::Platform;
 
@@ -106,42 +105,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: FnOnce(CpuId) + Send + 'static,
     {
-        let me = match self.enter() {
-            Ok(me) => me,
-            Err(Error::NotOnCpu) => {
-                self.check_target(cpu)?;
-                return self.call_single_async_foreign_with(cpu, f, true);
-            }
-            Err(e) => return Err(e),
-        };
-        self.check_target(cpu)?;
-        if cpu == me {
-            // Our own CPU is not quiet while it runs this: an ordinary local call.
-            return self.call_single_async(cpu, f);
-        }
-        let mut f = Some(f);
-        let mut ipis = CpuMask::new();
-        // Masked from the push to the IPI send, as for every no-wait call.
-        let masked = self.irq_save();
-        let result = self.queue_call(
-            me,
-            cpu,
-            self.slot(me, cpu),
-            Target::Refuse,
-            &mut ipis,
-            |slot| {
-                let f = f.take().expect("filled once");
-                // SAFETY: `queue_call` hands us the slot claimed; inline payload matches
-                // `run_inline::<F>`; marking it deferrable only changes the IPI decision.
-                unsafe {
-                    slot.set_call(run_inline::<F>, Payload::inline(f), false);
-                    slot.set_deferrable();
-                }
-                self.note_call::<F>(slot, me, cpu);
-            },
-        );
-        self.send_ipis(&ipis);
-        drop(masked);
-        result.map(|_| ())
+        // To our own CPU (not quiet while it runs this): an ordinary local call.
+        self.call_single_async_with(cpu, f, true)
     }
 }

@@ -11,6 +11,65 @@ use common::{wait_until, LIMIT};
 use smpcall::hosted::{IdlePolicy, Machine};
 use smpcall::{CpuMask, Csd, Error};
 
+/// Per-call accounting shared by the flood tests: every accepted call must run exactly once,
+/// on a CPU that is online when it runs.
+#[derive(Default)]
+struct Tally {
+    accepted: AtomicU64,
+    ran: AtomicU64,
+    twice: AtomicU64,
+    offline: AtomicU64,
+}
+
+impl Tally {
+    /// One tracked call from `e` to `target` (a waiting one if `wait`). Returns `true` if it
+    /// was refused as offline; any other refusal fails the test.
+    fn call(self: &Arc<Self>, e: &smpcall::hosted::HostEngine, target: usize, wait: bool) -> bool {
+        let once = Arc::new(AtomicBool::new(false));
+        let tally = Arc::clone(self);
+        let f = move |cpu: usize| {
+            if once.swap(true, Ordering::SeqCst) {
+                tally.twice.fetch_add(1, Ordering::SeqCst);
+            }
+            if !smpcall::hosted::with_engine(|e| e.is_online(cpu)).unwrap_or(false) {
+                tally.offline.fetch_add(1, Ordering::SeqCst);
+            }
+            tally.ran.fetch_add(1, Ordering::SeqCst);
+        };
+        let r = if wait {
+            e.call_single(target, f)
+        } else {
+            e.call_single_async(target, f)
+        };
+        match r {
+            Ok(()) => {
+                self.accepted.fetch_add(1, Ordering::SeqCst);
+                false
+            }
+            Err(Error::Offline(_)) => true,
+            Err(other) => panic!("unexpected refusal {other}"),
+        }
+    }
+
+    /// Waits for every accepted call to run, then checks exactly-once and online runs.
+    fn check(&self, refused: u64) {
+        let accepted = self.accepted.load(Ordering::SeqCst);
+        wait_until(LIMIT, "every accepted call to run", || {
+            self.ran.load(Ordering::SeqCst) == accepted
+        });
+        assert_eq!(self.twice.load(Ordering::SeqCst), 0, "no call ran twice");
+        assert_eq!(
+            self.offline.load(Ordering::SeqCst),
+            0,
+            "no call ran on an offline CPU"
+        );
+        assert!(
+            accepted > 0 && refused > 0,
+            "accepted {accepted}, refused {refused}"
+        );
+    }
+}
+
 fn machine(spawned: usize, slots: usize) -> Machine {
     Machine::builder()
         .cpus(spawned)
@@ -122,50 +181,17 @@ fn attach_and_leave_under_a_flood_of_calls_keep_exactly_once() {
     const ROUNDS: usize = 60;
     let m = Arc::new(machine(SENDERS, SLOTS));
     let stop = Arc::new(AtomicBool::new(false));
-    // Per call: 0 = sent and accepted, not yet run; 1 = ran; refused calls are not recorded.
-    let accepted = Arc::new(AtomicU64::new(0));
-    let ran = Arc::new(AtomicU64::new(0));
-    let ran_twice = Arc::new(AtomicU64::new(0));
-    let ran_offline = Arc::new(AtomicU64::new(0));
+    let tally = Arc::new(Tally::default());
     let senders: Vec<_> = (0..SENDERS)
         .map(|s| {
-            let (stop, accepted, ran, twice, offline) = (
-                Arc::clone(&stop),
-                Arc::clone(&accepted),
-                Arc::clone(&ran),
-                Arc::clone(&ran_twice),
-                Arc::clone(&ran_offline),
-            );
+            let (stop, tally) = (Arc::clone(&stop), Arc::clone(&tally));
             m.run_on(s, move |e| {
                 let mut i = 0u64;
                 let mut refused = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     let target = SENDERS + (i as usize % SLOTS);
                     i += 1;
-                    let once = Arc::new(AtomicBool::new(false));
-                    let (ran, twice, offline) =
-                        (Arc::clone(&ran), Arc::clone(&twice), Arc::clone(&offline));
-                    let f = move |cpu: usize| {
-                        if once.swap(true, Ordering::SeqCst) {
-                            twice.fetch_add(1, Ordering::SeqCst);
-                        }
-                        if !smpcall::hosted::with_engine(|e| e.is_online(cpu)).unwrap_or(false) {
-                            offline.fetch_add(1, Ordering::SeqCst);
-                        }
-                        ran.fetch_add(1, Ordering::SeqCst);
-                    };
-                    let r = if i % 3 == 0 {
-                        e.call_single(target, f)
-                    } else {
-                        e.call_single_async(target, f)
-                    };
-                    match r {
-                        Ok(()) => {
-                            accepted.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(Error::Offline(_)) => refused += 1,
-                        Err(other) => panic!("unexpected refusal {other}"),
-                    }
+                    refused += u64::from(tally.call(e, target, i % 3 == 0));
                     smpcall::hosted::safe_point();
                 }
                 refused
@@ -198,22 +224,8 @@ fn attach_and_leave_under_a_flood_of_calls_keep_exactly_once() {
     for mut s in senders {
         refused += s.join_timeout(LIMIT).unwrap();
     }
-    let accepted = accepted.load(Ordering::SeqCst);
-    wait_until(LIMIT, "every accepted call to run", || {
-        ran.load(Ordering::SeqCst) == accepted
-    });
-    assert_eq!(ran_twice.load(Ordering::SeqCst), 0, "no call ran twice");
-    assert_eq!(
-        ran_offline.load(Ordering::SeqCst),
-        0,
-        "no call ran after its CPU left"
-    );
-    assert!(
-        accepted > 0 && refused > 0,
-        "accepted {accepted}, refused {refused}"
-    );
-    let stats = m.engine().total_stats();
-    assert_eq!(stats.offline_runs, 0);
+    tally.check(refused);
+    assert_eq!(m.engine().total_stats().offline_runs, 0);
     Arc::try_unwrap(m).unwrap().shutdown().unwrap();
 }
 
@@ -362,51 +374,17 @@ fn calls_from_other_threads_keep_exactly_once_under_hotplug() {
     const SENDERS: usize = 3;
     let m = Arc::new(machine(4, 0));
     let stop = Arc::new(AtomicBool::new(false));
-    let accepted = Arc::new(AtomicU64::new(0));
-    let ran = Arc::new(AtomicU64::new(0));
-    let twice = Arc::new(AtomicU64::new(0));
-    let offline = Arc::new(AtomicU64::new(0));
+    let tally = Arc::new(Tally::default());
     let senders: Vec<_> = (0..SENDERS)
         .map(|s| {
-            let (m, stop, accepted, ran, twice, offline) = (
-                Arc::clone(&m),
-                Arc::clone(&stop),
-                Arc::clone(&accepted),
-                Arc::clone(&ran),
-                Arc::clone(&twice),
-                Arc::clone(&offline),
-            );
+            let (m, stop, tally) = (Arc::clone(&m), Arc::clone(&stop), Arc::clone(&tally));
             std::thread::spawn(move || {
-                let e = m.engine();
                 let mut i = 0u64;
                 let mut refused = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     i += 1;
                     let target = 1 + (i as usize + s) % 3;
-                    let once = Arc::new(AtomicBool::new(false));
-                    let (ran, twice, offline) =
-                        (Arc::clone(&ran), Arc::clone(&twice), Arc::clone(&offline));
-                    let f = move |cpu: usize| {
-                        if once.swap(true, Ordering::SeqCst) {
-                            twice.fetch_add(1, Ordering::SeqCst);
-                        }
-                        if !smpcall::hosted::with_engine(|e| e.is_online(cpu)).unwrap_or(false) {
-                            offline.fetch_add(1, Ordering::SeqCst);
-                        }
-                        ran.fetch_add(1, Ordering::SeqCst);
-                    };
-                    let r = if i % 4 == 0 {
-                        e.call_single(target, f)
-                    } else {
-                        e.call_single_async(target, f)
-                    };
-                    match r {
-                        Ok(()) => {
-                            accepted.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(Error::Offline(_)) => refused += 1,
-                        Err(other) => panic!("unexpected refusal {other}"),
-                    }
+                    refused += u64::from(tally.call(m.engine(), target, i % 4 == 0));
                 }
                 refused
             })
@@ -421,21 +399,8 @@ fn calls_from_other_threads_keep_exactly_once_under_hotplug() {
     }
     stop.store(true, Ordering::SeqCst);
     let refused: u64 = senders.into_iter().map(|t| t.join().unwrap()).sum();
-    let accepted = accepted.load(Ordering::SeqCst);
-    wait_until(LIMIT, "every accepted call to run", || {
-        ran.load(Ordering::SeqCst) == accepted
-    });
-    assert_eq!(twice.load(Ordering::SeqCst), 0);
-    assert_eq!(
-        offline.load(Ordering::SeqCst),
-        0,
-        "no call ran on an offline CPU"
-    );
+    tally.check(refused);
     assert_eq!(m.engine().total_stats().offline_runs, 0);
-    assert!(
-        accepted > 0 && refused > 0,
-        "accepted {accepted}, refused {refused}"
-    );
     Arc::try_unwrap(m).unwrap().shutdown().unwrap();
 }
 

@@ -86,14 +86,20 @@ fn quiet_blocker(
     })
 }
 
-#[test]
-fn ten_thousand_grace_periods_never_signal_a_cpu_blocked_in_a_quiet_region() {
+/// A machine whose CPU 2 (an attached thread) is blocked in `poll` in a quiet region.
+fn blocked_in_quiet_region() -> (Arc<Machine>, Arc<Pipe>, std::thread::JoinHandle<(i32, i32)>) {
     let m = machine();
     let pipe = Arc::new(Pipe::new());
     let (tx, ready) = mpsc::channel();
     let blocker = quiet_blocker(&m, &pipe, tx);
     ready.recv_timeout(LIMIT).unwrap();
     wait_until(LIMIT, "CPU 2 to be quiet", || m.engine().is_quiet(2));
+    (m, pipe, blocker)
+}
+
+#[test]
+fn ten_thousand_grace_periods_never_signal_a_cpu_blocked_in_a_quiet_region() {
+    let (m, pipe, blocker) = blocked_in_quiet_region();
     let before = m.platform().signals_sent_to(2);
     let gps = m
         .run_on(0, |e| {
@@ -122,12 +128,7 @@ fn ten_thousand_grace_periods_never_signal_a_cpu_blocked_in_a_quiet_region() {
 
 #[test]
 fn deferrable_calls_wait_for_the_exit_and_run_in_order_exactly_once() {
-    let m = machine();
-    let pipe = Arc::new(Pipe::new());
-    let (tx, ready) = mpsc::channel();
-    let blocker = quiet_blocker(&m, &pipe, tx);
-    ready.recv_timeout(LIMIT).unwrap();
-    wait_until(LIMIT, "CPU 2 to be quiet", || m.engine().is_quiet(2));
+    let (m, pipe, blocker) = blocked_in_quiet_region();
     let before = m.platform().signals_sent_to(2);
     // Three senders, one after the other: CPU 0, this (foreign) thread, CPU 1.
     let order = Arc::new(AtomicU64::new(0));
@@ -175,12 +176,7 @@ fn deferrable_calls_wait_for_the_exit_and_run_in_order_exactly_once() {
 
 #[test]
 fn an_urgent_call_still_interrupts_a_quiet_cpu() {
-    let m = machine();
-    let pipe = Arc::new(Pipe::new());
-    let (tx, ready) = mpsc::channel();
-    let blocker = quiet_blocker(&m, &pipe, tx);
-    ready.recv_timeout(LIMIT).unwrap();
-    wait_until(LIMIT, "CPU 2 to be quiet", || m.engine().is_quiet(2));
+    let (m, pipe, blocker) = blocked_in_quiet_region();
     let before = m.platform().signals_sent_to(2);
     m.engine().call_single_async(2, |_| ()).unwrap();
     let (r, errno) = blocker.join().unwrap();
