@@ -136,7 +136,8 @@ pub fn run(args: &DumpArgs) -> Result<String, Error> {
     if waiter.is_some() {
         // Until CPU 1's waiting call is queued behind the held CPU's mask.
         bounded(limit, "CPU 1's waiting call to be queued", || {
-            machine.engine().stats(held).calls_queued >= machine.engine().stats(held).calls_run + 2
+            machine.engine().stats(held).unwrap().calls_queued
+                >= machine.engine().stats(held).unwrap().calls_run + 2
         })?;
         // Let its wait register (the engine notes what a CPU waits for after a few hundred
         // spins, which can take a while when CPUs outnumber cores).

@@ -140,8 +140,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.diag.per_call.store(on, Ordering::Relaxed);
     }
 
+    /// The stall threshold (zero: reports, re-sends and stop_machine stall reports off).
+    pub fn stall_threshold(&self) -> core::time::Duration {
+        core::time::Duration::from_nanos(self.stall_threshold_ns())
+    }
+
     /// The stall threshold in nanoseconds (0: reports off).
-    pub fn stall_threshold_ns(&self) -> u64 {
+    pub(crate) fn stall_threshold_ns(&self) -> u64 {
         // Relaxed: a configuration value.
         self.stall_threshold_ns.load(Ordering::Relaxed)
     }
@@ -328,7 +333,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             h.stop_machines
         )?;
         for cpu in 0..self.nr_cpus() {
-            let s = self.stats(cpu);
+            let s = self.stats_of(cpu);
             let pd = &self.per_cpu(cpu).diag;
             write!(
                 out,
@@ -446,7 +451,7 @@ impl<P: Platform, S: Storage> fmt::Display for TargetState<'_, P, S> {
         };
         let e = self.engine;
         if self.counters {
-            let s = e.stats(cpu);
+            let s = e.stats_of(cpu);
             write!(
                 f,
                 "CPU {cpu}: requested {} responded {} ipi-sent {} ipi-received {}, ",

@@ -397,7 +397,7 @@ pub struct Engine<P: Platform, S: Storage> {
     pub(crate) accepting: AtomicCpuMask,
     /// CPUs the platform ever brought up (`mark_online`): the only ones `cpu_up` accepts.
     pub(crate) possible: AtomicCpuMask,
-    shut_down: AtomicBool,
+    shutdown_flag: AtomicBool,
     /// Serialises stop_machine and hotplug.
     pub(crate) stop_lock: AtomicBool,
     /// Global sequence for the order in which CPUs mask in stop_machine.
@@ -421,7 +421,7 @@ impl<P: Platform, S: Storage> core::fmt::Debug for Engine<P, S> {
         f.debug_struct("Engine")
             .field("nr_cpus", &self.nr_cpus)
             .field("online", &self.online)
-            .field("shut_down", &self.is_shut_down())
+            .field("shutdown", &self.is_shutdown())
             .finish_non_exhaustive()
     }
 }
@@ -455,7 +455,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             online: AtomicCpuMask::new(),
             accepting: AtomicCpuMask::new(),
             possible: AtomicCpuMask::new(),
-            shut_down: AtomicBool::new(false),
+            shutdown_flag: AtomicBool::new(false),
             stop_lock: AtomicBool::new(false),
             stop_seq: AtomicU64::new(0),
             stall_threshold_ns: AtomicU64::new(crate::stop::DEFAULT_STALL_NS),
@@ -521,20 +521,23 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// Platform interface: only the owner of the machine (the backend) may stop it; code that
     /// relies on the engine accepting calls (its own shutdown protocol) belongs to it. Not a
     /// memory-safety hazard in itself, but it breaks the backend's promises to other users.
-    pub unsafe fn shut_down(&self) {
-        self.shut_down.store(true, Ordering::SeqCst);
+    pub unsafe fn shutdown(&self) {
+        self.shutdown_flag.store(true, Ordering::SeqCst);
     }
 
-    /// Whether [`shut_down`](Engine::shut_down) was called.
-    pub fn is_shut_down(&self) -> bool {
-        self.shut_down.load(Ordering::SeqCst)
+    /// Whether [`shutdown`](Engine::shutdown) was called.
+    pub fn is_shutdown(&self) -> bool {
+        self.shutdown_flag.load(Ordering::SeqCst)
     }
 
-    /// Counters of `cpu` (zeros for an unknown CPU).
-    pub fn stats(&self, cpu: CpuId) -> CpuStats {
-        let Some(pc) = self.storage.cpus().get(cpu) else {
-            return CpuStats::default();
-        };
+    /// Counters of `cpu`; `None` if this engine has no such CPU.
+    pub fn stats(&self, cpu: CpuId) -> Option<CpuStats> {
+        self.storage.cpus().get(cpu).map(|_| self.stats_of(cpu))
+    }
+
+    /// Counters of `cpu`, which must exist.
+    pub(crate) fn stats_of(&self, cpu: CpuId) -> CpuStats {
+        let pc = self.per_cpu(cpu);
         // Relaxed: statistics, read without ordering requirements.
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CpuStats {
@@ -552,7 +555,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Counters summed over all CPUs.
     pub fn total_stats(&self) -> CpuStats {
-        (0..self.nr_cpus).fold(CpuStats::default(), |acc, c| acc + self.stats(c))
+        (0..self.nr_cpus).fold(CpuStats::default(), |acc, c| acc + self.stats_of(c))
     }
 
     /// Whether `cpu` is idle-polling its queue (IPIs to it are elided).
@@ -1187,7 +1190,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// Common entry: accepting calls, and from one of our CPUs.
     pub(crate) fn enter(&self) -> Result<CpuId, Error> {
         // Relaxed: a call racing with shutdown may be accepted; shutdown drains accepted calls.
-        if self.shut_down.load(Ordering::Relaxed) {
+        if self.shutdown_flag.load(Ordering::Relaxed) {
             return Err(Error::ShutDown);
         }
         match self.platform.current_cpu() {
@@ -1586,12 +1589,15 @@ mod tests {
             e.call_many_async(&mask, |_| ()),
             Err(Error::UnknownCpu(100))
         );
-        assert_eq!(e.stats(1).calls_queued, 0);
+        assert_eq!(e.stats(1).unwrap().calls_queued, 0);
         // CPUs 2 and 3 (offline) are pruned from a many-call.
         let mask: CpuMask = [1, 2, 3].into_iter().collect();
         let sent = e.call_many_async(&mask, |_| ()).unwrap();
         assert_eq!(sent, CpuMask::single(1));
-        assert_eq!(e.stats(2).calls_queued + e.stats(3).calls_queued, 0);
+        assert_eq!(
+            e.stats(2).unwrap().calls_queued + e.stats(3).unwrap().calls_queued,
+            0
+        );
         on(1);
         assert_eq!(e.serve_queue(), 1);
         on(0);
@@ -1624,7 +1630,7 @@ mod tests {
             1,
             "one IPI for 5 calls"
         );
-        assert_eq!(e.stats(1).ipi_sent, 1);
+        assert_eq!(e.stats(1).unwrap().ipi_sent, 1);
         on(1);
         // SAFETY: the test runs CPU 1's interrupt by hand, on the thread playing it.
         unsafe { e.handle_ipi() };
@@ -1633,7 +1639,7 @@ mod tests {
             1234,
             "arrival order (0 leads)"
         );
-        assert_eq!(e.stats(1).calls_run, 5);
+        assert_eq!(e.stats(1).unwrap().calls_run, 5);
         assert!(csds.iter().all(|c| !c.is_busy()));
         // Queue empty again: the next call needs a new IPI.
         on(0);

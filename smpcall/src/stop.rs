@@ -427,7 +427,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// hotplug and stop_machine (which need nothing from an offline CPU, so taking the lock
     /// without serving cannot deadlock).
     pub(crate) fn cpu_attach(&self, cpu: CpuId) -> Result<(), Error> {
-        if self.is_shut_down() {
+        if self.is_shutdown() {
             return Err(Error::ShutDown);
         }
         let cpu = self.check_cpu(cpu)?;
@@ -485,7 +485,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// started later — an attached thread leaving after the shutdown — must not wait for it.
     #[cfg(all(feature = "std", target_os = "linux", not(loom)))]
     pub(crate) fn retire_after_shutdown(&self, cpu: CpuId) {
-        debug_assert!(self.is_shut_down());
+        debug_assert!(self.is_shutdown());
         self.accepting.clear(cpu);
         self.online.clear(cpu);
     }
@@ -522,9 +522,15 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.per_cpu(cpu).stop_mask_seq.load(Ordering::Relaxed)
     }
 
-    /// Sets the threshold after which a stuck stop_machine stage is reported through
-    /// [`Platform::report`] (0 disables reports).
-    pub fn set_stall_threshold_ns(&self, ns: u64) {
+    /// Sets the stall threshold: a wait for call data, a queue nobody takes, or a stop_machine
+    /// stage that lasts longer is reported through [`Platform::report`] (and the IPI re-sent).
+    /// Zero disables all of it. (The same unit as `MachineBuilder::stall_threshold`.)
+    pub fn set_stall_threshold(&self, threshold: core::time::Duration) {
+        self.set_stall_threshold_ns(threshold.as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    /// [`set_stall_threshold`](Engine::set_stall_threshold) in nanoseconds.
+    pub(crate) fn set_stall_threshold_ns(&self, ns: u64) {
         // Relaxed: a configuration value; a stale read only delays a report.
         self.stall_threshold_ns.store(ns, Ordering::Relaxed);
     }

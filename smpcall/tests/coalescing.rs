@@ -21,7 +21,7 @@ fn masked_target_gets_one_ipi_for_many_calls_and_runs_all_at_unmask() {
         .unwrap();
     let held = common::MaskedCpu::hold(&m, 1);
 
-    let before = m.engine().stats(1);
+    let before = m.engine().stats(1).unwrap();
     let signals_before = m.engine().platform().signals_sent();
     let runs = Arc::new(AtomicUsize::new(0));
     let csds: Arc<Vec<Pin<Box<Csd>>>> = Arc::new((0..N).map(|_| Box::pin(Csd::new())).collect());
@@ -38,7 +38,7 @@ fn masked_target_gets_one_ipi_for_many_calls_and_runs_all_at_unmask() {
     .join_timeout(LIMIT)
     .unwrap();
 
-    let queued = m.engine().stats(1);
+    let queued = m.engine().stats(1).unwrap();
     assert_eq!(queued.calls_queued - before.calls_queued, N as u64);
     assert_eq!(
         queued.ipi_sent - before.ipi_sent,
@@ -56,7 +56,7 @@ fn masked_target_gets_one_ipi_for_many_calls_and_runs_all_at_unmask() {
     wait_until(LIMIT, "all N calls to run after the unmask", || {
         runs.load(Ordering::SeqCst) == N
     });
-    let after = m.engine().stats(1);
+    let after = m.engine().stats(1).unwrap();
     assert_eq!(
         after.ipi_received - before.ipi_received,
         1,
@@ -77,7 +77,7 @@ fn calls_to_an_idle_polling_cpu_send_no_ipi() {
     wait_until(LIMIT, "CPU 1 to start idle-polling", || {
         m.engine().is_polling(1)
     });
-    let before = m.engine().stats(1);
+    let before = m.engine().stats(1).unwrap();
     let signals_before = m.engine().platform().signals_sent();
     let runs = Arc::new(AtomicUsize::new(0));
     let r2 = Arc::clone(&runs);
@@ -102,7 +102,7 @@ fn calls_to_an_idle_polling_cpu_send_no_ipi() {
     wait_until(LIMIT, "all calls to run", || {
         runs.load(Ordering::SeqCst) == N
     });
-    let after = m.engine().stats(1);
+    let after = m.engine().stats(1).unwrap();
     assert_eq!(
         after.ipi_sent, before.ipi_sent,
         "no IPI to a polling CPU: {after:?}"

@@ -261,7 +261,7 @@ fn errors_name_the_problem() {
     let after = m
         .run_on(0, |e| {
             // SAFETY: the test owns the machine and shuts it down right after.
-            unsafe { e.shut_down() };
+            unsafe { e.shutdown() };
             (e.call_single(1, |_| ()), e.call_single_async(1, |_| ()))
         })
         .join_timeout(LIMIT)

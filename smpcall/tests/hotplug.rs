@@ -241,7 +241,7 @@ fn calls_queued_while_online_run_before_the_cpu_leaves() {
         1,
         "the queued call ran while CPU 2 was online"
     );
-    assert_eq!(m.engine().stats(2).offline_runs, 0);
+    assert_eq!(m.engine().stats(2).unwrap().offline_runs, 0);
     m.shutdown().unwrap();
 }
 
@@ -343,7 +343,7 @@ fn hotplug_cycling_under_call_load_keeps_exactly_once() {
     eprintln!(
         "hotplug cycling: {cycles} cycles, {} calls refused as offline; CPU 3: {:?}",
         ref1 + ref2,
-        m.engine().stats(3)
+        m.engine().stats(3).unwrap()
     );
     assert!(
         un1.is_empty() && un2.is_empty(),
@@ -370,7 +370,7 @@ fn hotplug_cycling_under_call_load_keeps_exactly_once() {
             );
         }
     }
-    let s = m.engine().stats(3);
+    let s = m.engine().stats(3).unwrap();
     assert_eq!(
         s.offline_runs, 0,
         "a call reached CPU 3 while offline: {s:?}"

@@ -157,7 +157,7 @@ fn deferrable_calls_wait_for_the_exit_and_run_in_order_exactly_once() {
     assert_eq!(runs.load(Ordering::SeqCst), 0, "nothing ran while quiet");
     assert_eq!(m.platform().signals_sent_to(2), before, "and no signal");
     assert_eq!(
-        m.engine().stats(2).deferred_while_quiet,
+        m.engine().stats(2).unwrap().deferred_while_quiet,
         1,
         "one IPI withheld (coalesced)"
     );
@@ -170,7 +170,7 @@ fn deferrable_calls_wait_for_the_exit_and_run_in_order_exactly_once() {
         "ran at the exit, before the thread left"
     );
     assert_eq!(order.load(Ordering::SeqCst), 123, "in order");
-    assert_eq!(m.engine().stats(2).run_at_quiet_exit, 3);
+    assert_eq!(m.engine().stats(2).unwrap().run_at_quiet_exit, 3);
     Arc::try_unwrap(m).unwrap().shutdown().unwrap();
 }
 

@@ -993,7 +993,7 @@ fn t_coalescing(ctx: &Ctx) -> Outcome {
             RELEASE.store(true, Ordering::SeqCst);
             return;
         }
-        let before = e.stats(target);
+        let before = e.stats(target).unwrap();
         for csd in CSDS.iter() {
             let r = e.call_async_csd(Pin::static_ref(csd), target, |_| {
                 RUNS.fetch_add(1, Ordering::SeqCst);
@@ -1003,11 +1003,11 @@ fn t_coalescing(ctx: &Ctx) -> Outcome {
             }
         }
         time::delay_us(2_000);
-        let queued = e.stats(target);
+        let queued = e.stats(target).unwrap();
         let runs_masked = RUNS.load(Ordering::SeqCst);
         RELEASE.store(true, Ordering::SeqCst);
         let all_ran = time::wait_until(5_000, || RUNS.load(Ordering::SeqCst) == N);
-        let after = e.stats(target);
+        let after = e.stats(target).unwrap();
         let check = || -> Outcome {
             ensure!(
                 queued.calls_queued - before.calls_queued == N as u64,
@@ -1085,7 +1085,7 @@ fn t_elision(ctx: &Ctx) -> Outcome {
         "CPU {target} did not start polling"
     );
     let halts = percpu::CPUS[target].halts.load(Ordering::SeqCst);
-    let before = e.stats(target);
+    let before = e.stats(target).unwrap();
     for i in 0..N {
         let r = e.call_single(target, |c| c as u64 + i);
         ensure!(
@@ -1093,7 +1093,7 @@ fn t_elision(ctx: &Ctx) -> Outcome {
             "call_single to polling CPU = {r:?}"
         );
     }
-    let mid = e.stats(target);
+    let mid = e.stats(target).unwrap();
     ensure!(
         mid.ipi_sent == before.ipi_sent,
         "{} IPIs sent to a polling CPU",
@@ -1117,7 +1117,7 @@ fn t_elision(ctx: &Ctx) -> Outcome {
         time::wait_until(2_000, || !e.is_polling(target)),
         "CPU {target} kept polling"
     );
-    let mid = e.stats(target);
+    let mid = e.stats(target).unwrap();
     for i in 0..N {
         let r = e.call_single(target, |c| c as u64 + i);
         ensure!(
@@ -1125,7 +1125,7 @@ fn t_elision(ctx: &Ctx) -> Outcome {
             "call_single to halted CPU = {r:?}"
         );
     }
-    let after = e.stats(target);
+    let after = e.stats(target).unwrap();
     ensure!(
         after.ipi_sent - mid.ipi_sent == N,
         "{} IPIs to a halted CPU for {N} calls",
@@ -1677,10 +1677,10 @@ fn t_lost_ipi(ctx: &Ctx) -> Outcome {
     let e = engine();
     let p = e.platform();
     let target = ctx.n - 1;
-    let old_threshold = e.stall_threshold_ns();
-    e.set_stall_threshold_ns(THRESHOLD_MS * 1_000_000);
+    let old_threshold = e.stall_threshold();
+    e.set_stall_threshold(core::time::Duration::from_millis(THRESHOLD_MS));
     let r = lost_ipi_body(target);
-    e.set_stall_threshold_ns(old_threshold);
+    e.set_stall_threshold(old_threshold);
     let (wait_ms, d1, d2) = r?;
     ensure!(
         p.dropped.load(Ordering::SeqCst) >= 2,
@@ -1885,8 +1885,8 @@ fn t_nesting(_ctx: &Ctx) -> Outcome {
     let e = engine();
     // CPU 0's waiters (one per nesting level below the limit) wait for CPU 1 for the whole
     // sending phase, on purpose: keep the default stall reports (5 s) from firing for them.
-    let old_threshold = e.stall_threshold_ns();
-    e.set_stall_threshold_ns(120_000_000_000);
+    let old_threshold = e.stall_threshold();
+    e.set_stall_threshold(core::time::Duration::from_secs(120));
     let done = || {
         OK.load(Ordering::SeqCst) + REFUSED.load(Ordering::SeqCst) + OTHER.load(Ordering::SeqCst)
     };
@@ -1990,7 +1990,7 @@ fn t_nesting(_ctx: &Ctx) -> Outcome {
     });
     let ok = OK.load(Ordering::SeqCst);
     let ran_all = time::wait_until(10_000, || ON_CPU1.load(Ordering::SeqCst) >= ok);
-    e.set_stall_threshold_ns(old_threshold);
+    e.set_stall_threshold(old_threshold);
     fail.check()?;
     let (refused, other) = (REFUSED.load(Ordering::SeqCst), OTHER.load(Ordering::SeqCst));
     let on_cpu1 = ON_CPU1.load(Ordering::SeqCst);

@@ -337,7 +337,7 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
     }
     // Shared with the churn threads, which attach to it; unwrapped again for the shutdown.
     let machine = Arc::new(builder.build()?);
-    let stall_ns = machine.engine().stall_threshold_ns();
+    let stall_ns = machine.engine().stall_threshold().as_nanos() as u64;
     if cfg.drop_ipi > 0.0 && stall_ns != 0 {
         ledger.set_delay_threshold(faults::delay_threshold(Duration::from_nanos(stall_ns)));
     }

@@ -134,7 +134,7 @@ impl super::Machine {
     pub fn attach(&self) -> Result<CpuGuard, Error> {
         let inner = self.inner();
         let engine = &inner.engine;
-        if engine.is_shut_down() {
+        if engine.is_shutdown() {
             return Err(Error::ShutDown);
         }
         if engine.current_cpu().is_some() || ATTACHMENT.with(|a| a.borrow().is_some()) {

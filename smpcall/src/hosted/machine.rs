@@ -122,7 +122,7 @@ impl Machine {
         };
         let storage = HeapStorage::with_foreign_rows(total, b.foreign_senders);
         let engine = Engine::new(platform, storage)?;
-        engine.set_stall_threshold_ns(b.stall_threshold.as_nanos().min(u64::MAX as u128) as u64);
+        engine.set_stall_threshold(b.stall_threshold);
         let inner = Arc::new(Inner {
             engine,
             idle: b.idle,
@@ -310,7 +310,7 @@ impl Machine {
         }
         let engine = &self.inner.engine;
         // SAFETY: we own the machine; its shutdown protocol is this function.
-        unsafe { engine.shut_down() };
+        unsafe { engine.shutdown() };
         let n = self.threads.len();
         for cpu in 0..n {
             self.host(cpu).stop.store(true, Ordering::SeqCst);
