@@ -70,6 +70,13 @@ impl Tally {
     }
 }
 
+/// The tests of this file run one at a time: one of them counts the process's threads.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn machine(spawned: usize, slots: usize) -> Machine {
     Machine::builder()
         .cpus(spawned)
@@ -81,6 +88,7 @@ fn machine(spawned: usize, slots: usize) -> Machine {
 
 #[test]
 fn the_main_thread_attaches_calls_and_leaves_and_its_id_is_reused() {
+    let _serial = serial();
     let m = machine(2, 2);
     assert!(
         !m.engine().is_online(2) && !m.engine().is_online(3),
@@ -117,6 +125,7 @@ fn the_main_thread_attaches_calls_and_leaves_and_its_id_is_reused() {
 
 #[test]
 fn a_thread_that_is_not_a_cpu_makes_every_kind_of_call() {
+    let _serial = serial();
     let m = machine(3, 0);
     let e = m.engine();
     let runs = Arc::new(AtomicU64::new(0));
@@ -176,6 +185,7 @@ fn a_thread_that_is_not_a_cpu_makes_every_kind_of_call() {
 /// `Offline` — and never runs after its CPU left.
 #[test]
 fn attach_and_leave_under_a_flood_of_calls_keep_exactly_once() {
+    let _serial = serial();
     const SENDERS: usize = 2;
     const SLOTS: usize = 2;
     const ROUNDS: usize = 60;
@@ -244,6 +254,7 @@ fn ipi_signal_blocked_here(signo: i32) -> bool {
 
 #[test]
 fn a_thousand_attach_leave_cycles_leave_nothing_behind() {
+    let _serial = serial();
     let m = machine(1, 2);
     let signo = m.platform().signal();
     let threads = threads_of_this_process();
@@ -273,6 +284,7 @@ fn a_thousand_attach_leave_cycles_leave_nothing_behind() {
 
 #[test]
 fn a_thread_that_exits_or_panics_while_attached_leaves_cleanly() {
+    let _serial = serial();
     let m = Arc::new(machine(1, 1));
     // Exit with the guard forgotten.
     let m2 = Arc::clone(&m);
@@ -306,6 +318,7 @@ fn a_thread_that_exits_or_panics_while_attached_leaves_cleanly() {
 
 #[test]
 fn leaving_inside_an_rcu_reader_is_refused_and_happens_at_thread_exit() {
+    let _serial = serial();
     let m = Arc::new(machine(1, 1));
     let m2 = Arc::clone(&m);
     let still_online = Arc::new(AtomicUsize::new(0));
@@ -338,6 +351,7 @@ fn leaving_inside_an_rcu_reader_is_refused_and_happens_at_thread_exit() {
 
 #[test]
 fn attach_errors_change_nothing() {
+    let _serial = serial();
     let m = machine(1, 0);
     assert!(matches!(m.attach(), Err(Error::Unsupported(_))), "no slot");
     let m = machine(1, 1);
@@ -371,6 +385,7 @@ fn attach_errors_change_nothing() {
 /// exclusion against `cpu_down`); refusals say `Offline`.
 #[test]
 fn calls_from_other_threads_keep_exactly_once_under_hotplug() {
+    let _serial = serial();
     const SENDERS: usize = 3;
     let m = Arc::new(machine(4, 0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -408,6 +423,7 @@ fn calls_from_other_threads_keep_exactly_once_under_hotplug() {
 /// stop_machine, waiting for the spawned CPUs whose threads had already exited.
 #[test]
 fn a_guard_dropped_after_shutdown_leaves_at_once() {
+    let _serial = serial();
     use std::sync::mpsc::channel;
     let m = Arc::new(machine(1, 1));
     assert!(matches!(
