@@ -132,6 +132,9 @@ struct Mix {
     /// No-wait calls whose function makes a nested no-wait call from handler context. Not
     /// combined with `hotplug` while engine bug 2b is open (see the ignored tests).
     nested: bool,
+    /// Quiet regions (the program spends scheduling points in `Engine::quiet`), deferrable
+    /// calls to any CPU, and expedited grace periods.
+    quiet: bool,
 }
 
 impl Default for Mix {
@@ -139,6 +142,7 @@ impl Default for Mix {
         Mix {
             hotplug: false,
             nested: true,
+            quiet: false,
         }
     }
 }
@@ -176,6 +180,32 @@ fn mixed_program(seed: u64, me: CpuId, n: usize, ledger: Arc<Ledger>, mix: Mix) 
         for op in 0..OPS_PER_CPU {
             let id = me * OPS_PER_CPU + op;
             let t = rng.u64(..n as u64) as CpuId;
+            if mix.quiet && rng.u64(..3) == 0 {
+                match rng.u64(..3) {
+                    0 => {
+                        // Quiet for a while: deferrable calls to us wait, grace periods skip us.
+                        let points = rng.u64(..12);
+                        e.quiet(|| {
+                            for _ in 0..points {
+                                sim::yield_now();
+                            }
+                        });
+                    }
+                    1 => {
+                        let l2 = Arc::clone(l);
+                        match e.call_single_deferrable(t, move |cpu| l2.hit(id, cpu)) {
+                            Ok(()) => l.expect(id, [t]),
+                            Err(err) => l.refused(err),
+                        }
+                    }
+                    _ => {
+                        if let Err(err) = e.synchronize_rcu_expedited() {
+                            l.refused(err);
+                        }
+                    }
+                }
+                continue;
+            }
             let mut kind = rng.u64(..if mix.hotplug { 16 } else { 13 });
             if kind == 12 && !mix.nested {
                 kind = 2;
@@ -785,6 +815,7 @@ fn hotplug_and_stop_machine_keep_exactly_once_under_faults() {
     let mix = Mix {
         hotplug: true,
         nested: false,
+        quiet: false,
     };
     // Without faults nothing may need rescuing: re-send off, a lost IPI fails the run.
     sweep_workload("hotplug + stop_machine", 3000..3060, mix, |c| {
@@ -796,6 +827,26 @@ fn hotplug_and_stop_machine_keep_exactly_once_under_faults() {
         c.duplicate_ipi = 0.1;
     });
     assert!(faulty.dropped > 0 && faulty.resends > 0, "{faulty:?}");
+}
+
+#[test]
+fn quiet_regions_and_deferrable_calls_keep_exactly_once_under_faults() {
+    let mix = Mix {
+        hotplug: false,
+        nested: true,
+        quiet: true,
+    };
+    // Without faults nothing may need rescuing: a deferrable call stranded on a CPU that left
+    // its quiet region (the exit's Dekker pair broken) fails the run.
+    sweep_workload("quiet + deferrable", 6000..6080, mix, |c| {
+        c.resend_on_stall = false;
+    });
+    let faulty = sweep_workload("quiet + deferrable, faults", 7000..7080, mix, |c| {
+        c.drop_ipi = 0.2;
+        c.delay_ipi = 0.2;
+        c.duplicate_ipi = 0.1;
+    });
+    assert!(faulty.dropped > 0, "{faulty:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1029,11 +1080,13 @@ fn nested_no_wait_calls_from_handlers_keep_exactly_once() {
     let nested = Mix {
         hotplug: false,
         nested: true,
+        quiet: false,
     };
     sweep_workload("nested", 5000..5150, nested, |c| c.resend_on_stall = false);
     let all = Mix {
         hotplug: true,
         nested: true,
+        quiet: false,
     };
     sweep_workload("nested + hotplug", 6000..6100, all, |c| {
         c.resend_on_stall = false
