@@ -69,10 +69,13 @@ impl Category {
             Category::RcuRead => {
                 "user-space RCU: read-side lock + unlock, one thread (liburcu through its exported functions, a call each: slightly disfavoured)".into()
             }
-            Category::RcuGpBusy => format!(
-                "user-space RCU, {} reader thread(s) busy in read-side sections: grace-period latency",
-                super::rcu::busy_readers(cores)
-            ),
+            Category::RcuGpBusy => {
+                let n = super::rcu::busy_readers(cores);
+                format!(
+                    "user-space RCU, {n} reader thread{} busy in read-side sections: grace-period latency",
+                    if n == 1 { "" } else { "s" }
+                )
+            }
             Category::RcuGpBlocked => format!(
                 "user-space RCU, {} reader threads blocked in read(2): grace-period latency",
                 super::rcu::BLOCKED_READERS
