@@ -29,6 +29,10 @@
 //! * **async throughput** — no-wait calls to one target through a ring of caller-owned `Csd`s
 //!   or the engine's slot, vs a crossbeam `unbounded` channel; messages per second and IPIs
 //!   per call.
+//! * **user-space RCU** ([`rcu`]) — read-side lock + unlock cost, and grace-period latency with
+//!   reader threads busy in sections or blocked in `read(2)`: smpcall's expedited RCU (attached
+//!   threads) vs each liburcu flavour ([`urcu`], loaded at run time; rows skipped, saying so,
+//!   when it is not installed).
 //!
 //! ```no_run
 //! use smpcall_cli::bench::{self, Config};
@@ -40,7 +44,8 @@
 //!
 //! Layout: [`clock`] (timestamps), [`sample`] (the timed loop, histograms, summaries),
 //! [`threads`] (pinning, bounded joins and spins), [`peers`] (the floor and the peers),
-//! [`ours`] (smpcall on a hosted machine), [`report`] (ratios, targets, table, JSON),
+//! [`ours`] (smpcall on a hosted machine), [`rcu`] and [`urcu`] (the user-space RCU rows and
+//! liburcu), [`report`] (ratios, targets, table, JSON),
 //! [`plot`] (the SVG of the latency distributions); here the configuration and the driver.
 
 pub mod callgrind;
@@ -50,11 +55,13 @@ pub mod ours;
 pub mod output;
 pub mod peers;
 pub mod plot;
+pub mod rcu;
 pub mod report;
 pub mod sample;
 pub mod scaling;
 pub mod solo;
 pub mod threads;
+pub mod urcu;
 
 use std::fmt;
 use std::time::Duration;
@@ -62,7 +69,7 @@ use std::time::Duration;
 use smpcall::hosted::IdlePolicy;
 
 pub use clock::{Clock, ClockSource};
-pub use report::{Category, PassFigure, Report, Row, Side, Skipped, TargetCheck};
+pub use report::{Category, NotEvaluated, PassFigure, Report, Row, Side, Skipped, TargetCheck};
 use sample::Latency;
 use threads::Topology;
 
@@ -260,18 +267,94 @@ pub const ROW_IDS: &[&str] = &[
     "async_slot_polling",
     "crossbeam_unbounded_blocking",
     "crossbeam_unbounded_spinning",
+    "rcu_read_smpcall",
+    "rcu_read_urcu_memb",
+    "rcu_read_urcu_mb",
+    "rcu_read_urcu_signal",
+    "rcu_read_urcu_qsbr",
+    "rcu_gp_busy_smpcall",
+    "rcu_gp_busy_urcu_memb",
+    "rcu_gp_busy_urcu_mb",
+    "rcu_gp_busy_urcu_signal",
+    "rcu_gp_busy_urcu_qsbr",
+    "rcu_gp_blocked_smpcall",
+    "rcu_gp_blocked_smpcall_signalled",
+    "rcu_gp_blocked_urcu_memb",
+    "rcu_gp_blocked_urcu_mb",
+    "rcu_gp_blocked_urcu_signal",
+    "rcu_gp_blocked_urcu_qsbr",
 ];
+
+/// The user-space RCU rows: whose RCU, and what the row measures (`None`: read-side cost;
+/// `Some(readers)`: grace-period latency with readers doing that). `None` for other rows.
+fn rcu_row(id: &str) -> Option<(rcu::Who, Option<rcu::Readers>)> {
+    use rcu::{Readers, Who};
+    let (what, who) = if let Some(rest) = id.strip_prefix("rcu_read_") {
+        (None, rest)
+    } else if let Some(rest) = id.strip_prefix("rcu_gp_busy_") {
+        (Some(Readers::Busy), rest)
+    } else if id == "rcu_gp_blocked_smpcall_signalled" {
+        return Some((Who::Smpcall, Some(Readers::BlockedSignalled)));
+    } else {
+        (Some(Readers::Blocked), id.strip_prefix("rcu_gp_blocked_")?)
+    };
+    let who = match who {
+        "smpcall" => Who::Smpcall,
+        other => Who::Urcu(urcu::Flavour::from_name(other.strip_prefix("urcu_")?)?),
+    };
+    Some((who, what))
+}
+
+/// Name, category and side of an RCU row.
+fn rcu_meta(who: rcu::Who, what: Option<rcu::Readers>) -> (String, Category, Side) {
+    use rcu::{Readers, Who};
+    let (cat, side) = match (what, who) {
+        (None, Who::Smpcall) => (Category::RcuRead, Side::Ours),
+        (None, Who::Urcu(_)) => (Category::RcuRead, Side::Peer),
+        (Some(Readers::Busy), Who::Smpcall) => (Category::RcuGpBusy, Side::Ours),
+        (Some(Readers::Busy), Who::Urcu(_)) => (Category::RcuGpBusy, Side::Peer),
+        (Some(_), Who::Smpcall) => (Category::RcuGpBlocked, Side::Ours),
+        (Some(_), Who::Urcu(_)) => (Category::RcuGpBlocked, Side::Peer),
+    };
+    let name = match (who, what) {
+        (Who::Smpcall, None) => "smpcall rcu_read_lock + drop (attached thread)".to_string(),
+        (Who::Urcu(f), None) => format!("liburcu-{} read_lock + read_unlock (2 calls)", f.name()),
+        (Who::Smpcall, Some(Readers::Busy)) => {
+            "smpcall synchronize_rcu_expedited, readers pass safe_point".to_string()
+        }
+        (Who::Smpcall, Some(Readers::Blocked)) => {
+            "smpcall synchronize_rcu_expedited, readers in hosted::quiet".to_string()
+        }
+        (Who::Smpcall, Some(Readers::BlockedSignalled)) => {
+            "smpcall synchronize_rcu_expedited, readers signalled (no quiet)".to_string()
+        }
+        (Who::Urcu(rcu_flavour), Some(readers)) => {
+            let how = match (rcu_flavour, readers) {
+                (urcu::Flavour::Qsbr, Readers::Busy) => ", readers call quiescent_state",
+                (urcu::Flavour::Qsbr, _) => ", readers offline",
+                _ => "",
+            };
+            format!("liburcu-{} synchronize_rcu{how}", rcu_flavour.name())
+        }
+    };
+    (name, cat, side)
+}
 
 /// What one row measured.
 enum Measured {
     Latency(hdrhistogram::Histogram<u64>, Option<ours::Delivery>),
     Throughput(sample::Throughput, Option<ours::Delivery>),
+    /// Rounds of an operation timed as a rate; reported as nanoseconds per operation.
+    Cost(sample::Throughput),
 }
 
 /// Name, category and side of a row id.
 fn row_meta(id: &str, topo: &Topology) -> (String, Category, Side) {
     use Category::*;
     use Side::*;
+    if let Some((who, what)) = rcu_row(id) {
+        return rcu_meta(who, what);
+    }
     let four = if topo.cores() >= 4 {
         "4 CPUs".to_string()
     } else {
@@ -365,6 +448,15 @@ fn measure_row(ctx: &Ctx, id: &str, name: &str) -> Result<Measured, BenchError> 
     let ours_lat = |(h, d)| Ok(Measured::Latency(h, Some(d)));
     let ours_tput = |(t, d)| Ok(Measured::Throughput(t, Some(d)));
     let default_idle = IdlePolicy::PollThenSleep(Duration::from_micros(50));
+    if let Some((who, what)) = rcu_row(id) {
+        return match what {
+            None => Ok(Measured::Cost(rcu::read_cost(ctx, name, who)?)),
+            Some(readers) => {
+                let (h, d) = rcu::grace_period(ctx, name, who, readers)?;
+                Ok(Measured::Latency(h, d))
+            }
+        };
+    }
     match id {
         "floor" => lat(peers::floor(ctx, name)?),
         "sync_polling" => ours_lat(ours::sync_single(ctx, name, TargetState::Polling)?),
@@ -462,6 +554,7 @@ pub fn run_with_progress(
         .copied()
         .filter(|id| cfg.four_cpus || !id.ends_with("_4"))
         .filter(|id| *id != "membarrier" || membarrier.is_ok())
+        .filter(|id| rcu_row(id).is_none_or(|(who, _)| rcu::available(who).is_ok()))
         .collect();
     let mut acc: Vec<Acc> = ids
         .iter()
@@ -485,7 +578,7 @@ pub fn run_with_progress(
             }
             let name = acc[i].row.name.clone();
             progress(pass * ids.len() + i, total, &name);
-            let latency_row = acc[i].row.category != Category::Throughput;
+            let latency_row = acc[i].row.category.is_latency();
             // The floor right before the row, in the same conditions.
             let local_floor = if latency_row {
                 let h = local_floor(&floor_ctx)?;
@@ -520,6 +613,14 @@ pub fn run_with_progress(
                         floor_ns: None,
                     });
                 }
+                Measured::Cost(t) => {
+                    acc[i].rates.extend(&t.rounds_per_s);
+                    acc[i].row.passes.push(PassFigure {
+                        pass: pass as u64,
+                        value: t.ns_per_message,
+                        floor_ns: None,
+                    });
+                }
             }
         }
     }
@@ -546,6 +647,20 @@ pub fn run_with_progress(
             category: Category::Broadcast,
             reason: reason.clone(),
         });
+    }
+    for id in ROW_IDS {
+        let Some((who, _)) = rcu_row(id) else {
+            continue;
+        };
+        if let Err(reason) = rcu::available(who) {
+            let (name, category, _) = row_meta(id, &topo);
+            skipped.push(Skipped {
+                id: id.to_string(),
+                name,
+                category,
+                reason,
+            });
+        }
     }
     let load = [load_before, load_average()];
     Ok(Report::build(cfg, &clock, &topo, load, rows, skipped))

@@ -65,15 +65,16 @@ pub struct Delivery {
     pub futex_wakes_per_call: f64,
 }
 
+/// Engine counters read before and after a row.
 #[derive(Clone, Copy, Default)]
-struct Counters {
+pub(super) struct Counters {
     ipis: u64,
     elided: u64,
     signals: u64,
     futex: u64,
 }
 
-fn counters(e: &HostEngine) -> Counters {
+pub(super) fn counters(e: &HostEngine) -> Counters {
     let t = e.total_stats();
     Counters {
         ipis: t.ipi_sent,
@@ -83,7 +84,7 @@ fn counters(e: &HostEngine) -> Counters {
     }
 }
 
-fn delivery(before: Counters, after: Counters, calls: u64) -> Delivery {
+pub(super) fn delivery(before: Counters, after: Counters, calls: u64) -> Delivery {
     let per = |a: u64, b: u64| (b - a) as f64 / calls.max(1) as f64;
     Delivery {
         calls,
@@ -119,7 +120,7 @@ fn machine_with(
     })
 }
 
-fn engine_err(what: &str) -> impl Fn(Error) -> BenchError + '_ {
+pub(super) fn engine_err(what: &str) -> impl Fn(Error) -> BenchError + '_ {
     move |error| BenchError::Engine {
         what: what.to_string(),
         error,

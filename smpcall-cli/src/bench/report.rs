@@ -26,17 +26,32 @@ pub enum Category {
     StopMachine,
     /// No-wait calls to one target, messages per second.
     Throughput,
+    /// RCU read-side lock + unlock on one thread, nanoseconds per pair (lower is better).
+    RcuRead,
+    /// RCU grace-period latency with reader threads busy in read-side sections.
+    RcuGpBusy,
+    /// RCU grace-period latency with reader threads blocked in a system call.
+    RcuGpBlocked,
 }
 
 impl Category {
     /// Every category, in table order.
-    pub const ALL: [Category; 5] = [
+    pub const ALL: [Category; 8] = [
         Category::Single,
         Category::Broadcast,
         Category::Broadcast4,
         Category::StopMachine,
         Category::Throughput,
+        Category::RcuRead,
+        Category::RcuGpBusy,
+        Category::RcuGpBlocked,
     ];
+
+    /// Whether its rows are latency distributions (a histogram of round trips), measured
+    /// right after a floor; the others are rates of rounds.
+    pub fn is_latency(self) -> bool {
+        !matches!(self, Category::Throughput | Category::RcuRead)
+    }
 
     /// The heading of the category's part of the table.
     pub fn title(self, cores: usize) -> String {
@@ -51,6 +66,20 @@ impl Category {
                 "stop_machine round trip, caller CPU 0, function on CPU 1 (no peer)".into()
             }
             Category::Throughput => "async throughput to one target".into(),
+            Category::RcuRead => {
+                "user-space RCU: read-side lock + unlock, one thread (liburcu through its exported functions, a call each: slightly disfavoured)".into()
+            }
+            Category::RcuGpBusy => {
+                let n = super::rcu::busy_readers(cores);
+                format!(
+                    "user-space RCU, {n} reader thread{} busy in read-side sections: grace-period latency",
+                    if n == 1 { "" } else { "s" }
+                )
+            }
+            Category::RcuGpBlocked => format!(
+                "user-space RCU, {} reader threads blocked in read(2): grace-period latency",
+                super::rcu::BLOCKED_READERS
+            ),
         }
     }
 }
@@ -104,7 +133,7 @@ pub struct Row {
     pub ratio_floor: Option<f64>,
     /// Median over passes of (the pass's median ÷ the best peer's median in the same pass)
     /// for latency rows, or of (rate ÷ the best peer's rate) for throughput rows (above 1 is
-    /// better).
+    /// better), or of (ns per pair ÷ the best peer's) for RCU read-side rows.
     pub ratio_best_peer: Option<f64>,
     /// Id of the best peer of the category.
     pub best_peer: Option<String>,
@@ -131,8 +160,12 @@ impl Row {
         }
     }
 
-    /// The figure rows are ranked by: median latency (ns) or median rate (messages/s).
+    /// The figure rows are ranked by: median latency (ns), median rate (messages/s), or
+    /// (RCU read side) nanoseconds per lock + unlock pair at the median rate.
     pub fn key(&self) -> Option<f64> {
+        if self.category == Category::RcuRead {
+            return self.throughput.as_ref().map(|t| t.ns_per_message);
+        }
         self.latency
             .as_ref()
             .map(|l| l.median_ns)
@@ -145,7 +178,8 @@ impl Row {
 pub struct PassFigure {
     /// Pass number, from 0.
     pub pass: u64,
-    /// Median latency (ns) or median rate (messages/s) in that pass.
+    /// Median latency (ns) or median rate (messages/s) in that pass; for RCU read-side rows,
+    /// nanoseconds per lock + unlock pair at the pass's median rate.
     pub value: f64,
     /// Median of the floor measured right before it (latency rows), ns.
     pub floor_ns: Option<f64>,
@@ -190,6 +224,18 @@ pub struct Skipped {
     /// Category it would belong to.
     pub category: Category,
     /// Why it was not measured.
+    pub reason: String,
+}
+
+/// A performance target that could not be evaluated in this run (the row it compares with
+/// was not measured), and why. It counts neither as met nor as missed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NotEvaluated {
+    /// The row that has the target.
+    pub id: String,
+    /// The target, in words.
+    pub target: String,
+    /// Why it was not evaluated.
     pub reason: String,
 }
 
@@ -251,13 +297,16 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Rows not measured, with the reason.
     pub skipped: Vec<Skipped>,
+    /// Targets not evaluated (a row they compare with was not measured), with the reason.
+    pub not_evaluated: Vec<NotEvaluated>,
 }
 
 /// How a target compares a row.
 enum Against {
     /// Median ÷ floor ≤ limit.
     Floor,
-    /// Median ÷ that row's median ≤ limit (or < when `strict`).
+    /// Median ÷ that row's median ≤ limit (or < when `strict`); for RCU read-side rows, ns
+    /// per pair ÷ that row's.
     Latency(&'static str),
     /// Rate ÷ that row's rate ≥ limit.
     Rate(&'static str),
@@ -314,6 +363,20 @@ const TARGETS: &[(&str, Against, f64, bool, &str)] = &[
         1.0,
         false,
         "rate ≥ a crossbeam unbounded channel with a blocking receiver",
+    ),
+    (
+        "rcu_gp_blocked_smpcall",
+        Against::Latency("rcu_gp_blocked_urcu_memb"),
+        1.0,
+        false,
+        "grace period with reader threads blocked in a system call: median ≤ liburcu-memb's synchronize_rcu in the same setting",
+    ),
+    (
+        "rcu_read_smpcall",
+        Against::Latency("rcu_read_urcu_qsbr"),
+        1.5,
+        false,
+        "read-side lock + unlock cost ≤ 1.5× liburcu-qsbr's (called through its exported functions)",
     ),
 ];
 
@@ -375,10 +438,21 @@ impl Report {
                 r.best_peer = Some(best.id.clone());
             }
         }
+        let mut not_evaluated = Vec::new();
         for (id, against, limit, strict, words) in TARGETS {
             let Some(r) = rows.iter_mut().find(|r| r.id == *id) else {
                 continue;
             };
+            if let Against::Latency(other) | Against::Rate(other) = against {
+                if let Some(k) = skipped.iter().find(|k| k.id == *other) {
+                    not_evaluated.push(NotEvaluated {
+                        id: id.to_string(),
+                        target: words.to_string(),
+                        reason: k.reason.clone(),
+                    });
+                    continue;
+                }
+            }
             let ratio = match against {
                 Against::Floor => r.ratio_floor,
                 Against::Latency(other) | Against::Rate(other) => {
@@ -425,6 +499,7 @@ impl Report {
             },
             rows,
             skipped,
+            not_evaluated,
         }
     }
 
@@ -488,7 +563,7 @@ fn delivery(d: Option<&Delivery>) -> String {
     }
 }
 
-fn targets(r: &Row) -> String {
+fn targets(r: &Row, not_evaluated: &[NotEvaluated]) -> String {
     r.targets
         .iter()
         .map(|t| {
@@ -499,6 +574,12 @@ fn targets(r: &Row) -> String {
                 t.ratio
             )
         })
+        .chain(
+            not_evaluated
+                .iter()
+                .filter(|n| n.id == r.id)
+                .map(|n| format!("not evaluated: {} ({})", n.target, n.reason)),
+        )
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -564,66 +645,80 @@ impl fmt::Display for Report {
                 .and_then(|id| self.row(id))
                 .map_or(String::new(), |r| format!(" — best peer: {}", r.name));
             writeln!(f, "{}{best}", cat.title(s.cores))?;
-            if cat == Category::Throughput {
-                let widths = [name_w, 9, 9, 8, 10, 20, 0];
-                let head = [
-                    "row",
-                    "Mmsg/s",
-                    "slowest",
-                    "ns/msg",
-                    "×best peer",
-                    "IPIs/call",
-                    "target",
-                ];
-                writeln!(f, "{}", line(&head.map(String::from), &widths))?;
-                for r in rows {
-                    let Some(t) = &r.throughput else { continue };
-                    let cells = [
-                        r.name.clone(),
-                        format!("{:.2}", t.median_per_s / 1e6),
-                        format!("{:.2}", t.min_per_s / 1e6),
-                        format!("{:.1}", t.ns_per_message),
-                        ratio(r.ratio_best_peer),
-                        delivery(r.delivery.as_ref()),
-                        targets(r),
-                    ];
-                    writeln!(f, "{}", line(&cells, &widths))?;
-                }
-                writeln!(
-                    f,
-                    "  (Mmsg/s: median round; slowest: slowest round; ×best peer: rate ÷ best peer's rate, above 1 is faster)"
-                )?;
-            } else {
-                let widths = [name_w, 8, 8, 8, 7, 10, 20, 0];
-                let head = [
-                    "row (µs)",
-                    "median",
-                    "p90",
-                    "p99",
-                    "×floor",
-                    "×best peer",
-                    "IPIs/call",
-                    "target",
-                ];
-                writeln!(f, "{}", line(&head.map(String::from), &widths))?;
-                for r in rows {
-                    let Some(l) = &r.latency else { continue };
-                    let cells = [
-                        r.name.clone(),
-                        us(l.median_ns),
-                        us(l.p90_ns),
-                        us(l.p99_ns),
-                        ratio(r.ratio_floor),
-                        if r.side == Side::Floor {
-                            "—".to_string()
-                        } else {
-                            ratio(r.ratio_best_peer)
-                        },
-                        delivery(r.delivery.as_ref()),
-                        targets(r),
-                    ];
-                    writeln!(f, "{}", line(&cells, &widths))?;
-                }
+            let nv = &self.not_evaluated;
+            // Per kind of row: column widths, heading, one line of cells per row, a note.
+            let (widths, head, cells, note): (Vec<usize>, Vec<&str>, Vec<Vec<String>>, _) =
+                match cat {
+                    Category::Throughput => (
+                        vec![name_w, 9, 9, 8, 10, 20, 0],
+                        vec!["row", "Mmsg/s", "slowest", "ns/msg", "×best peer", "IPIs/call", "target"],
+                        rows.iter()
+                            .filter_map(|r| r.throughput.as_ref().map(|t| (r, t)))
+                            .map(|(r, t)| {
+                                vec![
+                                    r.name.clone(),
+                                    format!("{:.2}", t.median_per_s / 1e6),
+                                    format!("{:.2}", t.min_per_s / 1e6),
+                                    format!("{:.1}", t.ns_per_message),
+                                    ratio(r.ratio_best_peer),
+                                    delivery(r.delivery.as_ref()),
+                                    targets(r, nv),
+                                ]
+                            })
+                            .collect(),
+                        Some("(Mmsg/s: median round; slowest: slowest round; ×best peer: rate ÷ best peer's rate, above 1 is faster)".to_string()),
+                    ),
+                    Category::RcuRead => (
+                        vec![name_w, 8, 8, 10, 0],
+                        vec!["row (ns per pair)", "median", "slowest", "×best peer", "target"],
+                        rows.iter()
+                            .filter_map(|r| r.throughput.as_ref().map(|t| (r, t)))
+                            .map(|(r, t)| {
+                                vec![
+                                    r.name.clone(),
+                                    format!("{:.2}", t.ns_per_message),
+                                    format!("{:.2}", 1e9 / t.min_per_s.max(f64::MIN_POSITIVE)),
+                                    ratio(r.ratio_best_peer),
+                                    targets(r, nv),
+                                ]
+                            })
+                            .collect(),
+                        Some(format!("(median: round of {} pairs at the median rate; slowest: slowest round; ×best peer: ns per pair ÷ the cheapest peer's, below 1 is cheaper)", s.messages_per_round)),
+                    ),
+                    _ => (
+                        vec![name_w, 8, 8, 8, 7, 10, 20, 0],
+                        vec!["row (µs)", "median", "p90", "p99", "×floor", "×best peer", "IPIs/call", "target"],
+                        rows.iter()
+                            .filter_map(|r| r.latency.as_ref().map(|l| (r, l)))
+                            .map(|(r, l)| {
+                                vec![
+                                    r.name.clone(),
+                                    us(l.median_ns),
+                                    us(l.p90_ns),
+                                    us(l.p99_ns),
+                                    ratio(r.ratio_floor),
+                                    if r.side == Side::Floor {
+                                        "—".to_string()
+                                    } else {
+                                        ratio(r.ratio_best_peer)
+                                    },
+                                    delivery(r.delivery.as_ref()),
+                                    targets(r, nv),
+                                ]
+                            })
+                            .collect(),
+                        matches!(cat, Category::RcuGpBusy | Category::RcuGpBlocked).then(|| {
+                            "(one round trip = one grace period; IPIs/call: per grace period; ×floor means little here)".to_string()
+                        }),
+                    ),
+                };
+            let head: Vec<String> = head.into_iter().map(String::from).collect();
+            writeln!(f, "{}", line(&head, &widths))?;
+            for c in &cells {
+                writeln!(f, "{}", line(c, &widths))?;
+            }
+            if let Some(note) = note {
+                writeln!(f, "  {note}")?;
             }
             for k in skipped {
                 writeln!(f, "  {:name_w$}  not measured: {}", k.name, k.reason)?;
@@ -664,6 +759,73 @@ impl fmt::Display for Report {
         if !missed.is_empty() {
             write!(f, "; missed: {}", missed.join(", "))?;
         }
+        if !self.not_evaluated.is_empty() {
+            let not: Vec<String> = self
+                .not_evaluated
+                .iter()
+                .map(|n| format!("{}: {} ({})", n.id, n.target, n.reason))
+                .collect();
+            write!(f, "; not evaluated: {}", not.join(", "))?;
+        }
         writeln!(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::urcu::NOT_INSTALLED;
+
+    fn gp_row(id: &str, side: Side, median: f64) -> Row {
+        let mut r = Row::new(id, id.to_string(), Category::RcuGpBlocked, side);
+        r.passes.push(PassFigure {
+            pass: 0,
+            value: median,
+            floor_ns: Some(100.0),
+        });
+        r
+    }
+
+    /// A target whose peer row was not measured is listed as not evaluated, with the reason,
+    /// and counts neither as met nor as missed.
+    #[test]
+    fn target_against_a_skipped_row_is_not_evaluated() {
+        let cfg = Config::quick();
+        let clock = Clock::calibrate(std::time::Duration::from_millis(1));
+        let topo = Topology::detect();
+        let rows = vec![gp_row("rcu_gp_blocked_smpcall", Side::Ours, 500.0)];
+        let skipped = vec![Skipped {
+            id: "rcu_gp_blocked_urcu_memb".into(),
+            name: "liburcu-memb synchronize_rcu".into(),
+            category: Category::RcuGpBlocked,
+            reason: NOT_INSTALLED.into(),
+        }];
+        let r = Report::build(&cfg, &clock, &topo, [None, None], rows, skipped);
+        assert_eq!(r.targets().count(), 0);
+        assert_eq!(r.not_evaluated.len(), 1);
+        assert_eq!(r.not_evaluated[0].id, "rcu_gp_blocked_smpcall");
+        assert_eq!(r.not_evaluated[0].reason, NOT_INSTALLED);
+        let table = r.to_string();
+        assert!(table.contains(NOT_INSTALLED), "{table}");
+        assert!(table.contains("not evaluated:"), "{table}");
+        assert!(table.contains("performance targets: 0 of 0 met"), "{table}");
+        assert!(r.to_json().contains("\"not_evaluated\""));
+    }
+
+    /// Measured, the same target compares medians within the pass.
+    #[test]
+    fn target_against_a_measured_row_is_evaluated() {
+        let cfg = Config::quick();
+        let clock = Clock::calibrate(std::time::Duration::from_millis(1));
+        let topo = Topology::detect();
+        let rows = vec![
+            gp_row("rcu_gp_blocked_smpcall", Side::Ours, 500.0),
+            gp_row("rcu_gp_blocked_urcu_memb", Side::Peer, 1000.0),
+        ];
+        let r = Report::build(&cfg, &clock, &topo, [None, None], rows, Vec::new());
+        let (id, t) = r.targets().next().expect("one target");
+        assert_eq!(id, "rcu_gp_blocked_smpcall");
+        assert!(t.met && (t.ratio - 0.5).abs() < 1e-9, "{t:?}");
+        assert!(r.not_evaluated.is_empty());
     }
 }
