@@ -119,9 +119,15 @@ static HIGHEST: AtomicUsize = AtomicUsize::new(0);
 /// thread overflowed its stack (SIGSEGV) — the whole test process died.
 #[test]
 fn unbounded_handler_nesting_is_refused_instead_of_overflowing_the_stack() {
-    const CALLS: usize = 20_000;
+    // 20 000 by default; `SMPCALL_NESTING_CALLS=1000000` (CI, release) for the million.
+    let calls: usize = std::env::var("SMPCALL_NESTING_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    // A million calls take tens of seconds on a loaded 2-core machine.
+    let limit = if calls > 20_000 { LIMIT * 9 } else { LIMIT };
     let m = machine(3);
-    let held = common::MaskedCpu::hold(&m, 1);
+    let held = common::MaskedCpu::hold_for(&m, 1, limit);
     let ok = Arc::new(AtomicUsize::new(0));
     let refused = Arc::new(AtomicUsize::new(0));
     let other = Arc::new(AtomicUsize::new(0));
@@ -133,7 +139,7 @@ fn unbounded_handler_nesting_is_refused_instead_of_overflowing_the_stack() {
         Arc::clone(&on_cpu1),
     );
     let mut sender = m.run_on(2, move |e| {
-        for _ in 0..CALLS {
+        for _ in 0..calls {
             let (ok, refused, other, c1) = (
                 Arc::clone(&ok2),
                 Arc::clone(&ref2),
@@ -165,17 +171,17 @@ fn unbounded_handler_nesting_is_refused_instead_of_overflowing_the_stack() {
             .unwrap();
         }
     });
-    sender.join_timeout(LIMIT * 6).expect("every call was sent");
+    sender.join_timeout(limit).expect("every call was sent");
     let done = || {
         ok.load(Ordering::SeqCst) + refused.load(Ordering::SeqCst) + other.load(Ordering::SeqCst)
     };
     // The functions still waiting for the slot to CPU 1 (one per nesting level but the last)
     // finish once CPU 1 unmasks.
-    wait_until(LIMIT * 3, "all but the nested waiters to have run", || {
-        done() >= CALLS - 8
+    wait_until(limit, "all but the nested waiters to have run", || {
+        done() >= calls - 8
     });
     held.release();
-    wait_until(LIMIT, "every call to CPU 0 to have run", || done() == CALLS);
+    wait_until(LIMIT, "every call to CPU 0 to have run", || done() == calls);
     let accepted = ok.load(Ordering::SeqCst);
     wait_until(LIMIT, "every accepted call to CPU 1 to run", || {
         on_cpu1.load(Ordering::SeqCst) == accepted
@@ -383,4 +389,32 @@ fn a_many_call_naming_an_unknown_cpu_is_refused() {
         .unwrap();
     assert_eq!(r, (Err(Error::UnknownCpu(5)), Err(Error::UnknownCpu(5))));
     m.shutdown().unwrap();
+}
+
+/// Before: a shutdown that timed out leaked its threads, with no way to retry.
+#[test]
+fn a_timed_out_shutdown_can_be_retried() {
+    let mut m = machine(2);
+    let release = Arc::new(AtomicBool::new(false));
+    let r2 = Arc::clone(&release);
+    let started = Arc::new(AtomicBool::new(false));
+    let s2 = Arc::clone(&started);
+    let _task = m.run_on(1, move |_| {
+        s2.store(true, Ordering::SeqCst);
+        spin_until(LIMIT, "the test to end the task", || {
+            r2.load(Ordering::SeqCst)
+        });
+    });
+    wait_until(LIMIT, "the task to start", || {
+        started.load(Ordering::SeqCst)
+    });
+    assert!(matches!(
+        m.try_shutdown(Duration::from_millis(20)),
+        Err(Error::TimedOut(_))
+    ));
+    // Still whole: refusing calls, its task still running; retry once the task can end.
+    assert!(m.engine().is_shutdown());
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(m.try_shutdown(LIMIT), Ok(()));
+    assert_eq!(m.try_shutdown(LIMIT), Ok(()), "idempotent");
 }

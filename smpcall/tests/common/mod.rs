@@ -38,8 +38,13 @@ pub struct MaskedCpu {
 }
 
 impl MaskedCpu {
-    /// Holds `cpu` of `m` masked (returns once it is).
+    /// Holds `cpu` of `m` masked (returns once it is), for at most [`LIMIT`].
     pub fn hold(m: &smpcall::hosted::Machine, cpu: usize) -> MaskedCpu {
+        Self::hold_for(m, cpu, LIMIT)
+    }
+
+    /// Holds `cpu` of `m` masked (returns once it is), for at most `limit`.
+    pub fn hold_for(m: &smpcall::hosted::Machine, cpu: usize, limit: Duration) -> MaskedCpu {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
         let ready = Arc::new(AtomicBool::new(false));
@@ -48,7 +53,7 @@ impl MaskedCpu {
         let task = m.run_on(cpu, move |e| {
             let _masked = e.irq_save();
             r2.store(true, Ordering::SeqCst);
-            wait_until(LIMIT, "the test to release the masked CPU", || {
+            wait_until(limit, "the test to release the masked CPU", || {
                 rel2.load(Ordering::SeqCst)
             });
         });
