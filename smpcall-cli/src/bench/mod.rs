@@ -246,6 +246,8 @@ pub const ROW_IDS: &[&str] = &[
     "floor",
     "sync_polling",
     "sync_polling_nodiag",
+    "sync_polling_attached",
+    "sync_polling_foreign",
     "sync_busy",
     "sync_busy_unchecked",
     "sync_sleeping",
@@ -364,6 +366,16 @@ fn row_meta(id: &str, topo: &Topology) -> (String, Category, Side) {
         "floor" => ("floor: cache-line ping-pong".into(), Single, Floor),
         "sync_polling" => ("smpcall call_single → polling CPU".into(), Single, Ours),
         "sync_polling_nodiag" => ("  same, per-call diagnostics off".into(), Single, Ours),
+        "sync_polling_attached" => (
+            "  same, from a thread of yours attached as a CPU".into(),
+            Single,
+            Ours,
+        ),
+        "sync_polling_foreign" => (
+            "  same, from a thread of yours that is not a CPU".into(),
+            Single,
+            Ours,
+        ),
         "sync_busy_unchecked" => (
             "  same, unsafe run_calls_in_signal_handlers".into(),
             Single,
@@ -460,6 +472,16 @@ fn measure_row(ctx: &Ctx, id: &str, name: &str) -> Result<Measured, BenchError> 
     match id {
         "floor" => lat(peers::floor(ctx, name)?),
         "sync_polling" => ours_lat(ours::sync_single(ctx, name, TargetState::Polling)?),
+        "sync_polling_attached" => ours_lat(ours::sync_single_own_thread(
+            ctx,
+            name,
+            ours::OwnThread::Attached,
+        )?),
+        "sync_polling_foreign" => ours_lat(ours::sync_single_own_thread(
+            ctx,
+            name,
+            ours::OwnThread::Foreign,
+        )?),
         "sync_polling_nodiag" => ours_lat(ours::sync_single_diag(
             ctx,
             name,

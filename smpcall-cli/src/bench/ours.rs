@@ -359,3 +359,72 @@ pub fn throughput(
         Ok((t, delivery(before, counters(e), calls)))
     })
 }
+
+/// Who makes the calls of [`sync_single_own_thread`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnThread {
+    /// A thread of the bench's own, attached as a CPU (`Machine::attach`).
+    Attached,
+    /// A thread of the bench's own that is not a CPU (a foreign sender: stack call data).
+    Foreign,
+}
+
+/// Sync single calls to polling CPU 1 from a thread of the bench's own pinned to core 0 (the
+/// core of CPU 0, which sleeps in a task meanwhile): the "your own threads" modes next to the
+/// spawned CPU 0 of [`sync_single`].
+pub fn sync_single_own_thread(
+    ctx: &Ctx,
+    what: &str,
+    who: OwnThread,
+) -> Result<(Histogram<u64>, Delivery), BenchError> {
+    let m = Machine::builder()
+        .cpus(2)
+        .attach_slots(1)
+        .idle(IdlePolicy::Poll)
+        // CPU i on core i (Auto would not pin: 3 CPU slots on 2 cores).
+        .pinning(smpcall::hosted::Pinning::Always)
+        .timeout(ctx.cfg.wait_bound)
+        .build()
+        .map_err(engine_err("starting a machine with an attach slot"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = Arc::clone(&stop);
+    let mut sleeper = m.run_on(0, move |_| {
+        while !s2.load(Ordering::SeqCst) {
+            smpcall::hosted::sleep(std::time::Duration::from_millis(1));
+        }
+    });
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            ctx.topo.pin(0, 2);
+            let guard = match who {
+                OwnThread::Attached => Some(m.attach().map_err(engine_err(what))?),
+                OwnThread::Foreign => None,
+            };
+            let e = m.engine();
+            let before = counters(e);
+            let mut calls = 0u64;
+            let h = measure(&ctx.clock, &ctx.cfg, 0, || {
+                calls += 1;
+                black_box(
+                    e.call_single(1, black_box::<usize>)
+                        .map_err(engine_err(what))?,
+                );
+                Ok(())
+            })?;
+            drop(guard);
+            Ok((h, delivery(before, counters(e), calls)))
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(engine_err(what)(Error::InvalidConfig(
+                "the caller panicked",
+            )))
+        })
+    });
+    stop.store(true, Ordering::SeqCst);
+    let slept = sleeper.join_timeout(ctx.cfg.wait_bound);
+    m.shutdown()
+        .map_err(engine_err(&format!("{what}: machine shutdown")))?;
+    slept.map_err(engine_err(&format!("{what}: CPU 0's sleeping task")))?;
+    result
+}
