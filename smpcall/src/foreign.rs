@@ -24,7 +24,9 @@
 //!   sender sees the CPU not accepting (and pushes nothing), or `cpu_down` sees the sender and
 //!   waits until its push is on the queue — before the dying CPU's final flush.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
+
+use crate::sync::AtomicU64;
 
 use crate::cpumask::{CpuId, CpuMask};
 use crate::csd::{run_inline, run_once, run_shared, Csd, OnceCall, Payload, FOREIGN};
