@@ -111,7 +111,9 @@ impl Machine {
             nmi_signo,
             delivery: b.delivery,
             calls_in_handlers: b.calls_in_handlers,
-            oversubscribed: total > ncores,
+            // The spawned threads decide: attach slots are filled by threads of yours, which
+            // you schedule (counting empty slots made every wait yield).
+            oversubscribed: b.cpus > ncores,
             cpus: (0..total).map(|c| HostCpu::new(c < b.cpus)).collect(),
             drop_threshold: AtomicU64::new(drop_threshold),
             delay_threshold: AtomicU64::new(delay_threshold),
