@@ -110,6 +110,12 @@ thread_local! {
     };
 }
 
+thread_local! {
+    /// Spins of this thread in `relax` (a `const` Cell: no lazy initialisation, usable from
+    /// signal handlers).
+    static RELAX_SPINS: Cell<u32> = const { Cell::new(0) };
+}
+
 pub(super) fn current() -> Current {
     CURRENT.with(Cell::get)
 }
@@ -338,6 +344,17 @@ unsafe impl Platform for HostPlatform {
     fn relax(&self) {
         if self.oversubscribed {
             // More CPUs than cores: let the CPU we wait for run.
+            thread::yield_now();
+            return;
+        }
+        // Spin, but yield now and then: attached threads and threads that are not CPUs may
+        // share cores with the CPU they wait for, whatever the spawned count says.
+        let n = RELAX_SPINS.with(|c| {
+            let n = c.get().wrapping_add(1);
+            c.set(n);
+            n
+        });
+        if n % 256 == 0 {
             thread::yield_now();
         } else {
             std::hint::spin_loop();
