@@ -25,7 +25,26 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! The guarantees (C1–C8), the signal-context rules and the limits are set out in the README
+//! # Where to find what
+//!
+//! | you want | use |
+//! |---|---|
+//! | run code on threads of your process now | `hosted::Machine` (Linux, feature `std`) — spawned CPU threads, or your own threads with `Machine::attach`; any thread can call ([`Engine`]'s call API) |
+//! | a kernel / hypervisor / unikernel IPI layer | [`Engine`] over your [`Platform`] (an `unsafe` trait: its `# Safety` section is the contract) and a [`Storage`] ([`StaticStorage`] in a `static`); the `baremetal/` kernel of the repository is a complete example for x86_64, aarch64 and riscv64 |
+//! | the call API | [`Engine::call_single`], [`call_single_async`](Engine::call_single_async), [`call_async_csd`](Engine::call_async_csd) ([`Csd`]), [`call_many`](Engine::call_many) / `call_all` / `call_others` / `call_cond` and their `_async` forms, [`call_single_deferrable`](Engine::call_single_deferrable) |
+//! | hotplug and stop_machine | [`Engine::cpu_down`], [`cpu_up`](Engine::cpu_up), [`stop_machine`](Engine::stop_machine) (module `stop`, C10–C11) |
+//! | expedited RCU | [`Engine::rcu_read_lock`], [`synchronize_rcu_expedited`](Engine::synchronize_rcu_expedited) |
+//! | quiet CPUs (no interrupt while blocked) | [`Engine::quiet`], `hosted::quiet` |
+//! | NMIs, context tracking, diagnostics | [`Engine::nmi_call_many`] (`unsafe`), [`context`], [`Engine::dump`], [`Engine::diag_stats`] |
+//! | replayable interleavings with injected faults | `sim` (the deterministic simulator) |
+//! | cpu sets | [`CpuMask`] |
+//!
+//! Soundness: no safe function can cause undefined behaviour. What only a platform may call
+//! (`handle_ipi`, `idle_enter`, `mark_online`, …) is `unsafe` with a contract; in the hosted
+//! backend your functions never run in a signal handler that interrupted arbitrary code unless
+//! you opt in with `unsafe` (the `hosted` module's documentation).
+//!
+//! The guarantees (C1–C16), the signal-context rules and the limits are set out in the README
 //! at the root of the source repository; this crate's own README (shown on crates.io) is a
 //! summary.
 #![cfg_attr(not(feature = "std"), no_std)]

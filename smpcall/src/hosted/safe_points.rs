@@ -54,7 +54,7 @@ fn sleep_until_deadline(d: Duration) {
     }
 }
 
-/// A safe point: serves the current CPU's queue (for [`Delivery::SafePoint`], or to cut
+/// A safe point: serves the current CPU's queue (for [`Delivery::SafePoint`](super::Delivery::SafePoint), or to cut
 /// latency anywhere). Returns how many calls ran; 0 when not on a CPU thread.
 ///
 /// With interrupts masked (an [`IrqGuard`](crate::IrqGuard) alive) it serves nothing: the
