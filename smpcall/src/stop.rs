@@ -455,10 +455,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     pub(crate) fn cpu_leave(&self, me: CpuId) -> Result<(), Error> {
         self.check_can_wait(me)?;
         match self.lock_stop(Some(me)) {
-            Err(Error::Offline(_)) => return Ok(()),
+            // Offline already (taken down by someone else): take the lock as a bystander —
+            // an offline CPU serves nothing — to forget the slot below.
+            Err(Error::Offline(_)) => self.lock_stop(None)?,
             other => other?,
         }
         if !self.online.test(me) {
+            // Taken down by someone else meanwhile: just make sure nobody brings it back.
+            self.possible.clear(me);
             self.unlock_stop();
             return Ok(());
         }
@@ -474,6 +478,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
         };
         self.stop_locked(Some(me), &participants, &CpuMask::single(me), &dying, false);
+        // No thread is this CPU any more: `cpu_up` must not bring it back (calls to it would
+        // wait forever); the next thread to attach brings it up.
+        self.possible.clear(me);
         // Relaxed: statistics.
         self.hotplug.downs.fetch_add(1, Ordering::Relaxed);
         self.unlock_stop();

@@ -453,3 +453,37 @@ fn a_guard_dropped_after_shutdown_leaves_at_once() {
         "dropping the guard returned"
     );
 }
+
+/// A slot its thread left must not come back online without a thread: `cpu_up` is refused
+/// (calls to it would be accepted and wait forever).
+#[test]
+fn cpu_up_of_a_slot_nobody_holds_is_refused() {
+    let _serial = serial();
+    let m = Arc::new(machine(1, 1));
+    // Taken down by someone else while attached, then the thread leaves.
+    let (attached_tx, attached) = std::sync::mpsc::channel();
+    let (leave_tx, leave) = std::sync::mpsc::channel::<()>();
+    let m2 = Arc::clone(&m);
+    let holder = std::thread::spawn(move || {
+        let g = m2.attach().unwrap();
+        attached_tx.send(()).unwrap();
+        leave.recv().unwrap();
+        drop(g);
+    });
+    attached.recv_timeout(LIMIT).unwrap();
+    m.cpu_down(1).unwrap();
+    leave_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert!(matches!(m.cpu_up(1), Err(Error::Hotplug(_))));
+    assert!(matches!(m.engine().cpu_up(1), Err(Error::Hotplug(_))));
+    // Left while online: the same.
+    let g = m.attach().unwrap();
+    drop(g);
+    assert!(matches!(m.cpu_up(1), Err(Error::Hotplug(_))));
+    assert_eq!(m.engine().call_single(1, |_| ()), Err(Error::Offline(1)));
+    // The next thread to attach brings it up.
+    let g = m.attach().unwrap();
+    assert_eq!(g.engine().call_single(0, |c| c), Ok(0));
+    drop(g);
+    Arc::try_unwrap(m).unwrap().shutdown().unwrap();
+}
