@@ -101,6 +101,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// when `cpu` leaves the region; otherwise it is delivered as usual. Counted in
     /// [`CpuStats::deferred_while_quiet`](crate::CpuStats::deferred_while_quiet) and
     /// [`run_at_quiet_exit`](crate::CpuStats::run_at_quiet_exit).
+    ///
+    /// It uses this CPU's call-data slot for `cpu`, like `call_single_async`: a second call to
+    /// the same quiet CPU waits (serving this CPU's queue) until the first was taken — at that
+    /// CPU's exit from the region. Send one deferrable call per target and batch inside it.
     pub fn call_single_deferrable<F>(&self, cpu: CpuId, f: F) -> Result<(), Error>
     where
         F: FnOnce(CpuId) + Send + 'static,
