@@ -432,10 +432,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     pub fn new(platform: P, storage: S) -> Result<Self, Error> {
         let n = storage.cpus().len();
         if n == 0 {
-            return Err(Error::InvalidConfig("storage holds no CPU"));
+            return Err(Error::CpuCount {
+                requested: 0,
+                max: MAX_CPUS,
+            });
         }
         if n > MAX_CPUS {
-            return Err(Error::InvalidConfig("more CPUs than MAX_CPUS"));
+            return Err(Error::CpuCount {
+                requested: n,
+                max: MAX_CPUS,
+            });
         }
         if storage.slots().len() != n * n {
             return Err(Error::InvalidConfig(
@@ -1566,7 +1572,7 @@ mod tests {
         static EMPTY: StaticStorage<0> = StaticStorage::new();
         assert!(matches!(
             Engine::new(Manual::default(), &EMPTY),
-            Err(Error::InvalidConfig(_))
+            Err(Error::CpuCount { requested: 0, .. })
         ));
     }
 

@@ -57,6 +57,13 @@ pub enum Error {
     /// left that could only run there). Nothing was done; retry, or let that CPU reach a safe
     /// point.
     NotAtSafePoint(CpuId),
+    /// A CPU count outside `1..=max` (`max` is [`MAX_CPUS`](crate::MAX_CPUS)).
+    CpuCount {
+        /// The count asked for.
+        requested: usize,
+        /// The largest count allowed.
+        max: usize,
+    },
     /// A bounded wait of the hosted backend expired (the message says for what).
     TimedOut(&'static str),
 }
@@ -95,6 +102,10 @@ impl fmt::Display for Error {
         match self {
             Error::UnknownCpu(cpu) => write!(f, "CPU {cpu} does not exist on this machine"),
             Error::Offline(cpu) => write!(f, "CPU {cpu} is offline"),
+            Error::CpuCount { requested, max } => write!(
+                f,
+                "CPU count {requested} is outside 1..={max} (MAX_CPUS is {max})"
+            ),
             Error::NotAtSafePoint(cpu) => write!(
                 f,
                 "CPU {cpu} is running code that call functions may not interrupt and has to run \

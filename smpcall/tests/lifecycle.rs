@@ -79,10 +79,19 @@ fn stray_ipi_signal_after_shutdown_is_harmless() {
 
 #[test]
 fn bad_configuration_is_refused_with_a_message() {
-    assert!(matches!(
-        Machine::builder().cpus(0).build(),
-        Err(Error::InvalidConfig(_))
-    ));
+    assert_eq!(
+        Machine::builder().cpus(0).build().unwrap_err(),
+        Error::CpuCount {
+            requested: 0,
+            max: smpcall::MAX_CPUS
+        }
+    );
+    let e = Machine::builder().cpus(5000).build().unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "CPU count 5000 is outside 1..=1024 (MAX_CPUS is 1024)",
+        "the message carries the offending value"
+    );
     assert!(matches!(
         Machine::builder().cpus(2).signal(libc::SIGUSR1).build(),
         Err(Error::InvalidConfig(_))

@@ -83,9 +83,11 @@ impl Machine {
     pub(super) fn start(b: MachineBuilder) -> Result<Machine, Error> {
         let total = b.cpus + b.attach_slots;
         if total == 0 || total > crate::MAX_CPUS {
-            return Err(Error::InvalidConfig(
-                "CPU count (spawned + attach slots) must be between 1 and MAX_CPUS (1024)",
-            ));
+            // Spawned CPUs plus attach slots.
+            return Err(Error::CpuCount {
+                requested: total,
+                max: crate::MAX_CPUS,
+            });
         }
         if b.timeout.is_zero() {
             return Err(Error::InvalidConfig("the timeout must be longer than zero"));
