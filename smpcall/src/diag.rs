@@ -375,8 +375,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
         for src in 0..self.nr_cpus() {
             for dst in 0..self.nr_cpus() {
-                let slot = self.slot(src, dst);
-                if slot.is_busy() {
+                for slot in self.slot_group(src, dst).iter().filter(|s| s.is_busy()) {
                     writeln!(
                         out,
                         "  in flight: slot {src}->{dst} {} {}",

@@ -97,6 +97,9 @@ pub struct PerCpu {
     restricted: AtomicU32,
     /// User calls a restricted flush took and deferred to the next unrestricted one.
     deferred: DeferredCalls,
+    /// Where this CPU, as a sender, starts looking for a free slot of a group (round robin:
+    /// the slot after the last one it used is the likeliest free). Owner only.
+    slot_cursor: AtomicU32,
     /// In a quiet region (`quiet.rs`): deferrable calls send no IPI. Written by this CPU only.
     pub(crate) quiet: AtomicBool,
     pub(crate) deferred_while_quiet: AtomicU64,
@@ -143,6 +146,7 @@ macro_rules! per_cpu_init {
             offline_runs: AtomicU64::new(0),
             restricted: AtomicU32::new(0),
             deferred: DeferredCalls::new(),
+            slot_cursor: AtomicU32::new(0),
             quiet: AtomicBool::new(false),
             deferred_while_quiet: AtomicU64::new(0),
             run_at_quiet_exit: AtomicU64::new(0),
@@ -199,12 +203,15 @@ impl Default for PerCpu {
 /// # Safety
 /// `cpus()`, `slots()` and `foreign_slots()` must always return the same memory, which must
 /// neither move nor be freed while the storage value exists — even if the storage value itself
-/// is moved (call data in flight points into it). `slots().len()` must be `cpus().len()²`;
-/// `foreign_slots().len()` a multiple of `cpus().len()`.
+/// is moved (call data in flight points into it). `slots().len()` must be a non-zero multiple
+/// of `cpus().len()²` (`k` slots per sender and target); `foreign_slots().len()` a multiple of
+/// `cpus().len()`.
 pub unsafe trait Storage: Sync {
     /// One [`PerCpu`] per CPU.
     fn cpus(&self) -> &[PerCpu];
-    /// `cpus().len()²` call-data slots, indexed `sender * n + target`.
+    /// `k × cpus().len()²` call-data slots (`k ≥ 1`), indexed `(sender * n + target) * k + i`.
+    /// No-wait calls from one sender to one target use the first free of their `k` slots, so
+    /// `k` of them can be in flight at once.
     fn slots(&self) -> &[Csd];
     /// Call data for threads that are not CPUs ("foreign" senders): `rows × n` slots, indexed
     /// `row * n + target`. A foreign no-wait or many-call holds one row while it queues (at
@@ -278,9 +285,16 @@ impl HeapStorage {
     /// Storage for `n` CPUs and `rows` rows of call data for threads that are not CPUs
     /// (see [`Storage::foreign_slots`]): `rows` foreign threads can queue at the same time.
     pub fn with_foreign_rows(n: usize, rows: usize) -> Self {
+        Self::with_layout(n, 1, rows)
+    }
+
+    /// Storage for `n` CPUs with `k` call-data slots per sender and target (`k` no-wait calls
+    /// in flight from one CPU to another; at least 1) and `rows` foreign rows. Memory:
+    /// `k × n² × 64` bytes of slots.
+    pub fn with_layout(n: usize, k: usize, rows: usize) -> Self {
         HeapStorage {
             cpus: (0..n).map(|_| PerCpu::new()).collect(),
-            slots: (0..n * n).map(|_| Csd::new()).collect(),
+            slots: (0..n * n * k.max(1)).map(|_| Csd::new()).collect(),
             foreign: (0..n * rows.min(64)).map(|_| Csd::new()).collect(),
         }
     }
@@ -409,6 +423,8 @@ pub struct Engine<P: Platform, S: Storage> {
     pub(crate) rcu: crate::rcu::RcuState,
     /// Rows of foreign call data (`storage.foreign_slots().len() / nr_cpus`, at most 64).
     pub(crate) foreign_rows: usize,
+    /// Call-data slots per sender and target (`storage.slots().len() / nr_cpus²`).
+    slots_per_target: usize,
     /// Bit `r` set: foreign row `r` is in use by a foreign sender.
     pub(crate) foreign_rows_busy: AtomicU64,
     /// Foreign senders between their "target accepting?" check and their push; `cpu_down`
@@ -443,9 +459,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 max: MAX_CPUS,
             });
         }
-        if storage.slots().len() != n * n {
+        let slots = storage.slots().len();
+        if slots == 0 || slots % (n * n) != 0 {
             return Err(Error::InvalidConfig(
-                "storage must hold one call-data slot per sender and target (n² slots)",
+                "storage must hold k call-data slots per sender and target (k × n² slots)",
             ));
         }
         let storage_foreign_len = storage.foreign_slots().len();
@@ -469,6 +486,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             diag: crate::diag::DiagCounters::new(),
             rcu: crate::rcu::RcuState::new(),
             foreign_rows: (storage_foreign_len / n).min(64),
+            slots_per_target: slots / (n * n),
             foreign_rows_busy: AtomicU64::new(0),
             foreign_pushers: AtomicU32::new(0),
         })
@@ -675,18 +693,25 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // Small closure and result: keep them in the call data itself, so the result comes
             // back in the cache line the caller spins on.
             let mut f = Some(f);
-            self.queue_call(me, cpu, &csd, Target::Refuse, &mut ipis, |csd| {
-                let call: OnceCall<F, R> = OnceCall {
-                    f: f.take(),
-                    ret: None,
-                };
-                // SAFETY: `fits` holds (checked above); the payload matches
-                // `run_once_inline::<F, R>`.
-                let payload = unsafe { Payload::inline_unchecked(call) };
-                // SAFETY: `queue_call` hands us the csd claimed.
-                unsafe { csd.set_call(run_once_inline::<F, R>, payload, true) };
-                self.note_call::<F>(csd, me, cpu);
-            })?;
+            self.queue_call(
+                me,
+                cpu,
+                core::slice::from_ref(&csd),
+                Target::Refuse,
+                &mut ipis,
+                |csd| {
+                    let call: OnceCall<F, R> = OnceCall {
+                        f: f.take(),
+                        ret: None,
+                    };
+                    // SAFETY: `fits` holds (checked above); the payload matches
+                    // `run_once_inline::<F, R>`.
+                    let payload = unsafe { Payload::inline_unchecked(call) };
+                    // SAFETY: `queue_call` hands us the csd claimed.
+                    unsafe { csd.set_call(run_once_inline::<F, R>, payload, true) };
+                    self.note_call::<F>(csd, me, cpu);
+                },
+            )?;
             // From here the fresh csd is in flight: it lives on this frame until `wait_csd` saw
             // it released (unwinding out of here aborts).
             let in_flight = AbortOnUnwind;
@@ -708,12 +733,19 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             ret: None,
         };
         let payload = Payload::from_ptr(&mut call as *mut OnceCall<F, R>);
-        self.queue_call(me, cpu, &csd, Target::Refuse, &mut ipis, |csd| {
-            // SAFETY: `queue_call` hands us the csd claimed; `call` outlives the wait below and
-            // nothing else touches it until the target released the csd.
-            unsafe { csd.set_call(run_once::<F, R>, payload, true) };
-            self.note_call::<F>(csd, me, cpu);
-        })?;
+        self.queue_call(
+            me,
+            cpu,
+            core::slice::from_ref(&csd),
+            Target::Refuse,
+            &mut ipis,
+            |csd| {
+                // SAFETY: `queue_call` hands us the csd claimed; `call` outlives the wait below and
+                // nothing else touches it until the target released the csd.
+                unsafe { csd.set_call(run_once::<F, R>, payload, true) };
+                self.note_call::<F>(csd, me, cpu);
+            },
+        )?;
         // In flight: `csd` and `call` live on this frame until `wait_csd` saw the csd released
         // (unwinding out of here aborts).
         let in_flight = AbortOnUnwind;
@@ -771,7 +803,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let result = self.queue_call(
             me,
             cpu,
-            self.slot(me, cpu),
+            self.slot_group(me, cpu),
             Target::Refuse,
             &mut ipis,
             |slot| {
@@ -838,12 +870,19 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // wait for one of our targets before we signalled it (found by the simulator).
         let masked = self.irq_save();
         // Pinned, and its `Drop` waits while it is busy, so it outlives the call.
-        let result = self.queue_call(me, cpu, csd, Target::RefuseBusy, &mut ipis, |csd| {
-            let f = f.take().expect("filled once");
-            // SAFETY: claimed by `queue_call`; inline payload matches `run_inline::<F>`.
-            unsafe { csd.set_call(run_inline::<F>, Payload::inline(f), false) };
-            self.note_call::<F>(csd, me, cpu);
-        });
+        let result = self.queue_call(
+            me,
+            cpu,
+            core::slice::from_ref(csd),
+            Target::RefuseBusy,
+            &mut ipis,
+            |csd| {
+                let f = f.take().expect("filled once");
+                // SAFETY: claimed by `queue_call`; inline payload matches `run_inline::<F>`.
+                unsafe { csd.set_call(run_inline::<F>, Payload::inline(f), false) };
+                self.note_call::<F>(csd, me, cpu);
+            },
+        );
         self.send_ipis(&ipis);
         drop(masked);
         result.map(|_| ())
@@ -884,7 +923,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         others.clear(me);
 
         let in_flight = AbortOnUnwind;
-        let (mut queued, refused) = self.queue_on_slots(me, &others, |slot, t| {
+        let (mut queued, refused) = self.queue_on_slots(me, &others, false, |slot, t| {
             // SAFETY: we hold the slot; `f` outlives the waits below; `any_context` only for
             // the engine's own async-signal-safe functions.
             unsafe {
@@ -938,7 +977,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut others = mask.and(&self.accepting.load());
         others.clear(me);
 
-        let (mut queued, refused) = self.queue_on_slots(me, &others, |slot, t| {
+        let (mut queued, refused) = self.queue_on_slots(me, &others, true, |slot, t| {
             // SAFETY: we hold the slot; inline payload matches `run_inline::<F>`.
             unsafe { slot.set_call(run_inline::<F>, Payload::inline(f.clone()), false) };
             self.note_call::<F>(slot, me, t);
@@ -1148,8 +1187,17 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.storage.foreign_slots()
     }
 
+    /// The first call-data slot of `sender` for `target` (waiting many-calls use it).
     pub(crate) fn slot(&self, sender: CpuId, target: CpuId) -> &Csd {
-        &self.storage.slots()[sender * self.nr_cpus + target]
+        &self.slot_group(sender, target)[0]
+    }
+
+    /// Every call-data slot of `sender` for `target` (`slots_per_target` of them; no-wait
+    /// calls take the first free one).
+    pub(crate) fn slot_group(&self, sender: CpuId, target: CpuId) -> &[Csd] {
+        let k = self.slots_per_target;
+        let at = (sender * self.nr_cpus + target) * k;
+        &self.storage.slots()[at..at + k]
     }
 
     /// Entry for operations any thread may drive (hotplug, stop_machine): `None` for a thread
@@ -1269,10 +1317,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// could wait for one of our targets before we signalled it (found by the simulator).
     /// Offline targets are skipped. Stops at the first refusal (this CPU went offline under
     /// us) and returns it with the CPUs already queued to.
+    ///
+    /// `any_slot`: a no-wait many-call may use any free call data of the group; a waiting one
+    /// uses the first (the one it then waits for).
     fn queue_on_slots(
         &self,
         me: CpuId,
         others: &CpuMask,
+        any_slot: bool,
         mut fill: impl FnMut(&Csd, CpuId),
     ) -> (CpuMask, Option<Error>) {
         let mut ipis = CpuMask::new();
@@ -1280,9 +1332,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut queued = CpuMask::new();
         let mut refused = None;
         for t in others {
-            match self.queue_call(me, t, self.slot(me, t), Target::Prune, &mut ipis, |slot| {
-                fill(slot, t)
-            }) {
+            let group = self.slot_group(me, t);
+            let slots = if any_slot { group } else { &group[..1] };
+            match self.queue_call(me, t, slots, Target::Prune, &mut ipis, |slot| fill(slot, t)) {
                 Ok(true) => queued.set(t),
                 Ok(false) => {}
                 Err(e) => {
@@ -1312,7 +1364,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         &self,
         me: CpuId,
         target: CpuId,
-        csd: &Csd,
+        csds: &[Csd],
         policy: Target,
         ipis: &mut CpuMask,
         mut fill: impl FnMut(&Csd),
@@ -1332,7 +1384,28 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                         };
                     }
                 }
-                if csd.try_lock() {
+                // The first free call data of the group (no-wait calls may have several per
+                // sender and target; every other caller passes one).
+                // Round robin from the slot after the last one used (a plain load before each
+                // CAS: a busy slot's line is the target's to read).
+                let k = csds.len();
+                let start = if k > 1 {
+                    // Relaxed: this CPU's own cursor.
+                    self.per_cpu(me).slot_cursor.load(Ordering::Relaxed) as usize % k
+                } else {
+                    0
+                };
+                let free = (0..k)
+                    .map(|i| (start + i) % k)
+                    .find(|&i| !csds[i].is_busy() && csds[i].try_lock());
+                if let Some(i) = free {
+                    let csd = &csds[i];
+                    if k > 1 {
+                        // Relaxed: this CPU's own cursor.
+                        self.per_cpu(me)
+                            .slot_cursor
+                            .store((i + 1) as u32, Ordering::Relaxed);
+                    }
                     fill(csd);
                     self.platform.preempt_point();
                     // SAFETY: claimed and filled; the caller guarantees `csd` outlives the
@@ -1364,9 +1437,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 }
             }
             // Busy: make sure what we queued so far is signalled before we wait on anyone.
+            // (The group's first call data: the target takes its whole queue at once, so the
+            // others free up with it.)
             self.send_ipis(ipis);
             *ipis = CpuMask::new();
-            self.wait_csd(me, target, csd);
+            self.wait_csd(me, target, &csds[0]);
         }
     }
 

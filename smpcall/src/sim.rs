@@ -125,6 +125,9 @@ pub struct SimConfig {
     /// Real time without any scheduling step after which the run is declared stuck in a loop
     /// that has no scheduling point (a safety net, not a measurement).
     pub wall_timeout: Duration,
+    /// Call-data slots per sender and target (no-wait calls in flight from one CPU to
+    /// another; `HeapStorage::with_layout`). Default 1.
+    pub slots_per_target: usize,
 }
 
 impl Default for SimConfig {
@@ -145,6 +148,7 @@ impl Default for SimConfig {
             watchdog_interval_steps: 0,
             resend_on_stall: true,
             wall_timeout: Duration::from_secs(60),
+            slots_per_target: 1,
         }
     }
 }
@@ -371,7 +375,7 @@ impl Sim {
             SimPlatform {
                 shared: Arc::clone(&shared),
             },
-            HeapStorage::new(config.cpus),
+            HeapStorage::with_layout(config.cpus, config.slots_per_target, 0),
         )
         .map_err(|e| early(format!("engine: {e}")))?;
         engine.set_stall_threshold_ns(config.stall_threshold_steps.saturating_mul(NS_PER_STEP));

@@ -634,7 +634,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             match me {
                 // Force: a CPU going down no longer accepts calls, but must take part.
                 Some(me) => {
-                    let queued = self.queue_call(me, t, csd, Target::Force, &mut ipis, fill);
+                    let one = core::slice::from_ref(csd);
+                    let queued = self.queue_call(me, t, one, Target::Force, &mut ipis, fill);
                     debug_assert_eq!(queued, Ok(true));
                 }
                 // SAFETY: `csd` (a per-target stop csd: stop_machines are serialised, so it is

@@ -830,6 +830,22 @@ fn hotplug_and_stop_machine_keep_exactly_once_under_faults() {
 }
 
 #[test]
+fn several_no_wait_slots_per_target_keep_exactly_once_under_faults() {
+    // Three slots per sender and target: no-wait calls pick the first free one, round robin.
+    let t = sweep("3 slots per target", 8000..8080, |c| {
+        c.slots_per_target = 3;
+        c.resend_on_stall = false;
+    });
+    assert!(t.calls > 0, "{t:?}");
+    sweep("3 slots per target, faults", 8100..8180, |c| {
+        c.slots_per_target = 3;
+        c.drop_ipi = 0.2;
+        c.delay_ipi = 0.2;
+        c.duplicate_ipi = 0.1;
+    });
+}
+
+#[test]
 fn quiet_regions_and_deferrable_calls_keep_exactly_once_under_faults() {
     let mix = Mix {
         hotplug: false,

@@ -65,6 +65,7 @@ pub struct MachineBuilder {
     pub(super) sink: Option<ReportSink>,
     pub(super) foreign_senders: usize,
     pub(super) attach_slots: usize,
+    pub(super) no_wait_slots: Option<usize>,
 }
 
 impl std::fmt::Debug for MachineBuilder {
@@ -83,6 +84,7 @@ impl std::fmt::Debug for MachineBuilder {
             .field("sink", &self.sink.is_some())
             .field("foreign_senders", &self.foreign_senders)
             .field("attach_slots", &self.attach_slots)
+            .field("no_wait_slots", &self.no_wait_slots)
             .finish()
     }
 }
@@ -142,6 +144,7 @@ impl Default for MachineBuilder {
             calls_in_handlers: false,
             foreign_senders: 4,
             attach_slots: 0,
+            no_wait_slots: None,
             signal: None,
             nmi_signal: None,
             timeout: Duration::from_secs(30),
@@ -193,6 +196,15 @@ impl MachineBuilder {
         self.nmi_signal = Some(signo);
         self
     }
+    /// How many no-wait calls one CPU can have in flight to another (call-data slots per
+    /// sender and target; at least 1). A no-wait call waits only when all of them are still
+    /// queued, not yet taken. Default: 16 for machines of up to 16 CPUs, 4 up to 64, else 1
+    /// (memory: `k × n² × 64` bytes).
+    pub fn no_wait_slots(mut self, k: usize) -> Self {
+        self.no_wait_slots = Some(k.max(1));
+        self
+    }
+
     /// How many threads that are not CPUs (the main thread, a runtime's workers) can queue
     /// no-wait calls and many-calls at the same time (default 4, at most 64; more wait for a
     /// free row). Each costs one call-data slot per CPU (64 bytes each). Waiting single calls

@@ -124,7 +124,13 @@ impl Machine {
             ipis_dropped: AtomicU64::new(0),
             ipis_delayed: AtomicU64::new(0),
         };
-        let storage = HeapStorage::with_foreign_rows(total, b.foreign_senders);
+        // k slots: 16 up to 16 CPUs (256 KiB), 4 up to 64 (1 MiB), then 1 (n² × 64 bytes).
+        let k = b.no_wait_slots.unwrap_or(match total {
+            0..=16 => 16,
+            17..=64 => 4,
+            _ => 1,
+        });
+        let storage = HeapStorage::with_layout(total, k, b.foreign_senders);
         let engine = Engine::new(platform, storage)?;
         engine.set_stall_threshold(b.stall_threshold);
         let inner = Arc::new(Inner {
