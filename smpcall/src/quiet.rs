@@ -92,8 +92,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Whether the current CPU is in a quiet region (an RCU reader must not start here).
     pub(crate) fn in_quiet_region(&self, me: CpuId) -> bool {
-        // Relaxed: this CPU's own flag; inside a handler or NMI the CPU is watched again.
-        self.per_cpu(me).quiet.load(Ordering::Relaxed) && !self.in_handler() && !self.in_nmi()
+        // Relaxed: this CPU's own flag. Also inside a handler or NMI: a reader opened there and
+        // kept past it (in a thread-local) would leave the CPU quiet with a reader open.
+        self.per_cpu(me).quiet.load(Ordering::Relaxed)
     }
 
     /// Like [`call_single_async`](Engine::call_single_async), but *deferrable*: if `cpu` is in

@@ -45,6 +45,9 @@ pub(crate) struct RcuCpu {
     qs_pending: AtomicU64,
     /// The last grace period this CPU reported a quiescent state for.
     last_qs: AtomicU64,
+    /// Bumped when the CPU's thread ends its sections by exiting (hosted); see
+    /// [`RcuReadGuard`].
+    epoch: AtomicU32,
 }
 
 impl RcuCpu {
@@ -53,6 +56,7 @@ impl RcuCpu {
             nesting: AtomicU32::new(0),
             qs_pending: AtomicU64::new(0),
             last_qs: AtomicU64::new(0),
+            epoch: AtomicU32::new(0),
         }
     }
 }
@@ -102,6 +106,10 @@ pub struct RcuStats {
 pub struct RcuReadGuard<'a, P: Platform, S: Storage> {
     engine: &'a Engine<P, S>,
     cpu: CpuId,
+    /// The CPU's reader epoch when the section began: a thread that stopped being the CPU
+    /// (hosted thread exit) ended its sections; a guard it drops later must not touch the
+    /// next occupant's count.
+    epoch: u32,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -116,6 +124,10 @@ impl<P: Platform, S: Storage> core::fmt::Debug for RcuReadGuard<'_, P, S> {
 impl<P: Platform, S: Storage> Drop for RcuReadGuard<'_, P, S> {
     fn drop(&mut self) {
         let rcu = &self.engine.per_cpu(self.cpu).rcu;
+        // Relaxed: only the CPU's own thread bumps it, at its exit (program order here).
+        if rcu.epoch.load(Ordering::Relaxed) != self.epoch {
+            return;
+        }
         // The section's accesses stay before the decrement (same-CPU ordering is all the
         // handler, which interrupts this code, needs).
         compiler_fence(Ordering::SeqCst);
@@ -164,6 +176,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         Ok(RcuReadGuard {
             engine: self,
             cpu,
+            // Relaxed: this CPU's own counter.
+            epoch: rcu.epoch.load(Ordering::Relaxed),
             _not_send: PhantomData,
         })
     }
@@ -210,8 +224,18 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 let cpu = base + i;
                 match snap {
                     None => {}
-                    Some(s) if s.is_idle() => skipped += 1,
-                    Some(s) if self.per_cpu(cpu).ctx.passed_quiescent_since(*s) => skipped += 1,
+                    // Idle (or quiet), or through idle since — and no reader open there: a
+                    // reader that a call handler opened on an idle or quiet CPU and kept past
+                    // the handler (in a thread-local) leaves the CPU idle with nesting 1. The
+                    // nesting load comes after the snapshot's: the increment happened before
+                    // the handler's exit that the snapshot saw.
+                    Some(s) if s.is_idle() && !self.rcu_reader_seen(cpu) => skipped += 1,
+                    Some(s)
+                        if self.per_cpu(cpu).ctx.passed_quiescent_since(*s)
+                            && !self.rcu_reader_seen(cpu) =>
+                    {
+                        skipped += 1
+                    }
                     Some(_) => call.set(cpu),
                 }
             }
@@ -280,12 +304,22 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// A quiescent state a grace period was waiting for is reported.
     pub(crate) fn rcu_end_sections_on_exit(&self, cpu: CpuId) {
         let rcu = &self.per_cpu(cpu).rcu;
-        // Relaxed: only this CPU writes them.
+        // Relaxed: only this CPU writes them. Guards still alive on the exiting thread (in its
+        // thread-locals) see the new epoch and leave the count alone.
+        rcu.epoch.fetch_add(1, Ordering::Relaxed);
         rcu.nesting.store(0, Ordering::Relaxed);
         let gp = rcu.qs_pending.swap(0, Ordering::Relaxed);
         if gp != 0 {
             self.rcu_report_qs(cpu, gp);
         }
+    }
+
+    /// Whether a grace period must not skip `cpu` as idle: a reader is open there (observed
+    /// from another CPU, after its context snapshot; see `synchronize_rcu_expedited`).
+    fn rcu_reader_seen(&self, cpu: CpuId) -> bool {
+        // Relaxed: ordered after the snapshot's SeqCst load, which read the handler's exit to
+        // idle (a SeqCst RMW after the increment) or a later value: happens-after the store.
+        self.per_cpu(cpu).rcu.nesting.load(Ordering::Relaxed) > 0
     }
 
     /// Whether `cpu` is inside a read-side section (checked on `cpu` itself by `cpu_down`).

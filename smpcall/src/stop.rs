@@ -268,8 +268,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// returns its result (C11). Concurrent stop_machines (and hotplug operations) serialise.
     ///
     /// Refused with [`Error::WouldDeadlock`] from a context that cannot wait (masked, or in a
-    /// handler). If `cpu` is not the caller, `f` runs as a call handler on `cpu` (in the hosted
-    /// backend: in signal context — see the signal-context rules).
+    /// handler). If `cpu` is not the caller, `f` runs as a call handler on `cpu`; in the hosted
+    /// backend `cpu` takes part at its next safe point (its call is user work), so `f` never
+    /// runs in a signal handler that interrupted arbitrary code — a busy `cpu` delays the
+    /// stop_machine until it reaches one.
     pub fn stop_machine<F, R>(&self, cpu: CpuId, f: F) -> Result<R, Error>
     where
         F: FnOnce() -> R + Send,

@@ -326,8 +326,13 @@ fn leaving_inside_an_rcu_reader_is_refused_and_happens_at_thread_exit() {
     std::thread::spawn(move || {
         let g = m2.attach().unwrap();
         let reader = m2.engine().rcu_read_lock().unwrap();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(g)));
-        assert!(r.is_err(), "dropping the guard inside a reader panics");
+        let (g, e) = g.leave().unwrap_err();
+        assert_eq!(
+            e,
+            Error::WouldDeadlock(smpcall::DeadlockReason::InRcuReader),
+            "leaving inside a reader is refused"
+        );
+        drop(g); // no panic: stays attached
         if m2.engine().is_online(1) {
             s2.fetch_add(1, Ordering::SeqCst);
         }
@@ -486,4 +491,101 @@ fn cpu_up_of_a_slot_nobody_holds_is_refused() {
     assert_eq!(g.engine().call_single(0, |c| c), Ok(0));
     drop(g);
     Arc::try_unwrap(m).unwrap().shutdown().unwrap();
+}
+
+/// Found by review: a guard dropped with interrupts masked (or in a handler, or in a reader)
+/// panicked; now `leave` says why and gives the guard back, and `drop` leaves at thread exit.
+#[test]
+fn a_guard_that_cannot_leave_says_why_and_never_panics() {
+    let _serial = serial();
+    let m = Arc::new(machine(1, 1));
+    let m2 = Arc::clone(&m);
+    std::thread::spawn(move || {
+        let g = m2.attach().unwrap();
+        let masked = m2.engine().irq_save();
+        let (g, e) = g.leave().unwrap_err();
+        assert_eq!(
+            e,
+            Error::WouldDeadlock(smpcall::DeadlockReason::InterruptsMasked)
+        );
+        assert!(m2.engine().is_online(1), "nothing happened");
+        drop(g); // no panic: still attached, leaves at thread exit
+        drop(masked);
+        assert!(m2.engine().is_online(1));
+    })
+    .join()
+    .unwrap();
+    assert!(!m.engine().is_online(1), "left at thread exit");
+    Arc::try_unwrap(m).unwrap().shutdown().unwrap();
+}
+
+/// Found by review: a reader guard kept past the thread's exit (dropped by a later
+/// thread-local destructor) decremented the next occupant's reader count.
+#[test]
+fn a_reader_dropped_after_its_thread_left_does_not_touch_the_next_occupant() {
+    use std::cell::RefCell;
+    let _serial = serial();
+    type Guard =
+        smpcall::RcuReadGuard<'static, smpcall::hosted::HostPlatform, smpcall::HeapStorage>;
+    thread_local! {
+        static KEPT: RefCell<Option<Guard>> = const { RefCell::new(None) };
+    }
+    let m: &'static Machine = Box::leak(Box::new(machine(1, 1)));
+    std::thread::spawn(move || {
+        // Touched first: destroyed after the attachment's clean-up.
+        KEPT.with(|_| ());
+        let g = m.attach().unwrap();
+        std::mem::forget(g);
+        let reader = m.engine().rcu_read_lock().unwrap();
+        KEPT.with(|k| *k.borrow_mut() = Some(reader));
+    })
+    .join()
+    .unwrap();
+    let next = std::thread::spawn(move || {
+        let g = m.attach().unwrap();
+        let held = g.engine().rcu_read_held();
+        drop(g);
+        held
+    })
+    .join()
+    .unwrap();
+    assert!(!next, "the next occupant has no reader open");
+    let gp = m
+        .run_on(0, |e| e.synchronize_rcu_expedited())
+        .join_timeout(LIMIT)
+        .unwrap();
+    assert_eq!(gp, Ok(()));
+}
+
+/// Found by review: shutdown from an attached thread with a call queued to it waited for its
+/// own safe point until the timeout.
+#[test]
+fn shutdown_from_an_attached_thread_serves_its_own_queue() {
+    let _serial = serial();
+    let m = Machine::builder()
+        .cpus(1)
+        .attach_slots(1)
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let g = m.attach().unwrap();
+    let ran = Arc::new(AtomicU64::new(0));
+    let r2 = Arc::clone(&ran);
+    m.run_on(0, move |e| {
+        e.call_single_async(1, move |_| {
+            r2.fetch_add(1, Ordering::SeqCst);
+        })
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let t = std::time::Instant::now();
+    m.shutdown().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    drop(g);
 }

@@ -418,3 +418,49 @@ fn a_timed_out_shutdown_can_be_retried() {
     assert_eq!(m.try_shutdown(LIMIT), Ok(()));
     assert_eq!(m.try_shutdown(LIMIT), Ok(()), "idempotent");
 }
+
+/// Found by review: a reader kept in a thread-local past its task, on a CPU that then went
+/// idle, was skipped by grace periods (the CPU looked idle).
+#[test]
+fn a_grace_period_waits_for_a_reader_kept_on_an_idle_cpu() {
+    use std::cell::RefCell;
+    type Guard =
+        smpcall::RcuReadGuard<'static, smpcall::hosted::HostPlatform, smpcall::HeapStorage>;
+    thread_local! {
+        static KEPT: RefCell<Option<Guard>> = const { RefCell::new(None) };
+    }
+    let m: &'static Machine = Box::leak(Box::new(machine(2)));
+    m.run_on(0, move |_| {
+        let g = m.engine().rcu_read_lock().unwrap();
+        KEPT.with(|k| *k.borrow_mut() = Some(g));
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(20)); // CPU 0 idles with the reader open
+    let mut gp = m.run_on(1, |e| e.synchronize_rcu_expedited());
+    assert_eq!(
+        gp.join_timeout(Duration::from_millis(200)),
+        Err(Error::TimedOut("a task to finish")),
+        "the grace period waits for the reader"
+    );
+    m.run_on(0, |_| drop(KEPT.with(|k| k.borrow_mut().take())))
+        .join()
+        .unwrap();
+    assert_eq!(gp.join_timeout(LIMIT), Ok(Ok(())));
+}
+
+/// Found by review: `Duration::MAX` as a timeout overflowed an `Instant` and panicked.
+#[test]
+fn duration_max_timeouts_mean_no_deadline() {
+    let mut m = Machine::builder()
+        .cpus(2)
+        .idle(IdlePolicy::Sleep)
+        .timeout(Duration::MAX)
+        .stall_threshold(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(m.engine().call_single(1, |c| c), Ok(1));
+    m.cpu_down(1).unwrap();
+    m.cpu_up(1).unwrap();
+    assert_eq!(m.try_shutdown(Duration::MAX), Ok(()));
+}

@@ -68,6 +68,8 @@ pub(super) fn forget_cpu(platform: &HostPlatform) {
 struct Attachment {
     inner: Arc<Inner>,
     cpu: CpuId,
+    /// Left already (by the guard): dropping it only releases the machine.
+    left: bool,
 }
 
 thread_local! {
@@ -78,7 +80,9 @@ impl Drop for Attachment {
     /// Thread exit with the guard never dropped (forgotten, or held in a thread-local): leave
     /// now. The thread runs no more code, so a read-side section it left open ends here.
     fn drop(&mut self) {
-        let _ = leave(&self.inner, self.cpu, true);
+        if !self.left {
+            let _ = leave(&self.inner, self.cpu, true);
+        }
     }
 }
 
@@ -166,6 +170,7 @@ impl super::Machine {
             *a.borrow_mut() = Some(Attachment {
                 inner: Arc::clone(inner),
                 cpu,
+                left: false,
             })
         });
         Ok(CpuGuard {
@@ -180,9 +185,10 @@ impl super::Machine {
 /// Not `Send`: it belongs to the thread that attached.
 ///
 /// Dropping it leaves: every call queued to this CPU before runs here first, later calls to
-/// it are refused with [`Error::Offline`], the slot becomes free. Dropping it inside an RCU
-/// read-side section (a reader guard from [`Machine::engine`] still alive) panics and leaves
-/// nothing half-done: the CPU stays attached and leaves when the thread exits.
+/// it are refused with [`Error::Offline`], the slot becomes free. Where leaving is not possible
+/// — inside an RCU read-side section (a reader guard from [`Machine::engine`] still alive),
+/// with interrupts masked, or inside a call handler — dropping it leaves nothing half-done:
+/// the thread stays a CPU and leaves when it exits. [`CpuGuard::leave`] says so instead.
 ///
 /// [`Machine::attach`]: super::Machine::attach
 /// [`Machine::engine`]: super::Machine::engine
@@ -211,23 +217,41 @@ impl CpuGuard {
     }
 }
 
-impl Drop for CpuGuard {
-    fn drop(&mut self) {
-        let Some(att) = ATTACHMENT.with(|a| a.borrow_mut().take()) else {
-            return;
+impl CpuGuard {
+    /// Leaves now, or says why it cannot and gives the guard back: inside an RCU read-side
+    /// section ([`Error::WouldDeadlock`] `InRcuReader`), with interrupts masked or inside a call
+    /// handler (`InterruptsMasked`, `InHandler`). Nothing happens on an error.
+    pub fn leave(mut self) -> Result<(), (CpuGuard, Error)> {
+        match self.try_leave() {
+            Ok(()) => Ok(()),
+            Err(e) => Err((self, e)),
+        }
+    }
+
+    fn try_leave(&mut self) -> Result<(), Error> {
+        let Some(mut att) = ATTACHMENT.with(|a| a.borrow_mut().take()) else {
+            return Ok(());
         };
         match leave(&att.inner, att.cpu, false) {
-            Ok(()) => std::mem::forget(att),
+            Ok(()) => {
+                att.left = true;
+                Ok(())
+            }
             Err(e) => {
-                // Still attached: keep the attachment for the thread-exit clean-up.
+                // Still attached: keep the attachment (for a retry, or the thread-exit
+                // clean-up).
                 ATTACHMENT.with(|a| *a.borrow_mut() = Some(att));
-                if !std::thread::panicking() {
-                    panic!(
-                        "smpcall: a CPU cannot leave here: {e}; it leaves when the thread exits"
-                    );
-                }
+                Err(e)
             }
         }
+    }
+}
+
+impl Drop for CpuGuard {
+    /// Leaves; where it cannot (see [`leave`](CpuGuard::leave)), the thread stays a CPU and
+    /// leaves when it exits — never a panic here.
+    fn drop(&mut self) {
+        let _ = self.try_leave();
     }
 }
 

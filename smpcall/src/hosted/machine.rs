@@ -174,10 +174,11 @@ impl Machine {
                 .map_err(|_| Error::InvalidConfig("could not spawn the watchdog thread"))?;
             machine.watchdog = Some(w);
         }
-        let deadline = Instant::now() + b.timeout;
+        // `None`: no deadline (a timeout too large for an `Instant`, e.g. `Duration::MAX`).
+        let deadline = Instant::now().checked_add(b.timeout);
         for cpu in 0..b.cpus {
             while !machine.host(cpu).started.load(Ordering::SeqCst) {
-                if Instant::now() > deadline {
+                if deadline.is_some_and(|d| Instant::now() > d) {
                     return Err(Error::TimedOut("CPU threads to start"));
                 }
                 thread::sleep(Duration::from_micros(100));
@@ -276,10 +277,10 @@ impl Machine {
     /// online. Tasks already queued to `cpu` still run there, but calls they make are refused
     /// with [`Error::Offline`]; new tasks are refused.
     pub fn cpu_down(&self, cpu: CpuId) -> Result<(), Error> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now().checked_add(self.timeout);
         loop {
             match self.inner.engine.cpu_down(cpu) {
-                Err(Error::NotAtSafePoint(_)) if Instant::now() < deadline => {
+                Err(Error::NotAtSafePoint(_)) if deadline.map_or(true, |d| Instant::now() < d) => {
                     thread::sleep(Duration::from_micros(200));
                 }
                 Err(Error::NotAtSafePoint(_)) => {
@@ -326,12 +327,14 @@ impl Machine {
             self.host(cpu).stop.store(true, Ordering::SeqCst);
             engine.platform().wake_if_sleeping(cpu);
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         let all_parked = |m: &Machine| (0..n).all(|c| m.host(c).parked.load(Ordering::SeqCst));
         while !(all_parked(self) && engine.is_quiescent()) {
-            if Instant::now() > deadline {
+            if deadline.is_some_and(|d| Instant::now() > d) {
                 return Err(Error::TimedOut("tasks and calls to finish at shutdown"));
             }
+            // Called from an attached thread: calls queued to it are served here (a safe point).
+            super::safe_point();
             thread::sleep(Duration::from_micros(200));
         }
         for cpu in 0..n {
