@@ -670,13 +670,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         F: FnOnce(CpuId) -> R + Send,
         R: Send,
     {
-        let me = match self.enter() {
-            Ok(me) => me,
-            Err(Error::NotOnCpu) => {
-                self.check_target(cpu)?;
-                return self.call_single_foreign(cpu, f);
-            }
-            Err(e) => return Err(e),
+        // A thread that is not one of our CPUs calls through `foreign.rs`.
+        let Some(me) = self.enter_any()? else {
+            self.check_target(cpu)?;
+            return self.call_single_foreign(cpu, f);
         };
         self.check_target(cpu)?;
         self.check_can_wait(me)?;
@@ -781,13 +778,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: FnOnce(CpuId) + Send + 'static,
     {
-        let me = match self.enter() {
-            Ok(me) => me,
-            Err(Error::NotOnCpu) => {
-                self.check_target(cpu)?;
-                return self.call_single_async_foreign_with(cpu, f, deferrable);
-            }
-            Err(e) => return Err(e),
+        // A thread that is not one of our CPUs calls through `foreign.rs`.
+        let Some(me) = self.enter_any()? else {
+            self.check_target(cpu)?;
+            return self.call_single_async_foreign_with(cpu, f, deferrable);
         };
         self.check_target(cpu)?;
         if cpu == me {
@@ -844,13 +838,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         F: FnOnce(CpuId) + Send + 'static,
     {
         let csd = csd.get_ref();
-        let me = match self.enter() {
-            Ok(me) => me,
-            Err(Error::NotOnCpu) => {
-                self.check_target(cpu)?;
-                return self.call_async_csd_foreign(csd, cpu, f);
-            }
-            Err(e) => return Err(e),
+        // A thread that is not one of our CPUs calls through `foreign.rs`.
+        let Some(me) = self.enter_any()? else {
+            self.check_target(cpu)?;
+            return self.call_async_csd_foreign(csd, cpu, f);
         };
         self.check_target(cpu)?;
         if cpu == me {
@@ -909,13 +900,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: Fn(CpuId) + Sync,
     {
-        let me = match self.enter() {
-            Ok(me) => me,
-            Err(Error::NotOnCpu) => {
-                self.check_mask(mask)?;
-                return self.call_many_foreign(mask, f);
-            }
-            Err(e) => return Err(e),
+        // A thread that is not one of our CPUs calls through `foreign.rs`.
+        let Some(me) = self.enter_any()? else {
+            self.check_mask(mask)?;
+            return self.call_many_foreign(mask, f);
         };
         self.check_mask(mask)?;
         self.check_can_wait(me)?;
@@ -965,13 +953,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: Fn(CpuId) + Clone + Send + 'static,
     {
-        let me = match self.enter() {
-            Ok(me) => me,
-            Err(Error::NotOnCpu) => {
-                self.check_mask(mask)?;
-                return self.call_many_async_foreign(mask, f);
-            }
-            Err(e) => return Err(e),
+        // A thread that is not one of our CPUs calls through `foreign.rs`.
+        let Some(me) = self.enter_any()? else {
+            self.check_mask(mask)?;
+            return self.call_many_async_foreign(mask, f);
         };
         self.check_mask(mask)?;
         let mut others = mask.and(&self.accepting.load());
