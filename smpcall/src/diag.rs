@@ -373,6 +373,19 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
             writeln!(out)?;
         }
+        // Threads that are not CPUs: their rows of call data.
+        let n = self.nr_cpus();
+        for (i, slot) in self.storage_foreign_slots().iter().enumerate() {
+            if slot.is_busy() {
+                writeln!(
+                    out,
+                    "  in flight: foreign row {} -> {} no-wait {}",
+                    i / n,
+                    i % n,
+                    slot.function_name().unwrap_or("<unrecorded>")
+                )?;
+            }
+        }
         for src in 0..self.nr_cpus() {
             for dst in 0..self.nr_cpus() {
                 for slot in self.slot_group(src, dst).iter().filter(|s| s.is_busy()) {

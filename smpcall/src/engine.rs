@@ -758,9 +758,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// Queues `f` to run on `cpu` and returns without waiting for it (C1, C3).
     ///
-    /// Uses this CPU's call-data slot for `cpu`; if the previous no-wait call to `cpu` has not
-    /// yet been *taken* by `cpu`, this waits for that (not for any function to run or finish),
-    /// serving this CPU's own queue meanwhile. Allowed with interrupts masked and from handlers.
+    /// Uses one of this CPU's call-data slots for `cpu` (the storage's `k` per sender and
+    /// target; all but the first when `k > 1`, which stays for waiting many-calls); if every one
+    /// still holds a call `cpu` has not *taken* yet, this waits for that (not for any function
+    /// to run or finish), serving this CPU's own queue meanwhile. Allowed with interrupts
+    /// masked and from handlers.
     pub fn call_single_async<F>(&self, cpu: CpuId, f: F) -> Result<(), Error>
     where
         F: FnOnce(CpuId) + Send + 'static,
@@ -797,7 +799,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let result = self.queue_call(
             me,
             cpu,
-            self.slot_group(me, cpu),
+            self.no_wait_slots(me, cpu),
             Target::Refuse,
             &mut ipis,
             |slot| {
@@ -1177,8 +1179,20 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         &self.slot_group(sender, target)[0]
     }
 
-    /// Every call-data slot of `sender` for `target` (`slots_per_target` of them; no-wait
-    /// calls take the first free one).
+    /// The slots no-wait calls from `sender` to `target` use: all but the first when there are
+    /// several. The first stays for waiting many-calls, which wait on it after their function
+    /// ran: a no-wait call taking it meanwhile (from a handler nested in the wait) would make
+    /// the many-call wait for that call instead (found by review).
+    pub(crate) fn no_wait_slots(&self, sender: CpuId, target: CpuId) -> &[Csd] {
+        let group = self.slot_group(sender, target);
+        if group.len() > 1 {
+            &group[1..]
+        } else {
+            group
+        }
+    }
+
+    /// Every call-data slot of `sender` for `target` (`slots_per_target` of them).
     pub(crate) fn slot_group(&self, sender: CpuId, target: CpuId) -> &[Csd] {
         let k = self.slots_per_target;
         let at = (sender * self.nr_cpus + target) * k;
@@ -1317,8 +1331,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut queued = CpuMask::new();
         let mut refused = None;
         for t in others {
-            let group = self.slot_group(me, t);
-            let slots = if any_slot { group } else { &group[..1] };
+            let slots = if any_slot {
+                self.no_wait_slots(me, t)
+            } else {
+                core::slice::from_ref(self.slot(me, t))
+            };
             match self.queue_call(me, t, slots, Target::Prune, &mut ipis, |slot| fill(slot, t)) {
                 Ok(true) => queued.set(t),
                 Ok(false) => {}

@@ -128,8 +128,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             if policy == Target::RefuseBusy {
                 return Err(Error::Busy);
             }
-            // Busy: its previous call was not taken yet. Wait outside the region, so a
-            // `cpu_down` of that target (which must first flush it) is not held up by us.
+            // Busy: its previous call was not taken yet. Signal what we queued so far first
+            // (a target we wait for may wait for one of them), then wait outside the region,
+            // so a `cpu_down` of that target (which must first flush it) is not held up by us.
+            self.send_ipis(ipis);
+            *ipis = CpuMask::new();
             self.wait_foreign(csd);
         }
     }

@@ -103,9 +103,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// [`CpuStats::deferred_while_quiet`](crate::CpuStats::deferred_while_quiet) and
     /// [`run_at_quiet_exit`](crate::CpuStats::run_at_quiet_exit).
     ///
-    /// It uses this CPU's call-data slot for `cpu`, like `call_single_async`: a second call to
-    /// the same quiet CPU waits (serving this CPU's queue) until the first was taken — at that
-    /// CPU's exit from the region. Send one deferrable call per target and batch inside it.
+    /// It uses this CPU's no-wait slots for `cpu`, like `call_single_async`: once all of them
+    /// hold calls deferred to the quiet CPU, the next one waits (serving this CPU's queue) for
+    /// its exit from the region. An urgent call that interrupts an `interruptible` quiet region
+    /// runs the deferred calls queued before it too.
     pub fn call_single_deferrable<F>(&self, cpu: CpuId, f: F) -> Result<(), Error>
     where
         F: FnOnce(CpuId) + Send + 'static,

@@ -456,6 +456,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// task context, and allowed for the last online CPU. `Ok` if `me` is offline already.
     pub(crate) fn cpu_leave(&self, me: CpuId) -> Result<(), Error> {
         self.check_can_wait(me)?;
+        if self.per_cpu(me).quiet.load(Ordering::Relaxed) {
+            // Relaxed: our own flag. The region's end would touch the slot after we left.
+            return Err(Error::Hotplug("cannot leave inside a quiet region"));
+        }
         match self.lock_stop(Some(me)) {
             // Offline already (taken down by someone else): take the lock as a bystander —
             // an offline CPU serves nothing — to forget the slot below.

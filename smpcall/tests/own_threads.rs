@@ -589,3 +589,54 @@ fn shutdown_from_an_attached_thread_serves_its_own_queue() {
     assert_eq!(ran.load(Ordering::SeqCst), 1);
     drop(g);
 }
+
+/// Second review: a guard dropped inside `with_engine` or `quiet` (which hold a reference to
+/// the engine) could let the machine be freed under them. Leaving is refused there.
+#[test]
+fn leaving_inside_with_engine_or_quiet_is_refused() {
+    let _serial = serial();
+    let m = Arc::new(machine(1, 1));
+    let m2 = Arc::clone(&m);
+    std::thread::spawn(move || {
+        let g = m2.attach().unwrap();
+        let g = smpcall::hosted::with_engine(move |_| {
+            let (g, e) = g.leave().unwrap_err();
+            assert!(matches!(e, Error::Hotplug(_)), "{e}");
+            g
+        })
+        .unwrap();
+        let g = smpcall::hosted::quiet(move || {
+            let (g, e) = g.leave().unwrap_err();
+            assert!(matches!(e, Error::Hotplug(_)), "{e}");
+            g
+        });
+        assert!(m2.engine().is_online(1) && !m2.engine().is_quiet(1));
+        g.leave().unwrap();
+    })
+    .join()
+    .unwrap();
+    assert!(!m.engine().is_online(1));
+    Arc::try_unwrap(m).unwrap().shutdown().unwrap();
+}
+
+/// Second review: a guard kept in a thread-local destroyed after the attachment's aborted the
+/// process ("cannot access a Thread Local Storage value during or after destruction").
+#[test]
+fn a_guard_in_a_thread_local_leaves_at_exit_without_aborting() {
+    use std::cell::RefCell;
+    let _serial = serial();
+    thread_local! {
+        static G: RefCell<Option<smpcall::hosted::CpuGuard>> = const { RefCell::new(None) };
+    }
+    let m = Arc::new(machine(1, 1));
+    let m2 = Arc::clone(&m);
+    std::thread::spawn(move || {
+        G.with(|g| drop(g.borrow())); // registered before the attachment: destroyed after it
+        let g = m2.attach().unwrap();
+        G.with(|s| *s.borrow_mut() = Some(g));
+    })
+    .join()
+    .unwrap();
+    assert!(!m.engine().is_online(1), "left at exit");
+    Arc::try_unwrap(m).unwrap().shutdown().unwrap();
+}

@@ -464,3 +464,89 @@ fn duration_max_timeouts_mean_no_deadline() {
     m.cpu_up(1).unwrap();
     assert_eq!(m.try_shutdown(Duration::MAX), Ok(()));
 }
+
+/// Second review: a waiting many-call waited on its slot after its function had run there; a
+/// no-wait call that a handler nested in the wait sent to the same target took that slot, so
+/// the many-call waited for it — forever, with that target busy outside safe points.
+#[test]
+fn a_waiting_many_call_does_not_wait_for_a_no_wait_call_that_reused_its_slot() {
+    let m: &'static Machine = Box::leak(Box::new(machine(3)));
+    let f_ran_on_2 = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let (f2, d2) = (Arc::clone(&f_ran_on_2), Arc::clone(&done));
+    // CPU 2: serves at safe points until the many-call's function ran there, then spins
+    // without any (bounded).
+    let mut busy = m.run_on(2, move |_| {
+        spin_until(LIMIT, "the many-call's function on CPU 2", || {
+            smpcall::hosted::safe_point();
+            f2.load(Ordering::SeqCst)
+        });
+        spin_until(LIMIT, "the many-call to return", || {
+            d2.load(Ordering::SeqCst)
+        });
+    });
+    let f_ran = Arc::clone(&f_ran_on_2);
+    let mut caller = m.run_on(0, move |e| {
+        let t = Instant::now();
+        let r = e.call_many(&[1, 2].into_iter().collect(), |cpu| {
+            if cpu == 2 {
+                f_ran.store(true, Ordering::SeqCst);
+            } else {
+                std::thread::sleep(Duration::from_millis(100)); // CPU 1 takes a while
+            }
+        });
+        (r, t.elapsed())
+    });
+    wait_until(LIMIT, "the function to run on CPU 2", || {
+        f_ran_on_2.load(Ordering::SeqCst)
+    });
+    // A call to CPU 0, served inside its wait, that sends CPU 2 a no-wait call.
+    m.engine()
+        .call_single_async(0, |_| {
+            smpcall::hosted::with_engine(|e| e.call_single_async(2, |_| ()))
+                .unwrap()
+                .unwrap();
+        })
+        .unwrap();
+    let (r, took) = caller.join_timeout(LIMIT).unwrap();
+    done.store(true, Ordering::SeqCst);
+    busy.join_timeout(LIMIT).unwrap();
+    assert_eq!(r.unwrap().weight(), 2);
+    assert!(took < Duration::from_secs(5), "returned after {took:?}");
+}
+
+/// Second review: a foreign many-call that found a slot busy waited before signalling the
+/// targets it had already queued to.
+#[test]
+fn a_foreign_many_call_signals_what_it_queued_before_waiting() {
+    let m = Machine::builder()
+        .cpus(3)
+        .idle(IdlePolicy::Sleep)
+        .foreign_senders(1)
+        .no_wait_slots(1)
+        .stall_threshold(Duration::ZERO) // no watchdog re-send to rescue it
+        .build()
+        .unwrap();
+    let flag = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicBool::new(false));
+    let (fl, st) = (Arc::clone(&flag), Arc::clone(&started));
+    // CPU 2 spins (no safe point) until a call on CPU 1 sets the flag.
+    let mut busy = m.run_on(2, move |_| {
+        st.store(true, Ordering::SeqCst);
+        spin_until(LIMIT, "the flag from CPU 1", || fl.load(Ordering::SeqCst));
+    });
+    wait_until(LIMIT, "CPU 2 to be busy", || started.load(Ordering::SeqCst));
+    let e = m.engine();
+    e.call_single_async(2, |_| ()).unwrap(); // holds the foreign row's slot to CPU 2
+    let fl = Arc::clone(&flag);
+    let t = Instant::now();
+    e.call_many_async(&[1, 2].into_iter().collect(), move |cpu| {
+        if cpu == 1 {
+            fl.store(true, Ordering::SeqCst);
+        }
+    })
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    busy.join_timeout(LIMIT).unwrap();
+    m.shutdown().unwrap();
+}

@@ -141,7 +141,9 @@ impl super::Machine {
         if engine.is_shutdown() {
             return Err(Error::ShutDown);
         }
-        if engine.current_cpu().is_some() || ATTACHMENT.with(|a| a.borrow().is_some()) {
+        let attached = ATTACHMENT.try_with(|a| a.borrow().is_some());
+        if engine.current_cpu().is_some() || attached != Ok(false) {
+            // A CPU already (or this thread is exiting).
             return Err(Error::Busy);
         }
         if !super::platform::current().engine.is_null() {
@@ -166,13 +168,14 @@ impl super::Machine {
             platform.cpus[cpu].occupant.store(VACANT, Ordering::Release);
             return Err(e);
         }
-        ATTACHMENT.with(|a| {
+        let stored = ATTACHMENT.try_with(|a| {
             *a.borrow_mut() = Some(Attachment {
                 inner: Arc::clone(inner),
                 cpu,
                 left: false,
             })
         });
+        debug_assert!(stored.is_ok(), "checked above: the thread is not exiting");
         Ok(CpuGuard {
             cpu,
             inner: Arc::clone(inner),
@@ -229,7 +232,19 @@ impl CpuGuard {
     }
 
     fn try_leave(&mut self) -> Result<(), Error> {
-        let Some(mut att) = ATTACHMENT.with(|a| a.borrow_mut().take()) else {
+        if super::safe_points::engine_borrowed() {
+            // Inside `with_engine`, `quiet` or `interruptible`: they hold a reference to the
+            // engine that leaving could let the machine free.
+            return Err(Error::Hotplug(
+                "cannot leave inside with_engine, quiet or interruptible",
+            ));
+        }
+        // `try_with`: during thread exit the attachment may be gone already — it left then.
+        let Some(mut att) = ATTACHMENT
+            .try_with(|a| a.borrow_mut().take())
+            .ok()
+            .flatten()
+        else {
             return Ok(());
         };
         match leave(&att.inner, att.cpu, false) {
@@ -240,7 +255,7 @@ impl CpuGuard {
             Err(e) => {
                 // Still attached: keep the attachment (for a retry, or the thread-exit
                 // clean-up).
-                ATTACHMENT.with(|a| *a.borrow_mut() = Some(att));
+                let _ = ATTACHMENT.try_with(|a| *a.borrow_mut() = Some(att));
                 Err(e)
             }
         }

@@ -199,7 +199,8 @@ impl MachineBuilder {
     /// How many no-wait calls one CPU can have in flight to another (call-data slots per
     /// sender and target; at least 1). A no-wait call waits only when all of them are still
     /// queued, not yet taken. Default: 16 for machines of up to 16 CPUs, 4 up to 64, else 1
-    /// (memory: `k × n² × 64` bytes).
+    /// (memory: `k × n² × 64` bytes); at most 64 (`build` refuses more). With `k > 1` the
+    /// first slot is kept for waiting many-calls and no-wait calls use the other `k − 1`.
     pub fn no_wait_slots(mut self, k: usize) -> Self {
         self.no_wait_slots = Some(k.max(1));
         self

@@ -130,6 +130,11 @@ impl Machine {
             17..=64 => 4,
             _ => 1,
         });
+        if k > 64 {
+            return Err(Error::InvalidConfig(
+                "no_wait_slots must be between 1 and 64",
+            ));
+        }
         let storage = HeapStorage::with_layout(total, k, b.foreign_senders);
         let engine = Engine::new(platform, storage)?;
         engine.set_stall_threshold(b.stall_threshold);

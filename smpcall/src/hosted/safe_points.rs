@@ -99,7 +99,9 @@ pub unsafe fn interruptible<R>(f: impl FnOnce() -> R) -> R {
     if c.engine.is_null() {
         return f();
     }
-    // SAFETY: set by this CPU thread while its machine is alive.
+    let _borrow = EngineBorrow::new();
+    // SAFETY: set by this CPU thread while its machine is alive; `_borrow` keeps this thread
+    // the CPU (no leave) until the region ends.
     let engine = unsafe { &*c.engine };
     let hc = &engine.platform().cpus[c.cpu];
     engine.serve_queue();
@@ -138,7 +140,9 @@ pub fn quiet<R>(f: impl FnOnce() -> R) -> R {
     if c.engine.is_null() {
         return f();
     }
-    // SAFETY: set by this CPU thread while its machine is alive; used only during this call.
+    let _borrow = EngineBorrow::new();
+    // SAFETY: set by this CPU thread while its machine is alive; `_borrow` keeps this thread
+    // the CPU (no leave) for the whole region.
     let engine = unsafe { &*c.engine };
     engine.quiet(f)
 }
@@ -161,7 +165,37 @@ pub fn with_engine<R>(f: impl FnOnce(&super::HostEngine) -> R) -> Option<R> {
     if c.engine.is_null() {
         return None;
     }
+    let _borrow = EngineBorrow::new();
     // SAFETY: the pointer is set by this CPU thread while its machine is alive and cleared
-    // before the thread exits; `f` runs now, on this thread, and cannot keep the reference.
+    // before the thread exits; while `_borrow` lives this thread cannot stop being the CPU
+    // (an attached thread's leave is refused), so the machine stays alive for all of `f`.
     Some(f(unsafe { &*c.engine }))
+}
+
+thread_local! {
+    /// How many frames of this thread hold a reference to its engine made from the raw
+    /// `CURRENT` pointer (`with_engine`, `quiet`, `interruptible`): an attached thread may not
+    /// leave (and so let its machine be freed) under them. `const`, no destructor.
+    static ENGINE_BORROWS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// A frame of this thread holds a reference to its engine (see [`ENGINE_BORROWS`]).
+struct EngineBorrow;
+
+impl EngineBorrow {
+    fn new() -> EngineBorrow {
+        ENGINE_BORROWS.with(|b| b.set(b.get() + 1));
+        EngineBorrow
+    }
+}
+
+impl Drop for EngineBorrow {
+    fn drop(&mut self) {
+        ENGINE_BORROWS.with(|b| b.set(b.get() - 1));
+    }
+}
+
+/// Whether a frame of this thread holds a reference to its engine (leaving must wait).
+pub(super) fn engine_borrowed() -> bool {
+    ENGINE_BORROWS.try_with(|b| b.get() > 0).unwrap_or(false)
 }
