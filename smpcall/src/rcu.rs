@@ -131,9 +131,12 @@ impl<P: Platform, S: Storage> Drop for RcuReadGuard<'_, P, S> {
         // The section's accesses stay before the decrement (same-CPU ordering is all the
         // handler, which interrupts this code, needs).
         compiler_fence(Ordering::SeqCst);
-        // Relaxed: only this CPU writes it, and nested writers restore it (see RcuCpu).
+        // Relaxed load: only this CPU writes it, and nested writers restore it (see RcuCpu).
+        // Release store: a grace period that reads this 0 from another CPU and skips us (an
+        // idle or quiet CPU, `rcu_reader_seen`) must see the section's accesses before it (a
+        // plain store on x86).
         let n = rcu.nesting.load(Ordering::Relaxed);
-        rcu.nesting.store(n - 1, Ordering::Relaxed);
+        rcu.nesting.store(n - 1, Ordering::Release);
         compiler_fence(Ordering::SeqCst);
         if n == 1 {
             // Outermost unlock: report a quiescent state a grace period asked for. A handler
@@ -317,9 +320,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// Whether a grace period must not skip `cpu` as idle: a reader is open there (observed
     /// from another CPU, after its context snapshot; see `synchronize_rcu_expedited`).
     fn rcu_reader_seen(&self, cpu: CpuId) -> bool {
-        // Relaxed: ordered after the snapshot's SeqCst load, which read the handler's exit to
-        // idle (a SeqCst RMW after the increment) or a later value: happens-after the store.
-        self.per_cpu(cpu).rcu.nesting.load(Ordering::Relaxed) > 0
+        // Acquire: a 1 is ordered after the snapshot's SeqCst load, which read the handler's
+        // exit to idle (a SeqCst RMW after the increment); a 0 from a reader's unlock (Release)
+        // makes that section's accesses happen-before this grace period's end.
+        self.per_cpu(cpu).rcu.nesting.load(Ordering::Acquire) > 0
     }
 
     /// Whether `cpu` is inside a read-side section (checked on `cpu` itself by `cpu_down`).
