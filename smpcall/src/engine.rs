@@ -1046,15 +1046,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// locks a function could need (a signal handler that interrupted `malloc`), use
     /// [`handle_ipi_engine_only`](Engine::handle_ipi_engine_only) instead.
     pub unsafe fn handle_ipi(&self) {
-        let Some(me) = self.current_cpu() else {
-            return;
-        };
-        let pc = self.per_cpu(me);
-        // Relaxed: statistics.
-        pc.ipi_received.fetch_add(1, Ordering::Relaxed);
-        let _masked = self.irq_save();
-        // SAFETY: on `me`, interrupts masked.
-        unsafe { self.flush(me) };
+        // SAFETY: forwarded (this function's contract).
+        unsafe { self.take_ipi(false) }
     }
 
     /// The IPI handler for a context that may not run user code (a hosted signal handler that
@@ -1070,6 +1063,17 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// must then bring the CPU to an unrestricted flush eventually ([`Platform`]'s delivery
     /// contract): deferred calls wait for it.
     pub unsafe fn handle_ipi_engine_only(&self) {
+        // SAFETY: forwarded (this function's contract).
+        unsafe { self.take_ipi(true) }
+    }
+
+    /// The body of both IPI handlers: count, mask, flush — `restricted` (engine work only) for
+    /// the whole flush, nested flushes included.
+    ///
+    /// # Safety
+    /// As for [`handle_ipi`](Engine::handle_ipi), or with `restricted` as for
+    /// [`handle_ipi_engine_only`](Engine::handle_ipi_engine_only).
+    unsafe fn take_ipi(&self, restricted: bool) {
         let Some(me) = self.current_cpu() else {
             return;
         };
@@ -1077,14 +1081,18 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // Relaxed: statistics.
         pc.ipi_received.fetch_add(1, Ordering::Relaxed);
         let masked = self.irq_save();
-        // Relaxed: only this CPU (and its properly nested handlers) writes it.
-        pc.restricted.fetch_add(1, Ordering::Relaxed);
+        if restricted {
+            // Relaxed: only this CPU (and its properly nested handlers) writes it.
+            pc.restricted.fetch_add(1, Ordering::Relaxed);
+        }
         // SAFETY: on `me`, interrupts masked.
         unsafe { self.flush(me) };
         // Unmask *before* leaving restricted mode: an IPI that arrived during the flush is
         // replayed by the unmask, still inside this signal context, so it must stay restricted.
         drop(masked);
-        pc.restricted.fetch_sub(1, Ordering::Relaxed);
+        if restricted {
+            pc.restricted.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Serves the current CPU's queue if anything is queued (a safe point). Returns how many
