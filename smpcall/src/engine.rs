@@ -1217,37 +1217,6 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
     }
 
-    /// Claims `csd` (spinning while it is busy), fills it with `fill` and pushes it on
-    /// `target`'s queue from a thread that is not one of our CPUs (no online checks: used by
-    /// stop_machine, whose per-target call data nobody else uses).
-    ///
-    /// # Safety
-    /// `csd` must stay alive until `target` released it (wait with `wait_foreign`).
-    pub(crate) unsafe fn queue_foreign(
-        &self,
-        target: CpuId,
-        csd: &Csd,
-        ipis: &mut CpuMask,
-        fill: impl FnOnce(&Csd),
-    ) {
-        while !csd.try_lock() {
-            self.platform.relax();
-        }
-        fill(csd);
-        // SAFETY: claimed and filled; alive per this function's contract.
-        if unsafe { self.enqueue(target, csd) } {
-            ipis.set(target);
-        }
-    }
-
-    /// Waits until `csd` is released, from a thread that is not one of our CPUs (it has no
-    /// queue to serve).
-    pub(crate) fn wait_foreign(&self, csd: &Csd) {
-        while csd.is_busy() {
-            self.platform.relax();
-        }
-    }
-
     /// Common entry: accepting calls, and from one of our CPUs.
     pub(crate) fn enter(&self) -> Result<CpuId, Error> {
         // Relaxed: a call racing with shutdown may be accepted; shutdown drains accepted calls.

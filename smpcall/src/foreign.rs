@@ -92,10 +92,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// thread, inside the `foreign_pushers` region `cpu_down` waits out (module docs). A busy
     /// `csd` is waited for outside the region (or refused with [`Target::RefuseBusy`]).
     /// Returns `Ok(false)` for a target that does not accept calls under [`Target::Prune`].
+    /// [`Target::Force`] skips the acceptance check (stop_machine driven from a foreign thread
+    /// reaching a CPU that is going down, through its per-target stop call data).
     ///
     /// # Safety
     /// `csd` must stay alive until `target` released it.
-    unsafe fn push_foreign(
+    pub(crate) unsafe fn push_foreign(
         &self,
         target: CpuId,
         csd: &Csd,
@@ -106,7 +108,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         loop {
             // SeqCst: the Dekker pair with `cpu_down` (module docs).
             self.foreign_pushers.fetch_add(1, Ordering::SeqCst);
-            if !self.accepting.test(target) {
+            // Force (stop_machine reaching a CPU that is going down): no acceptance check.
+            if policy != Target::Force && !self.accepting.test(target) {
                 self.foreign_pushers.fetch_sub(1, Ordering::SeqCst);
                 return match policy {
                     Target::Prune => Ok(false),
@@ -281,6 +284,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         drop(row);
         self.send_ipis(&ipis);
         Ok(queued)
+    }
+
+    /// Waits until `csd` is released, from a thread that is not one of our CPUs (it has no
+    /// queue to serve).
+    pub(crate) fn wait_foreign(&self, csd: &Csd) {
+        while csd.is_busy() {
+            self.platform.relax();
+        }
     }
 
     /// `cpu_down`'s half of the Dekker pair: after `cpu` stopped accepting calls, waits until

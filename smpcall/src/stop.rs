@@ -646,7 +646,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 }
                 // SAFETY: `csd` (a per-target stop csd: stop_machines are serialised, so it is
                 // free) outlives the wait below.
-                None => unsafe { self.queue_foreign(t, csd, &mut ipis, fill) },
+                None => {
+                    let queued =
+                        unsafe { self.push_foreign(t, csd, Target::Force, &mut ipis, fill) };
+                    debug_assert_eq!(queued, Ok(true));
+                }
             }
         }
         self.send_ipis(&ipis);
