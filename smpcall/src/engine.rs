@@ -804,15 +804,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             &mut ipis,
             |slot| {
                 let f = f.take().expect("filled once");
-                // SAFETY: `queue_call` hands us the slot claimed; inline payload matches
-                // `run_inline::<F>`; deferrable only changes the IPI decision.
-                unsafe {
-                    slot.set_call(run_inline::<F>, Payload::inline(f), false);
-                    if deferrable {
-                        slot.set_deferrable();
-                    }
-                }
-                self.note_call::<F>(slot, me, cpu);
+                // SAFETY: `queue_call` hands us the slot claimed, not yet pushed.
+                unsafe { self.fill_no_wait(slot, f, me, cpu, deferrable) };
             },
         );
         self.send_ipis(&ipis);
@@ -871,9 +864,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             &mut ipis,
             |csd| {
                 let f = f.take().expect("filled once");
-                // SAFETY: claimed by `queue_call`; inline payload matches `run_inline::<F>`.
-                unsafe { csd.set_call(run_inline::<F>, Payload::inline(f), false) };
-                self.note_call::<F>(csd, me, cpu);
+                // SAFETY: claimed by `queue_call`, not yet pushed.
+                unsafe { self.fill_no_wait(csd, f, me, cpu, false) };
             },
         );
         self.send_ipis(&ipis);
@@ -965,9 +957,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         others.clear(me);
 
         let (mut queued, refused) = self.queue_on_slots(me, &others, true, |slot, t| {
-            // SAFETY: we hold the slot; inline payload matches `run_inline::<F>`.
-            unsafe { slot.set_call(run_inline::<F>, Payload::inline(f.clone()), false) };
-            self.note_call::<F>(slot, me, t);
+            // SAFETY: we hold the slot, not yet pushed.
+            unsafe { self.fill_no_wait(slot, f.clone(), me, t, false) };
         });
         match refused {
             Some(e) if queued.is_empty() => Err(e),
@@ -1428,6 +1419,32 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         if !ipis.is_empty() {
             self.platform.send_ipi_mask(ipis);
         }
+    }
+
+    /// Writes a no-wait call running `f` (moved into the call data) into `csd`, optionally
+    /// deferrable (`quiet.rs`), and records its route `src -> dst` for the diagnostics.
+    ///
+    /// # Safety
+    /// The caller holds `csd` (claimed with `try_lock`, not yet pushed).
+    pub(crate) unsafe fn fill_no_wait<F>(
+        &self,
+        csd: &Csd,
+        f: F,
+        src: CpuId,
+        dst: CpuId,
+        deferrable: bool,
+    ) where
+        F: FnOnce(CpuId) + Send + 'static,
+    {
+        // SAFETY: held per this function's contract; the inline payload matches
+        // `run_inline::<F>`; deferrable only changes the IPI decision.
+        unsafe {
+            csd.set_call(run_inline::<F>, Payload::inline(f), false);
+            if deferrable {
+                csd.set_deferrable();
+            }
+        }
+        self.note_call::<F>(csd, src, dst);
     }
 
     /// Pushes a claimed, filled `csd` on `target`'s queue. Returns whether an IPI must be sent.

@@ -29,7 +29,7 @@ use core::sync::atomic::Ordering;
 use crate::sync::AtomicU64;
 
 use crate::cpumask::{CpuId, CpuMask};
-use crate::csd::{run_inline, run_once, run_shared, Csd, OnceCall, Payload, FOREIGN};
+use crate::csd::{run_once, run_shared, Csd, OnceCall, Payload, FOREIGN};
 use crate::engine::{AbortOnUnwind, Engine, Storage, Target};
 use crate::error::Error;
 use crate::platform::Platform;
@@ -188,15 +188,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut ipis = CpuMask::new();
         let fill = |slot: &Csd| {
             let f = f.take().expect("filled once");
-            // SAFETY: claimed by `push_foreign`; inline payload matches `run_inline::<F>`;
-            // deferrable only changes the IPI decision.
-            unsafe {
-                slot.set_call(run_inline::<F>, Payload::inline(f), false);
-                if deferrable {
-                    slot.set_deferrable();
-                }
-            }
-            self.note_call::<F>(slot, FOREIGN, cpu);
+            // SAFETY: claimed by `push_foreign`, not yet pushed.
+            unsafe { self.fill_no_wait(slot, f, FOREIGN, cpu, deferrable) };
         };
         let slot = self.foreign_slot(&row, cpu);
         // SAFETY: a storage slot: alive as long as the engine.
@@ -215,9 +208,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut ipis = CpuMask::new();
         let fill = |csd: &Csd| {
             let f = f.take().expect("filled once");
-            // SAFETY: claimed by `push_foreign`; inline payload matches `run_inline::<F>`.
-            unsafe { csd.set_call(run_inline::<F>, Payload::inline(f), false) };
-            self.note_call::<F>(csd, FOREIGN, cpu);
+            // SAFETY: claimed by `push_foreign`, not yet pushed.
+            unsafe { self.fill_no_wait(csd, f, FOREIGN, cpu, false) };
         };
         // SAFETY: pinned by the caller, and its `Drop` waits while it is busy.
         unsafe { self.push_foreign(cpu, csd, Target::RefuseBusy, &mut ipis, fill) }?;
@@ -270,9 +262,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut ipis = CpuMask::new();
         for t in &targets {
             let fill = |slot: &Csd| {
-                // SAFETY: claimed by `push_foreign`; inline payload matches `run_inline::<F>`.
-                unsafe { slot.set_call(run_inline::<F>, Payload::inline(f.clone()), false) };
-                self.note_call::<F>(slot, FOREIGN, t);
+                // SAFETY: claimed by `push_foreign`, not yet pushed.
+                unsafe { self.fill_no_wait(slot, f.clone(), FOREIGN, t, false) };
             };
             let slot = self.foreign_slot(&row, t);
             // SAFETY: a storage slot, alive as long as the engine.
