@@ -207,3 +207,15 @@ mod rcu {
         });
     }
 }
+
+mod quiet {
+    use super::*;
+
+    /// Entering and leaving a quiet region (`Engine::quiet`) with nothing deferred, on CPU 0
+    /// of a 2-CPU engine.
+    #[divan::bench]
+    fn enter_exit(b: divan::Bencher) {
+        let e = engine(2);
+        b.bench_local(|| e.quiet(|| black_box(())));
+    }
+}
