@@ -79,7 +79,7 @@ fn check_report(report: &Report) {
     // installed, which say so — and says what it is without citing a document.
     assert_eq!(
         report.targets().count() + report.not_evaluated.len(),
-        9,
+        10,
         "{report}"
     );
     for n in &report.not_evaluated {

@@ -99,7 +99,10 @@ fn cli_cost_accounts_for_both_sides_of_a_call() {
         "engine.rs: wait_csd",
         "queue.rs: push",
         "queue.rs: flush",
-        "csd.rs: try_lock",
+        "csd.rs: claim_exclusive",
+        "call_single_async to a polling CPU",
+        "engine.rs: call_single_async",
+        "per-call diagnostics:",
     ] {
         assert!(stdout.contains(word), "missing {word}:\n{stdout}");
     }

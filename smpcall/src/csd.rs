@@ -291,6 +291,54 @@ impl Csd {
             .is_ok()
     }
 
+    /// [`try_lock`](Csd::try_lock) without a locked instruction, for call data nobody else can
+    /// be claiming at the same time. Returns `false` if it is in flight.
+    ///
+    /// # Safety
+    /// No other thread, handler or NMI may claim this call data concurrently (the engine's
+    /// per-sender slots and stack call data, claimed with interrupts masked outside NMI
+    /// context: `Target::exclusive` in `engine.rs`).
+    pub(crate) unsafe fn claim_exclusive(&self) -> bool {
+        if self.is_busy() {
+            return false;
+        }
+        // Relaxed: no concurrent claimer (this function's contract); the Acquire in `is_busy`
+        // ordered the previous target's reads before our writes, and the push publishes them.
+        self.flags.store(LOCK, Ordering::Relaxed);
+        true
+    }
+
+    /// Gives up a claim made with `try_lock` or `claim_exclusive` before the call data was
+    /// pushed (filling it unwound): free again, its contents abandoned (never run or dropped).
+    ///
+    /// # Safety
+    /// The caller holds the call data and has not pushed it.
+    pub(crate) unsafe fn unclaim(&self) {
+        // Release: the next claimer's Acquire in `is_busy` / `try_lock` sees our writes done.
+        self.flags.store(0, Ordering::Release);
+    }
+
+    /// Runs `fill` on call data the caller just claimed. `fill` may run user code (a
+    /// `Clone`): if it unwinds, the claim is given back ([`unclaim`](Csd::unclaim)) rather than
+    /// left in place for ever, where every later wait for this call data would hang.
+    ///
+    /// # Safety
+    /// The caller holds the call data (claimed, not pushed).
+    #[inline(always)]
+    pub(crate) unsafe fn fill_claimed(&self, fill: impl FnOnce(&Csd)) {
+        struct Unclaim<'a>(&'a Csd);
+        impl Drop for Unclaim<'_> {
+            fn drop(&mut self) {
+                // SAFETY: claimed and not pushed (`fill_claimed`'s contract; the guard is
+                // forgotten once `fill` returned).
+                unsafe { self.0.unclaim() }
+            }
+        }
+        let guard = Unclaim(self);
+        fill(self);
+        core::mem::forget(guard);
+    }
+
     /// Writes a call into a call data this CPU just claimed with `try_lock`.
     ///
     /// # Safety

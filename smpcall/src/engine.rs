@@ -350,6 +350,57 @@ pub(crate) enum Target {
     Force,
 }
 
+impl Target {
+    /// Whether the call data handed to `queue_call` with this policy can only be claimed by
+    /// the calling CPU: `Refuse` and `Prune` are used with this CPU's own slots (one sender per
+    /// slot group) or call data on its stack. `queue_call` claims them masked, and no call
+    /// starts in NMI context (`enter`), so no other claimer can interleave: a plain check
+    /// suffices where shared call data (`RefuseBusy`: the caller's; `Force`: the target's
+    /// stop call data) needs a compare-and-swap.
+    fn exclusive(self) -> bool {
+        matches!(self, Target::Refuse | Target::Prune)
+    }
+}
+
+/// The targets a queueing operation found needing an IPI, sent once its pushes are done (and
+/// before it waits for anything). A many-call collects a [`CpuMask`]; a call to one CPU a
+/// [`OneIpi`], which spares it the work of a `MAX_CPUS`-bit mask.
+pub(crate) trait Ipis {
+    /// `cpu` needs an IPI.
+    fn add(&mut self, cpu: CpuId);
+    /// Sends the IPIs collected so far, and forgets them.
+    fn send<P: Platform>(&mut self, platform: &P);
+}
+
+impl Ipis for CpuMask {
+    fn add(&mut self, cpu: CpuId) {
+        self.set(cpu);
+    }
+
+    fn send<P: Platform>(&mut self, platform: &P) {
+        if !self.is_empty() {
+            platform.send_ipi_mask(self);
+            *self = CpuMask::new();
+        }
+    }
+}
+
+/// [`Ipis`] of a call to a single CPU.
+#[derive(Default)]
+pub(crate) struct OneIpi(Option<CpuId>);
+
+impl Ipis for OneIpi {
+    fn add(&mut self, cpu: CpuId) {
+        self.0 = Some(cpu);
+    }
+
+    fn send<P: Platform>(&mut self, platform: &P) {
+        if let Some(cpu) = self.0.take() {
+            platform.send_ipi(cpu);
+        }
+    }
+}
+
 /// Aborts the process (panic while panicking) if a panic unwinds through a region where call
 /// data is in flight: unwinding would free or abandon call data another CPU may still use.
 pub(crate) struct AbortOnUnwind;
@@ -682,7 +733,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             return Ok(run_local(|| f(me)));
         }
         let csd = Csd::new();
-        let mut ipis = CpuMask::new();
+        let mut ipis = OneIpi::default();
         // Masked from the first push to the IPI send: an interrupt nested in between could
         // wait for one of our targets before we signalled it (found by the simulator).
         let masked = self.irq_save();
@@ -712,7 +763,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // From here the fresh csd is in flight: it lives on this frame until `wait_csd` saw
             // it released (unwinding out of here aborts).
             let in_flight = AbortOnUnwind;
-            self.send_ipis(&ipis);
+            ipis.send(&self.platform);
             drop(masked);
             self.wait_csd(me, cpu, &csd);
             core::mem::forget(in_flight);
@@ -746,7 +797,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // In flight: `csd` and `call` live on this frame until `wait_csd` saw the csd released
         // (unwinding out of here aborts).
         let in_flight = AbortOnUnwind;
-        self.send_ipis(&ipis);
+        ipis.send(&self.platform);
         drop(masked);
         self.wait_csd(me, cpu, &csd);
         core::mem::forget(in_flight);
@@ -792,7 +843,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             return Ok(());
         }
         let mut f = Some(f);
-        let mut ipis = CpuMask::new();
+        let mut ipis = OneIpi::default();
         // Masked from the first push to the IPI send: an interrupt nested in between could
         // wait for one of our targets before we signalled it (found by the simulator).
         let masked = self.irq_save();
@@ -808,7 +859,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 unsafe { self.fill_no_wait(slot, f, me, cpu, deferrable) };
             },
         );
-        self.send_ipis(&ipis);
+        ipis.send(&self.platform);
         drop(masked);
         result.map(|_| ())
     }
@@ -851,7 +902,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             return Ok(());
         }
         let mut f = Some(f);
-        let mut ipis = CpuMask::new();
+        let mut ipis = OneIpi::default();
         // Masked from the first push to the IPI send: an interrupt nested in between could
         // wait for one of our targets before we signalled it (found by the simulator).
         let masked = self.irq_save();
@@ -868,7 +919,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 unsafe { self.fill_no_wait(csd, f, me, cpu, false) };
             },
         );
-        self.send_ipis(&ipis);
+        ipis.send(&self.platform);
         drop(masked);
         result.map(|_| ())
     }
@@ -1216,10 +1267,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
         match self.platform.current_cpu() {
             Some(me) if me < self.nr_cpus => {
-                if self.online.test(me) {
-                    Ok(me)
-                } else {
+                if !self.online.test(me) {
                     Err(Error::Offline(me))
+                } else if self.per_cpu(me).nmi_depth.load(Ordering::Relaxed) > 0 {
+                    // An NMI may interrupt this CPU anywhere, also inside `queue_call` while it
+                    // claims one of its slots or inside a flush of its queue: no call starts
+                    // from NMI context (only `nmi.rs` works there).
+                    // Relaxed: this CPU's own depth (NMIs on it restore it before returning).
+                    Err(Error::WouldDeadlock(DeadlockReason::InNmi))
+                } else {
+                    Ok(me)
                 }
             }
             _ => Err(Error::NotOnCpu),
@@ -1313,7 +1370,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 }
             }
         }
-        self.send_ipis(&ipis);
+        ipis.send(&self.platform);
         drop(masked);
         (queued, refused)
     }
@@ -1336,10 +1393,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         target: CpuId,
         csds: &[Csd],
         policy: Target,
-        ipis: &mut CpuMask,
+        ipis: &mut impl Ipis,
         mut fill: impl FnMut(&Csd),
     ) -> Result<bool, Error> {
         loop {
+            let oldest;
             {
                 let _masked = self.irq_save();
                 self.platform.preempt_point();
@@ -1365,9 +1423,20 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 } else {
                     0
                 };
+                oldest = start;
+                let exclusive = policy.exclusive();
                 let free = (0..k)
                     .map(|i| (start + i) % k)
-                    .find(|&i| !csds[i].is_busy() && csds[i].try_lock());
+                    // Exclusive call data needs no locked instruction (a compare-and-swap
+                    // would stall on the line the target released it in).
+                    .find(|&i| {
+                        if exclusive {
+                            // SAFETY: `Target::exclusive`: no other claimer can run.
+                            unsafe { csds[i].claim_exclusive() }
+                        } else {
+                            !csds[i].is_busy() && csds[i].try_lock()
+                        }
+                    });
                 if let Some(i) = free {
                     let csd = &csds[i];
                     if k > 1 {
@@ -1376,13 +1445,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                             .slot_cursor
                             .store((i + 1) as u32, Ordering::Relaxed);
                     }
-                    fill(csd);
+                    // SAFETY: claimed above, not pushed.
+                    unsafe { csd.fill_claimed(&mut fill) };
                     self.platform.preempt_point();
                     // SAFETY: claimed and filled; the caller guarantees `csd` outlives the
                     // call (engine slots live as long as the engine; stack csds are waited
                     // for; caller-owned csds are pinned and wait in `Drop`).
                     if unsafe { self.enqueue(target, csd) } {
-                        ipis.set(target);
+                        ipis.add(target);
                     }
                     return Ok(true);
                 }
@@ -1407,17 +1477,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 }
             }
             // Busy: make sure what we queued so far is signalled before we wait on anyone.
-            // (The group's first call data: the target takes its whole queue at once, so the
-            // others free up with it.)
-            self.send_ipis(ipis);
-            *ipis = CpuMask::new();
-            self.wait_csd(me, target, &csds[0]);
-        }
-    }
-
-    pub(crate) fn send_ipis(&self, ipis: &CpuMask) {
-        if !ipis.is_empty() {
-            self.platform.send_ipi_mask(ipis);
+            // Round robin makes the slot at the cursor the oldest of the group: the target
+            // takes its queue in arrival order, so that one frees first.
+            ipis.send(&self.platform);
+            self.wait_csd(me, target, &csds[oldest]);
         }
     }
 
@@ -1524,7 +1587,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let pc = self.per_cpu(me);
         // Relaxed: our own CPU's depth and counters.
         let depth = pc.handler_depth.load(Ordering::Relaxed);
-        if depth >= P::MAX_CALL_NESTING {
+        // Nor from NMI context: the NMI may have interrupted a flush of this very queue.
+        if depth >= P::MAX_CALL_NESTING || pc.nmi_depth.load(Ordering::Relaxed) > 0 {
             return 0;
         }
         let deferred = pc.deferred.len() > 0 && pc.restricted.load(Ordering::Relaxed) == 0;

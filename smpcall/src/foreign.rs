@@ -30,7 +30,7 @@ use crate::sync::AtomicU64;
 
 use crate::cpumask::{CpuId, CpuMask};
 use crate::csd::{run_once, run_shared, Csd, OnceCall, Payload, FOREIGN};
-use crate::engine::{AbortOnUnwind, Engine, Storage, Target};
+use crate::engine::{AbortOnUnwind, Engine, Ipis, OneIpi, Storage, Target};
 use crate::error::Error;
 use crate::platform::Platform;
 
@@ -102,40 +102,49 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         target: CpuId,
         csd: &Csd,
         policy: Target,
-        ipis: &mut CpuMask,
+        ipis: &mut impl Ipis,
         mut fill: impl FnMut(&Csd),
     ) -> Result<bool, Error> {
+        /// Counts this thread among the foreign pushers while alive (also if `fill` unwinds:
+        /// a count left behind would hold every later `cpu_down` for ever).
+        struct Pushing<'a>(&'a core::sync::atomic::AtomicU32);
+        impl Drop for Pushing<'_> {
+            fn drop(&mut self) {
+                // SeqCst: dropped after the push, so the push is on the queue before
+                // `cpu_down` sees the count drop.
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         loop {
             // SeqCst: the Dekker pair with `cpu_down` (module docs).
             self.foreign_pushers.fetch_add(1, Ordering::SeqCst);
+            let pushing = Pushing(&self.foreign_pushers);
             // Force (stop_machine reaching a CPU that is going down): no acceptance check.
             if policy != Target::Force && !self.accepting.test(target) {
-                self.foreign_pushers.fetch_sub(1, Ordering::SeqCst);
                 return match policy {
                     Target::Prune => Ok(false),
                     _ => Err(Error::Offline(target)),
                 };
             }
             if csd.try_lock() {
-                fill(csd);
+                // SAFETY: claimed, not pushed.
+                unsafe { csd.fill_claimed(&mut fill) };
                 // SAFETY: claimed and filled; alive per this function's contract.
                 let needs_ipi = unsafe { self.enqueue(target, csd) };
-                // SeqCst: the push is on the queue before `cpu_down` sees the count drop.
-                self.foreign_pushers.fetch_sub(1, Ordering::SeqCst);
+                drop(pushing);
                 if needs_ipi {
-                    ipis.set(target);
+                    ipis.add(target);
                 }
                 return Ok(true);
             }
-            self.foreign_pushers.fetch_sub(1, Ordering::SeqCst);
+            drop(pushing);
             if policy == Target::RefuseBusy {
                 return Err(Error::Busy);
             }
             // Busy: its previous call was not taken yet. Signal what we queued so far first
             // (a target we wait for may wait for one of them), then wait outside the region,
             // so a `cpu_down` of that target (which must first flush it) is not held up by us.
-            self.send_ipis(ipis);
-            *ipis = CpuMask::new();
+            ipis.send(&self.platform);
             self.wait_foreign(csd);
         }
     }
@@ -153,7 +162,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         };
         let payload = Payload::from_ptr(&mut call as *mut OnceCall<F, R>);
         let csd = Csd::new();
-        let mut ipis = CpuMask::new();
+        let mut ipis = OneIpi::default();
         let fill = |csd: &Csd| {
             // SAFETY: claimed by `push_foreign`; `call` outlives the wait below.
             unsafe { csd.set_call(run_once::<F, R>, payload, true) };
@@ -163,7 +172,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // (unwinding out of the wait aborts).
         unsafe { self.push_foreign(cpu, &csd, Target::Refuse, &mut ipis, fill) }?;
         let in_flight = AbortOnUnwind;
-        self.send_ipis(&ipis);
+        ipis.send(&self.platform);
         self.wait_foreign(&csd);
         core::mem::forget(in_flight);
         Ok(call
@@ -185,7 +194,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     {
         let row = self.claim_foreign_row()?;
         let mut f = Some(f);
-        let mut ipis = CpuMask::new();
+        let mut ipis = OneIpi::default();
         let fill = |slot: &Csd| {
             let f = f.take().expect("filled once");
             // SAFETY: claimed by `push_foreign`, not yet pushed.
@@ -195,7 +204,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // SAFETY: a storage slot: alive as long as the engine.
         unsafe { self.push_foreign(cpu, slot, Target::Refuse, &mut ipis, fill) }?;
         drop(row);
-        self.send_ipis(&ipis);
+        ipis.send(&self.platform);
         Ok(())
     }
 
@@ -205,7 +214,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         F: FnOnce(CpuId) + Send + 'static,
     {
         let mut f = Some(f);
-        let mut ipis = CpuMask::new();
+        let mut ipis = OneIpi::default();
         let fill = |csd: &Csd| {
             let f = f.take().expect("filled once");
             // SAFETY: claimed by `push_foreign`, not yet pushed.
@@ -213,7 +222,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         };
         // SAFETY: pinned by the caller, and its `Drop` waits while it is busy.
         unsafe { self.push_foreign(cpu, csd, Target::RefuseBusy, &mut ipis, fill) }?;
-        self.send_ipis(&ipis);
+        ipis.send(&self.platform);
         Ok(())
     }
 
@@ -242,7 +251,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 queued.set(t);
             }
         }
-        self.send_ipis(&ipis);
+        ipis.send(&self.platform);
         for t in &queued {
             self.wait_foreign(self.foreign_slot(&row, t));
         }
@@ -273,7 +282,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
         }
         drop(row);
-        self.send_ipis(&ipis);
+        ipis.send(&self.platform);
         Ok(queued)
     }
 

@@ -505,12 +505,24 @@ fn log_value(log: usize, value: u64) -> impl FnOnce(CpuId) + Send + 'static {
 /// have copied the previous payload out before releasing it.
 #[test]
 fn async_csd_not_reused_before_callee_copied() {
+    reuse_model("async_csd_not_reused_before_callee_copied", false);
+}
+
+/// Test 4, with the claim the engine makes for its own slots and stack call data
+/// (`Csd::claim_exclusive`: the Acquire check and a plain store, no compare-and-swap): it must
+/// order the reuse after the target's copy just as `try_lock` does.
+#[test]
+fn exclusive_claim_not_reused_before_callee_copied() {
+    reuse_model("exclusive_claim_not_reused_before_callee_copied", true);
+}
+
+fn reuse_model(name: &'static str, exclusive: bool) {
     const VALUES: [u64; 3] = [
         0xAAAA_AAAA_AAAA_AAAA,
         0xBBBB_BBBB_BBBB_BBBB,
         0xCCCC_CCCC_CCCC_CCCC,
     ];
-    model("async_csd_not_reused_before_callee_copied", || {
+    model(name, move || {
         let queue = Arc::new(CallQueue::new());
         let csd = Arc::new(TestCsd::new());
         let log = Arc::new(Log::new());
@@ -527,17 +539,37 @@ fn async_csd_not_reused_before_callee_copied() {
             // overwrite its payload. If the target released before copying the previous call
             // out, loom reports this write racing with its read (and the callee would log the
             // new value twice).
-            while csd.is_busy() {
-                thread::yield_now();
+            if exclusive {
+                // SAFETY: this thread is the only one that claims `csd`.
+                while !unsafe { csd.claim_exclusive() } {
+                    thread::yield_now();
+                }
+                let f = log_value(log_addr, value);
+                // SAFETY: claimed above, not published; the payload holds an `F` as
+                // `run_inline::<F>` requires; `csd` and `log` outlive the owner (joined).
+                unsafe {
+                    csd.set_call(run_inline_of(&f), Payload::inline(f), false);
+                    queue.push(&**csd);
+                }
+            } else {
+                while csd.is_busy() {
+                    thread::yield_now();
+                }
+                // SAFETY: `csd` and `log` are kept alive by this thread until the owner is
+                // joined.
+                unsafe { push_async(&queue, &csd, log_value(log_addr, value)) };
             }
-            // SAFETY: `csd` and `log` are kept alive by this thread until the owner is joined.
-            unsafe { push_async(&queue, &csd, log_value(log_addr, value)) };
         }
 
         owner.join().unwrap();
         assert_eq!(log.snapshot(), VALUES, "callee saw the wrong payloads");
         assert!(!csd.is_busy());
     });
+}
+
+/// The `run_inline` instance matching a closure (so its type need not be named).
+fn run_inline_of<F: FnOnce(CpuId) + Send>(_: &F) -> RunFn {
+    run_inline::<F>
 }
 
 /// Test 5: a call data in flight is refused; once `try_lock` succeeds the previous call has been

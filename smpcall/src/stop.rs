@@ -34,7 +34,7 @@ use core::sync::atomic::Ordering;
 
 use crate::cpumask::{CpuId, CpuMask};
 use crate::csd::shared_call;
-use crate::engine::{AbortOnUnwind, Engine, Storage, Target};
+use crate::engine::{AbortOnUnwind, Engine, Ipis, Storage, Target};
 use crate::error::Error;
 use crate::platform::Platform;
 use crate::sync;
@@ -653,7 +653,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 }
             }
         }
-        self.send_ipis(&ipis);
+        ipis.send(&self.platform);
         drop(masked);
         if let Some(me) = me {
             self.stop_participant(&st, me, true);

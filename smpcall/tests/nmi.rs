@@ -135,3 +135,46 @@ fn a_stalled_wait_asks_the_stuck_cpu_by_nmi_what_it_is_doing() {
     assert_eq!(call.join_timeout(LIMIT).unwrap(), Ok(1));
     m.shutdown().unwrap();
 }
+
+/// No call starts in NMI context: an NMI may interrupt its own CPU inside a call's queueing or
+/// a flush of its queue, which a call made (or a queue served) from the NMI would then enter
+/// a second time. Before: `call_single_async` from an NMI function queued the call (on the
+/// sender's slot, possibly the one the interrupted code was claiming) and `serve_queue`
+/// flushed the normal queue from NMI context.
+#[test]
+fn calls_from_nmi_context_are_refused_and_serve_nothing() {
+    let m = Machine::builder()
+        .cpus(3)
+        .idle(IdlePolicy::Sleep)
+        .build()
+        .unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let r2 = Arc::clone(&refused);
+    let ran = Arc::new(AtomicUsize::new(0));
+    let ran2 = Arc::clone(&ran);
+    m.run_on(0, move |e| {
+        common::nmi_call_many(e, &CpuMask::single(2), |_| {
+            let in_nmi = Err(Error::WouldDeadlock(DeadlockReason::InNmi));
+            let ran3 = Arc::clone(&ran2);
+            let results = [
+                e.call_single_async(1, move |_| {
+                    ran3.fetch_add(1, Ordering::SeqCst);
+                }),
+                e.call_many_async(&CpuMask::single(1), |_| {}).map(|_| ()),
+                e.call_single(1, |_| ()),
+            ];
+            let n = results.iter().filter(|r| **r == in_nmi).count();
+            let served = e.serve_queue();
+            if served == 0 {
+                r2.fetch_add(n, Ordering::SeqCst);
+            }
+        })
+    })
+    .join_timeout(LIMIT)
+    .unwrap()
+    .unwrap();
+    assert_eq!(refused.load(Ordering::SeqCst), 3, "every call refused");
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "nothing was queued");
+    m.shutdown().unwrap();
+}

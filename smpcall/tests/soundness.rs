@@ -550,3 +550,53 @@ fn a_foreign_many_call_signals_what_it_queued_before_waiting() {
     busy.join_timeout(LIMIT).unwrap();
     m.shutdown().unwrap();
 }
+
+/// A `Clone` that panics while a no-wait many-call fills its call data gives the call data
+/// back. Before: the slot stayed claimed for ever, and the next call to that CPU through it
+/// (one slot per sender and target here) waited for ever.
+#[test]
+fn a_panicking_clone_does_not_leave_call_data_claimed() {
+    struct PanicOnClone(Arc<AtomicBool>);
+    impl Clone for PanicOnClone {
+        fn clone(&self) -> Self {
+            if self.0.swap(false, Ordering::SeqCst) {
+                panic!("clone refused (test)");
+            }
+            PanicOnClone(Arc::clone(&self.0))
+        }
+    }
+    let m = Machine::builder()
+        .cpus(2)
+        .no_wait_slots(1)
+        .idle(IdlePolicy::Sleep)
+        .build()
+        .unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let ran2 = Arc::clone(&ran);
+    let mut task = m.run_on(0, move |e| {
+        let arm = Arc::new(AtomicBool::new(true));
+        let f = PanicOnClone(Arc::clone(&arm));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            e.call_many_async(&CpuMask::single(1), move |_| {
+                let _ = &f;
+            })
+        }))
+        .is_err();
+        for _ in 0..3 {
+            let ran3 = Arc::clone(&ran2);
+            e.call_single_async(1, move |_| {
+                ran3.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+        }
+        panicked
+    });
+    let panicked = task
+        .join_timeout(LIMIT)
+        .expect("calls after the panic to complete (the call data was left claimed)");
+    assert!(panicked, "the clone panicked");
+    wait_until(LIMIT, "the three calls after the panic to run", || {
+        ran.load(Ordering::SeqCst) == 3
+    });
+    m.shutdown().unwrap();
+}

@@ -1,5 +1,6 @@
-//! `smpcall bench --cost`: what one synchronous `call_single` to a polling CPU costs, in
-//! instructions, on each side, by function — counted by callgrind, not timed.
+//! `smpcall bench --cost`: what one `call_single` (waiting; with per-call diagnostics on and
+//! off) and one `call_single_async` to a polling CPU cost, in instructions, on each side, by
+//! function — counted by callgrind, not timed.
 //!
 //! The `smpcall` binary re-runs itself under `valgrind --tool=callgrind` in a probe mode: on
 //! the single-threaded [`Solo`](super::solo::Solo) platform, CPU 1 idle-polls its queue (so
@@ -24,13 +25,37 @@ use serde::Serialize;
 use super::callgrind::{self, Profile};
 use super::solo::{self, ServeOnRelax};
 
-/// Measured calls.
+/// Measured calls per path.
 pub const CALLS: usize = 200;
+
+/// The paths accounted, in order: (segment prefix, description).
+pub const PATHS: [(&str, &str); 3] = [
+    ("sync_single", "a waiting call_single to a polling CPU"),
+    (
+        "sync_single_nodiag",
+        "the same with per-call diagnostics off (set_call_diagnostics(false))",
+    ),
+    ("async_single", "a call_single_async to a polling CPU"),
+];
+
+/// The per-call diagnostics target: instructions per call (both sides) with diagnostics on,
+/// at most this many times those with them off. Counted, so the method has no noise.
+pub const DIAGNOSTICS_LIMIT: f64 = 1.05;
 
 struct Labels {
     setup: CString,
     sender: CString,
     target: CString,
+}
+
+impl Labels {
+    fn new(path: &str) -> Self {
+        Labels {
+            setup: callgrind::label("setup"),
+            sender: callgrind::label(&format!("{path} sender")),
+            target: callgrind::label(&format!("{path} target")),
+        }
+    }
 }
 
 thread_local! {
@@ -52,37 +77,28 @@ fn one_call(e: &solo::SoloEngine) -> Result<usize, String> {
         .map_err(|err| format!("call_single: {err}"))
 }
 
-/// The probe (`smpcall bench --cost-probe`): warm-up, then [`CALLS`] measured calls.
+#[inline(never)]
+fn one_async_call(e: &solo::SoloEngine) -> Result<(), String> {
+    e.call_single_async(1, |cpu| {
+        std::hint::black_box(cpu);
+    })
+    .map_err(|err| format!("call_single_async: {err}"))
+}
+
+/// The probe (`smpcall bench --cost-probe`): for each of [`PATHS`], a warm-up, then [`CALLS`]
+/// measured calls.
 pub fn probe() -> Result<(), String> {
-    let labels = Labels {
-        setup: callgrind::label("setup"),
-        sender: callgrind::label("sync_single sender"),
-        target: callgrind::label("sync_single target"),
-    };
     let e = solo::engine(2).map_err(|err| format!("engine: {err}"))?;
-    {
-        let _serve = ServeOnRelax::new(&e, None);
-        solo::poll_while(&e, 1, 0, || -> Result<(), String> {
-            for _ in 0..16 {
-                one_call(&e)?;
-            }
-            Ok(())
-        })?;
-    }
-    LABELS.with(|c| c.set(&labels));
-    let serve = ServeOnRelax::new(&e, Some(around_serve));
-    let result = solo::poll_while(&e, 1, 0, || -> Result<(), String> {
-        callgrind::segment(&labels.setup);
-        for _ in 0..CALLS {
-            callgrind::segment(&labels.sender);
-            one_call(&e)?;
+    for (path, _) in PATHS {
+        e.set_call_diagnostics(path != "sync_single_nodiag");
+        let labels = Labels::new(path);
+        if path == "async_single" {
+            probe_async(&e, &labels)?;
+        } else {
+            probe_sync(&e, &labels)?;
         }
-        callgrind::segment(&labels.sender);
-        Ok(())
-    });
-    drop(serve);
-    LABELS.with(|c| c.set(std::ptr::null()));
-    result?;
+    }
+    e.set_call_diagnostics(true);
     // Relaxed: counters of this thread.
     let ipis = e.platform().ipis.load(std::sync::atomic::Ordering::Relaxed);
     if ipis != 0 {
@@ -90,6 +106,55 @@ pub fn probe() -> Result<(), String> {
             "{ipis} IPIs were sent to a polling CPU (expected none)"
         ));
     }
+    Ok(())
+}
+
+/// Waiting calls: the sender's one busy-wait iteration serves CPU 1 (the target's side).
+fn probe_sync(e: &solo::SoloEngine, labels: &Labels) -> Result<(), String> {
+    {
+        let _serve = ServeOnRelax::new(e, None);
+        solo::poll_while(e, 1, 0, || -> Result<(), String> {
+            for _ in 0..16 {
+                one_call(e)?;
+            }
+            Ok(())
+        })?;
+    }
+    LABELS.with(|c| c.set(labels));
+    let serve = ServeOnRelax::new(e, Some(around_serve));
+    let result = solo::poll_while(e, 1, 0, || -> Result<(), String> {
+        callgrind::segment(&labels.setup);
+        for _ in 0..CALLS {
+            callgrind::segment(&labels.sender);
+            one_call(e)?;
+        }
+        callgrind::segment(&labels.sender);
+        Ok(())
+    });
+    drop(serve);
+    LABELS.with(|c| c.set(std::ptr::null()));
+    result
+}
+
+/// No-wait calls: each one made while CPU 1 idle-polls, which then finds and runs it (the
+/// target's side: the end of that poll, the flush, the start of the next poll; the harness's
+/// own `poll_while` counts there too).
+fn probe_async(e: &solo::SoloEngine, labels: &Labels) -> Result<(), String> {
+    for _ in 0..16 {
+        solo::poll_while(e, 1, 0, || one_async_call(e))?;
+    }
+    // `segment(x)` ends a segment: what ran since the previous marker counts as `x`.
+    callgrind::segment(&labels.setup);
+    for _ in 0..CALLS {
+        solo::poll_while(e, 1, 0, || -> Result<(), String> {
+            // Since the previous marker: the previous call's target side, and this poll's start.
+            callgrind::segment(&labels.target);
+            let r = one_async_call(e);
+            callgrind::segment(&labels.sender);
+            r
+        })?;
+    }
+    callgrind::segment(&labels.target);
     Ok(())
 }
 
@@ -114,17 +179,39 @@ pub struct Side {
     pub shares: Vec<Share>,
 }
 
-/// The accounting of a synchronous `call_single` to a polling CPU.
+/// The accounting of one path: both sides of a call.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Cost {
-    /// Calls measured.
-    pub calls: usize,
-    /// The caller's side: everything from entering `call_single` to its return, except the
-    /// serving done in its wait.
+pub struct PathCost {
+    /// Segment name ([`PATHS`]).
+    pub path: String,
+    /// What is measured, in words.
+    pub what: String,
+    /// The caller's side: everything from entering the call to its return, except the
+    /// serving done in a waiting call's busy-wait.
     pub sender: Side,
     /// The polling target's side: its idle loop finding the call, the flush, the function,
     /// the release.
     pub target: Side,
+}
+
+impl PathCost {
+    /// Both sides, instructions per call.
+    pub fn total(&self) -> f64 {
+        self.sender.per_call + self.target.per_call
+    }
+}
+
+/// The instruction accounting of `smpcall bench --cost`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Cost {
+    /// Calls measured per path.
+    pub calls: usize,
+    /// One entry per [`PATHS`] entry, in that order.
+    pub paths: Vec<PathCost>,
+    /// Instructions per waiting call (both sides) with per-call diagnostics on ÷ off.
+    pub diagnostics_ratio: f64,
+    /// Whether `diagnostics_ratio` ≤ [`DIAGNOSTICS_LIMIT`].
+    pub diagnostics_target_met: bool,
 }
 
 /// Runs the probe under callgrind and accounts for its instructions.
@@ -134,16 +221,29 @@ pub fn measure(exe: &Path) -> Result<Cost, String> {
     let r = callgrind::run(exe, &["bench".into(), "--cost-probe".into()], &dir);
     let _ = std::fs::remove_dir_all(&dir);
     let profiles = r?;
-    let side = |label: &str| -> Result<Side, String> {
+    let side = |label: String| -> Result<Side, String> {
         let p = profiles
-            .get(label)
+            .get(&label)
             .ok_or_else(|| format!("the probe wrote no `{label}` segment"))?;
         Ok(account(p, CALLS))
     };
+    let paths = PATHS
+        .iter()
+        .map(|(path, what)| {
+            Ok(PathCost {
+                path: path.to_string(),
+                what: what.to_string(),
+                sender: side(format!("{path} sender"))?,
+                target: side(format!("{path} target"))?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let diagnostics_ratio = paths[0].total() / paths[1].total();
     Ok(Cost {
         calls: CALLS,
-        sender: side("sync_single sender")?,
-        target: side("sync_single target")?,
+        diagnostics_target_met: diagnostics_ratio <= DIAGNOSTICS_LIMIT,
+        paths,
+        diagnostics_ratio,
     })
 }
 
@@ -278,18 +378,29 @@ fn account(p: &Profile, calls: usize) -> Side {
 
 impl fmt::Display for Cost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in &self.paths {
+            writeln!(
+                f,
+                "cost of {}: instructions per call (callgrind, {} calls, single-threaded platform)",
+                p.what, self.calls
+            )?;
+            for (name, side) in [("sender", &p.sender), ("target", &p.target)] {
+                writeln!(f, "  {name}: {:.1} instructions per call", side.per_call)?;
+                for s in side.shares.iter().filter(|s| s.per_call >= 0.5) {
+                    writeln!(f, "    {:>7.1}  {}", s.per_call, s.what)?;
+                }
+            }
+            writeln!(f)?;
+        }
         writeln!(
             f,
-            "cost of a waiting call_single to a polling CPU: instructions per call (callgrind, {} calls, single-threaded platform)",
-            self.calls
-        )?;
-        for (name, side) in [("sender", &self.sender), ("target", &self.target)] {
-            writeln!(f, "  {name}: {:.1} instructions per call", side.per_call)?;
-            for s in side.shares.iter().filter(|s| s.per_call >= 0.5) {
-                writeln!(f, "    {:>7.1}  {}", s.per_call, s.what)?;
-            }
-        }
-        Ok(())
+            "{} per-call diagnostics: a waiting call costs {:.3}× the instructions with them on as off \
+             ({:.1} vs {:.1}, both sides; target ≤ {DIAGNOSTICS_LIMIT}×, counted, so without noise)",
+            if self.diagnostics_target_met { "PASS" } else { "MISS" },
+            self.diagnostics_ratio,
+            self.paths[0].total(),
+            self.paths[1].total(),
+        )
     }
 }
 

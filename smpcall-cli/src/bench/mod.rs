@@ -98,6 +98,9 @@ pub struct Config {
     pub four_cpus: bool,
     /// How long the TSC is calibrated against the monotonic clock.
     pub calibration: Duration,
+    /// Only the rows whose id contains one of these words (and the floor); empty: every row.
+    /// Targets against a row left out are not evaluated.
+    pub rows: Vec<String>,
 }
 
 impl Default for Config {
@@ -116,6 +119,7 @@ impl Default for Config {
             wait_bound: Duration::from_secs(10),
             four_cpus: true,
             calibration: Duration::from_millis(50),
+            rows: Vec::new(),
         }
     }
 }
@@ -575,6 +579,9 @@ pub fn run_with_progress(
         .iter()
         .copied()
         .filter(|id| cfg.four_cpus || !id.ends_with("_4"))
+        .filter(|id| {
+            *id == "floor" || cfg.rows.is_empty() || cfg.rows.iter().any(|w| id.contains(w))
+        })
         .filter(|id| *id != "membarrier" || membarrier.is_ok())
         .filter(|id| rcu_row(id).is_none_or(|(who, _)| rcu::available(who).is_ok()))
         .collect();
