@@ -14,8 +14,10 @@ pub enum DeadlockReason {
     /// The caller is itself a cross-CPU call handler (or stop/idle context that runs with
     /// interrupts masked).
     InHandler,
-    /// The caller is an NMI handler: NMIs do not nest, so a CPU waiting in one could never
-    /// take the NMI it waits for.
+    /// The caller is an NMI handler. No call starts there: NMIs do not nest, so a CPU waiting
+    /// in one could never take the NMI it waits for, and an NMI may have interrupted its own
+    /// CPU inside a call's queueing or a flush of its queue, which a no-wait call (or serving
+    /// the queue) would enter a second time.
     InNmi,
     /// The caller is inside an RCU read-side critical section: a grace period would wait
     /// for the caller itself.
@@ -83,7 +85,7 @@ impl fmt::Display for DeadlockReason {
                 "a grace period from inside an RCU read-side section would wait for itself",
             ),
             DeadlockReason::InNmi => {
-                f.write_str("a waiting call from inside an NMI handler would risk deadlock")
+                f.write_str("cross-CPU calls cannot be made from inside an NMI handler")
             }
             DeadlockReason::NestingLimit => f.write_str(
                 "a no-wait call from a call handler found its call data busy at the handler \

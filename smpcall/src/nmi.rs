@@ -6,7 +6,8 @@
 //! must not touch that queue. NMI handlers never nest on a CPU (the platform guarantees it), so
 //! the NMI queue has a single consumer at a time. Functions run in NMI context: they may read
 //! anything, use atomics and report, but must not take locks, allocate, or wait for anything
-//! the interrupted code might hold — and they may not make waiting calls (refused).
+//! the interrupted code might hold — and they may not make cross-CPU calls or serve the queue
+//! (calls are refused with `WouldDeadlock(InNmi)`, `serve_queue` serves nothing).
 
 use core::sync::atomic::Ordering;
 
