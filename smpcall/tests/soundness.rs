@@ -600,3 +600,33 @@ fn a_panicking_clone_does_not_leave_call_data_claimed() {
     });
     m.shutdown().unwrap();
 }
+
+/// A panic in a function run on the calling CPU itself (a call to oneself runs at once, like a
+/// call to another CPU runs in its handler) aborts the process, as a panic in a remote call
+/// does: unwinding out of a call would abandon call data and masked regions. Checked in a child
+/// process (this test binary re-run with `SMPCALL_TEST_CHILD` set), which must die by SIGABRT.
+#[test]
+fn a_panic_in_a_call_to_the_calling_cpu_aborts_the_process() {
+    const TEST: &str = "a_panic_in_a_call_to_the_calling_cpu_aborts_the_process";
+    if std::env::var_os("SMPCALL_TEST_CHILD").is_some() {
+        let m = machine(2);
+        let mut task = m.run_on(0, |e| e.call_single(0, |_| -> () { panic!("boom (test)") }));
+        let _ = task.join_timeout(LIMIT);
+        // Reaching here means the panic did not abort.
+        std::process::exit(3);
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env("SMPCALL_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "the child was not aborted: {:?}\n{stderr}",
+        out.status
+    );
+    assert!(stderr.contains("boom (test)"), "{stderr}");
+}
