@@ -814,6 +814,21 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// still holds a call `cpu` has not *taken* yet, this waits for that (not for any function
     /// to run or finish), serving this CPU's own queue meanwhile. Allowed with interrupts
     /// masked and from handlers.
+    ///
+    /// The closure travels inside the call data: it may capture at most 32 bytes (on 64-bit
+    /// targets). A larger one is refused when the program is built — by `cargo build`, not
+    /// `cargo check` (a post-monomorphisation error, E0080, naming the limit and the closure's
+    /// size); capture an `Arc` or a `&'static` instead:
+    ///
+    /// ```compile_fail,E0080
+    /// # use smpcall::hosted::Machine;
+    /// # let m = Machine::builder().cpus(2).build().unwrap();
+    /// let big = [0u8; 64];
+    /// m.run_on(0, move |e| e.call_single_async(1, move |_| drop(big)))
+    ///     .join()
+    ///     .unwrap()
+    ///     .unwrap();
+    /// ```
     pub fn call_single_async<F>(&self, cpu: CpuId, f: F) -> Result<(), Error>
     where
         F: FnOnce(CpuId) + Send + 'static,
