@@ -630,3 +630,85 @@ fn a_panic_in_a_call_to_the_calling_cpu_aborts_the_process() {
     );
     assert!(stderr.contains("boom (test)"), "{stderr}");
 }
+
+/// A build that fails after it spawned its CPU threads (here: they cannot all start within a
+/// 1 ns timeout) joins them and puts back the signal dispositions it installed: nothing is
+/// left behind. In a child process (this binary re-run), so that no other test's machine
+/// counts.
+#[test]
+fn a_build_failing_after_spawning_its_threads_leaves_nothing_behind() {
+    const TEST: &str = "a_build_failing_after_spawning_its_threads_leaves_nothing_behind";
+    if std::env::var_os("SMPCALL_TEST_CHILD").is_some() {
+        let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+        let ours = || {
+            // SAFETY: querying a disposition writes only into our zeroed struct.
+            (libc::SIGRTMIN()..=libc::SIGRTMAX()).any(|s| unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(s, std::ptr::null(), &mut old) == 0
+                    && old.sa_sigaction != libc::SIG_DFL
+            })
+        };
+        let before = threads();
+        assert!(!ours(), "a real-time signal has a handler before the build");
+        // Whether its threads start within 1 ns of being spawned is a race the build usually
+        // loses; when it wins, the machine is shut down and the build tried again.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Machine::builder()
+                .cpus(64)
+                .timeout(Duration::from_nanos(1))
+                .build()
+            {
+                Err(Error::TimedOut("CPU threads to start")) => break,
+                Err(e) => panic!("unexpected error {e}"),
+                Ok(m) if attempts < 1000 => {
+                    // Its shutdown gets 1 ns too: it may give up on the threads.
+                    let mut m = m;
+                    m.try_shutdown(LIMIT).unwrap();
+                }
+                Ok(_) => {
+                    println!("child: not provoked in {attempts} builds");
+                    return;
+                }
+            }
+        }
+        let deadline = Instant::now() + LIMIT;
+        while threads() != before {
+            if Instant::now() > deadline {
+                let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+                    .unwrap()
+                    .map(|t| {
+                        std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap_or_default()
+                    })
+                    .collect();
+                panic!("threads left after the failed build ({before} before): {names:?}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // (A machine that was built keeps its handlers: check only when the first build
+        // failed.)
+        assert!(
+            attempts > 1 || !ours(),
+            "the failed build left a signal handler installed"
+        );
+        println!("child: nothing left behind (build {attempts} failed)");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env("SMPCALL_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{:?}\n{text}", out.status);
+    if text.contains("child: not provoked") {
+        eprintln!("skipped: every build of the child won the start race");
+        return;
+    }
+    assert!(text.contains("child: nothing left behind"), "{text}");
+}

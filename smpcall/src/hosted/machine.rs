@@ -151,12 +151,16 @@ impl Machine {
                 _ => Some(cores[cpu % cores.len()]),
             }
         };
-        // From here on, a failure stops and joins whatever was started (`Drop`).
+        // From here on, a failure stops and joins whatever was started (`Drop`). The threads of
+        // a failed build run no task, so they stop at once; their shutdown gets at least
+        // `FAILED_BUILD_CLEANUP` whatever the builder's timeout (whose expiry may be the very
+        // failure), so that no thread outlives a build that returned an error.
+        const FAILED_BUILD_CLEANUP: Duration = Duration::from_secs(10);
         let mut machine = Machine {
             inner,
             threads: Vec::with_capacity(b.cpus),
             watchdog: None,
-            timeout: b.timeout,
+            timeout: b.timeout.max(FAILED_BUILD_CLEANUP),
             down: false,
             threads_spawned: b.cpus,
         };
@@ -196,6 +200,7 @@ impl Machine {
         }
         // Built: the handlers stay (they are never removed from a process that used them).
         std::mem::forget(installed);
+        machine.timeout = b.timeout;
         Ok(machine)
     }
 
