@@ -308,37 +308,6 @@ impl Csd {
         true
     }
 
-    /// Gives up a claim made with `try_lock` or `claim_exclusive` before the call data was
-    /// pushed (filling it unwound): free again, its contents abandoned (never run or dropped).
-    ///
-    /// # Safety
-    /// The caller holds the call data and has not pushed it.
-    pub(crate) unsafe fn unclaim(&self) {
-        // Release: the next claimer's Acquire in `is_busy` / `try_lock` sees our writes done.
-        self.flags.store(0, Ordering::Release);
-    }
-
-    /// Runs `fill` on call data the caller just claimed. `fill` may run user code (a
-    /// `Clone`): if it unwinds, the claim is given back ([`unclaim`](Csd::unclaim)) rather than
-    /// left in place for ever, where every later wait for this call data would hang.
-    ///
-    /// # Safety
-    /// The caller holds the call data (claimed, not pushed).
-    #[inline(always)]
-    pub(crate) unsafe fn fill_claimed(&self, fill: impl FnOnce(&Csd)) {
-        struct Unclaim<'a>(&'a Csd);
-        impl Drop for Unclaim<'_> {
-            fn drop(&mut self) {
-                // SAFETY: claimed and not pushed (`fill_claimed`'s contract; the guard is
-                // forgotten once `fill` returned).
-                unsafe { self.0.unclaim() }
-            }
-        }
-        let guard = Unclaim(self);
-        fill(self);
-        core::mem::forget(guard);
-    }
-
     /// Writes a call into a call data this CPU just claimed with `try_lock`.
     ///
     /// # Safety

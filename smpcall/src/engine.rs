@@ -971,17 +971,23 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         others.clear(me);
 
         let in_flight = AbortOnUnwind;
-        let (mut queued, refused) = self.queue_on_slots(me, &others, false, |slot, t| {
-            // SAFETY: we hold the slot; `f` outlives the waits below; `any_context` only for
-            // the engine's own async-signal-safe functions.
-            unsafe {
-                slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true);
-                if any_context {
-                    slot.set_any_context();
+        let (mut queued, refused) = self.queue_on_slots(
+            me,
+            &others,
+            false,
+            |_| (),
+            |slot, t, ()| {
+                // SAFETY: we hold the slot; `f` outlives the waits below; `any_context` only for
+                // the engine's own async-signal-safe functions.
+                unsafe {
+                    slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true);
+                    if any_context {
+                        slot.set_any_context();
+                    }
                 }
-            }
-            self.note_call::<F>(slot, me, t);
-        });
+                self.note_call::<F>(slot, me, t);
+            },
+        );
         // On a refusal (this CPU went offline under us) still wait for what is already in
         // flight: it borrows `f`.
         if refused.is_none() && mask.test(me) {
@@ -1022,10 +1028,19 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut others = mask.and(&self.accepting.load());
         others.clear(me);
 
-        let (mut queued, refused) = self.queue_on_slots(me, &others, true, |slot, t| {
-            // SAFETY: we hold the slot, not yet pushed.
-            unsafe { self.fill_no_wait(slot, f.clone(), me, t, false) };
-        });
+        let (mut queued, refused) = self.queue_on_slots(
+            me,
+            &others,
+            true,
+            // Cloned before the slot is claimed: a `Clone` is user code, and one that calls
+            // the same CPU through the same slot would otherwise wait for a slot its own
+            // caller holds.
+            |_| f.clone(),
+            |slot, t, g| {
+                // SAFETY: we hold the slot, not yet pushed.
+                unsafe { self.fill_no_wait(slot, g, me, t, false) };
+            },
+        );
         match refused {
             Some(e) if queued.is_empty() => Err(e),
             // Partly delivered before this CPU went offline: say where it went.
@@ -1359,12 +1374,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     ///
     /// `any_slot`: a no-wait many-call may use any free call data of the group; a waiting one
     /// uses the first (the one it then waits for).
-    fn queue_on_slots(
+    ///
+    /// `prepare` makes what `fill` writes for a target (a clone of the function) before its
+    /// call data is claimed, so that user code never runs while this CPU holds a slot.
+    fn queue_on_slots<T>(
         &self,
         me: CpuId,
         others: &CpuMask,
         any_slot: bool,
-        mut fill: impl FnMut(&Csd, CpuId),
+        mut prepare: impl FnMut(CpuId) -> T,
+        mut fill: impl FnMut(&Csd, CpuId, T),
     ) -> (CpuMask, Option<Error>) {
         let mut ipis = CpuMask::new();
         let masked = self.irq_save();
@@ -1376,7 +1395,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             } else {
                 core::slice::from_ref(self.slot(me, t))
             };
-            match self.queue_call(me, t, slots, Target::Prune, &mut ipis, |slot| fill(slot, t)) {
+            let mut made = Some(prepare(t));
+            let fill_t = |slot: &Csd| fill(slot, t, made.take().expect("filled once"));
+            match self.queue_call(me, t, slots, Target::Prune, &mut ipis, fill_t) {
                 Ok(true) => queued.set(t),
                 Ok(false) => {}
                 Err(e) => {
@@ -1460,8 +1481,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                             .slot_cursor
                             .store((i + 1) as u32, Ordering::Relaxed);
                     }
-                    // SAFETY: claimed above, not pushed.
-                    unsafe { csd.fill_claimed(&mut fill) };
+                    // Engine code only: user code (a `Clone`) runs before the claim
+                    // (`queue_on_slots`' `prepare`), so nothing runs while the slot is held.
+                    fill(csd);
                     self.platform.preempt_point();
                     // SAFETY: claimed and filled; the caller guarantees `csd` outlives the
                     // call (engine slots live as long as the engine; stack csds are waited

@@ -127,8 +127,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 };
             }
             if csd.try_lock() {
-                // SAFETY: claimed, not pushed.
-                unsafe { csd.fill_claimed(&mut fill) };
+                fill(csd);
                 // SAFETY: claimed and filled; alive per this function's contract.
                 let needs_ipi = unsafe { self.enqueue(target, csd) };
                 drop(pushing);
@@ -270,9 +269,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut queued = CpuMask::new();
         let mut ipis = CpuMask::new();
         for t in &targets {
+            // Cloned before the push starts: a `Clone` is user code, which must not run while
+            // this thread counts as a foreign pusher (a `cpu_down` it made would wait for it)
+            // or holds the slot.
+            let mut g = Some(f.clone());
             let fill = |slot: &Csd| {
+                let g = g.take().expect("filled once");
                 // SAFETY: claimed by `push_foreign`, not yet pushed.
-                unsafe { self.fill_no_wait(slot, f.clone(), FOREIGN, t, false) };
+                unsafe { self.fill_no_wait(slot, g, FOREIGN, t, false) };
             };
             let slot = self.foreign_slot(&row, t);
             // SAFETY: a storage slot, alive as long as the engine.

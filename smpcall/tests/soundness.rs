@@ -712,3 +712,46 @@ fn a_build_failing_after_spawning_its_threads_leaves_nothing_behind() {
     }
     assert!(text.contains("child: nothing left behind"), "{text}");
 }
+
+/// A `Clone` of a no-wait many-call's function that itself calls the same CPU (one slot per
+/// sender and target, so through the same slot) completes. Before: the clone ran while the
+/// many-call held that slot claimed, and the inner call waited for it for ever.
+#[test]
+fn a_clone_that_calls_the_same_cpu_does_not_wait_for_its_callers_slot() {
+    struct CallingClone(Arc<AtomicUsize>);
+    impl Clone for CallingClone {
+        fn clone(&self) -> Self {
+            let ran = Arc::clone(&self.0);
+            smpcall::hosted::with_engine(|e| {
+                e.call_single_async(1, move |_| {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                })
+            })
+            .expect("cloned on a CPU")
+            .unwrap();
+            CallingClone(Arc::clone(&self.0))
+        }
+    }
+    let m = Machine::builder()
+        .cpus(2)
+        .no_wait_slots(1)
+        .idle(IdlePolicy::Sleep)
+        .build()
+        .unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let f = CallingClone(Arc::clone(&ran));
+    let ran2 = Arc::clone(&ran);
+    m.run_on(0, move |e| {
+        e.call_many_async(&CpuMask::single(1), move |_| {
+            let _ = &f;
+            ran2.fetch_add(1, Ordering::SeqCst);
+        })
+    })
+    .join_timeout(LIMIT)
+    .expect("the many-call to return (its clone's call waited for the caller's slot)")
+    .unwrap();
+    wait_until(LIMIT, "both calls to run", || {
+        ran.load(Ordering::SeqCst) == 2
+    });
+    m.shutdown().unwrap();
+}
