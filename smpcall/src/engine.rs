@@ -742,6 +742,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // back in the cache line the caller spins on.
             let mut f = Some(f);
             self.queue_call(
+                &masked,
                 me,
                 cpu,
                 core::slice::from_ref(&csd),
@@ -782,6 +783,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         };
         let payload = Payload::from_ptr(&mut call as *mut OnceCall<F, R>);
         self.queue_call(
+            &masked,
             me,
             cpu,
             core::slice::from_ref(&csd),
@@ -851,8 +853,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             self.check_target(cpu)?;
             return self.call_single_async_foreign_with(cpu, f, deferrable);
         };
-        self.check_target(cpu)?;
+        // Only the range here: `queue_call` checks, masked, that the target accepts calls.
+        if cpu >= self.nr_cpus {
+            return Err(Error::UnknownCpu(cpu));
+        }
         if cpu == me {
+            self.check_target(cpu)?;
             let _masked = self.irq_save();
             run_local(|| f(me));
             return Ok(());
@@ -863,6 +869,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // wait for one of our targets before we signalled it (found by the simulator).
         let masked = self.irq_save();
         let result = self.queue_call(
+            &masked,
             me,
             cpu,
             self.no_wait_slots(me, cpu),
@@ -904,8 +911,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             self.check_target(cpu)?;
             return self.call_async_csd_foreign(csd, cpu, f);
         };
-        self.check_target(cpu)?;
+        // Only the range here: `queue_call` checks, masked, that the target accepts calls.
+        if cpu >= self.nr_cpus {
+            return Err(Error::UnknownCpu(cpu));
+        }
         if cpu == me {
+            self.check_target(cpu)?;
             // Run locally. "Busy" semantics stay uniform: a busy csd is refused here too.
             if !csd.try_lock() {
                 return Err(Error::Busy);
@@ -923,6 +934,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let masked = self.irq_save();
         // Pinned, and its `Drop` waits while it is busy, so it outlives the call.
         let result = self.queue_call(
+            &masked,
             me,
             cpu,
             core::slice::from_ref(csd),
@@ -1397,7 +1409,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             };
             let mut made = Some(prepare(t));
             let fill_t = |slot: &Csd| fill(slot, t, made.take().expect("filled once"));
-            match self.queue_call(me, t, slots, Target::Prune, &mut ipis, fill_t) {
+            match self.queue_call(&masked, me, t, slots, Target::Prune, &mut ipis, fill_t) {
                 Ok(true) => queued.set(t),
                 Ok(false) => {}
                 Err(e) => {
@@ -1423,8 +1435,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     ///
     /// A busy `csd` is waited for (serving our own queue, after sending the IPIs collected so
     /// far), except with [`Target::RefuseBusy`].
+    ///
+    /// `_masked` is the caller's proof that it holds that masked region (every caller masks
+    /// from its first push to its IPI send), so this function masks nothing itself.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the mask proof, the route, the call data, the policy and its two outputs"
+    )]
     pub(crate) fn queue_call(
         &self,
+        _masked: &IrqGuard<'_, P>,
         me: CpuId,
         target: CpuId,
         csds: &[Csd],
@@ -1435,7 +1455,6 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         loop {
             let oldest;
             {
-                let _masked = self.irq_save();
                 self.platform.preempt_point();
                 if policy != Target::Force {
                     if !self.online.test(me) {

@@ -641,7 +641,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 // Force: a CPU going down no longer accepts calls, but must take part.
                 Some(me) => {
                     let one = core::slice::from_ref(csd);
-                    let queued = self.queue_call(me, t, one, Target::Force, &mut ipis, fill);
+                    let queued =
+                        self.queue_call(&masked, me, t, one, Target::Force, &mut ipis, fill);
                     debug_assert_eq!(queued, Ok(true));
                 }
                 // SAFETY: `csd` (a per-target stop csd: stop_machines are serialised, so it is
