@@ -14,11 +14,7 @@ use smpcall::{CpuMask, DeadlockReason, Error};
 
 #[test]
 fn nmi_reaches_every_cpu_including_one_spinning_masked() {
-    let m = Machine::builder()
-        .cpus(4)
-        .idle(IdlePolicy::Sleep)
-        .build()
-        .unwrap();
+    let m = common::sleeping_machine(4);
     let held = common::MaskedCpu::hold(&m, 2);
     // answered[cpu] = 1 + (masked ? 2 : 0) + (in_nmi ? 4 : 0)
     let answered: Arc<Vec<AtomicU64>> = Arc::new((0..4).map(|_| AtomicU64::new(0)).collect());
@@ -58,11 +54,7 @@ fn nmi_reaches_every_cpu_including_one_spinning_masked() {
 
 #[test]
 fn nmi_call_rules() {
-    let m = Machine::builder()
-        .cpus(3)
-        .idle(IdlePolicy::Sleep)
-        .build()
-        .unwrap();
+    let m = common::sleeping_machine(3);
     let nested = Arc::new(AtomicUsize::new(0));
     let n2 = Arc::clone(&nested);
     let (masked_ok, in_handler_ok) = m
@@ -143,11 +135,7 @@ fn a_stalled_wait_asks_the_stuck_cpu_by_nmi_what_it_is_doing() {
 /// flushed the normal queue from NMI context.
 #[test]
 fn calls_from_nmi_context_are_refused_and_serve_nothing() {
-    let m = Machine::builder()
-        .cpus(3)
-        .idle(IdlePolicy::Sleep)
-        .build()
-        .unwrap();
+    let m = common::sleeping_machine(3);
     let refused = Arc::new(AtomicUsize::new(0));
     let r2 = Arc::clone(&refused);
     let ran = Arc::new(AtomicUsize::new(0));

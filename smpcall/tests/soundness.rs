@@ -20,8 +20,15 @@ thread_local! {
 }
 
 fn machine(cpus: usize) -> Machine {
+    common::sleeping_machine(cpus)
+}
+
+/// Two CPUs with one no-wait call-data slot per sender and target: a slot left claimed
+/// shows as a wait that never ends.
+fn one_slot_machine() -> Machine {
     Machine::builder()
-        .cpus(cpus)
+        .cpus(2)
+        .no_wait_slots(1)
         .idle(IdlePolicy::Sleep)
         .build()
         .unwrap()
@@ -565,12 +572,7 @@ fn a_panicking_clone_does_not_leave_call_data_claimed() {
             PanicOnClone(Arc::clone(&self.0))
         }
     }
-    let m = Machine::builder()
-        .cpus(2)
-        .no_wait_slots(1)
-        .idle(IdlePolicy::Sleep)
-        .build()
-        .unwrap();
+    let m = one_slot_machine();
     let ran = Arc::new(AtomicUsize::new(0));
     let ran2 = Arc::clone(&ran);
     let mut task = m.run_on(0, move |e| {
@@ -732,12 +734,7 @@ fn a_clone_that_calls_the_same_cpu_does_not_wait_for_its_callers_slot() {
             CallingClone(Arc::clone(&self.0))
         }
     }
-    let m = Machine::builder()
-        .cpus(2)
-        .no_wait_slots(1)
-        .idle(IdlePolicy::Sleep)
-        .build()
-        .unwrap();
+    let m = one_slot_machine();
     let ran = Arc::new(AtomicUsize::new(0));
     let f = CallingClone(Arc::clone(&ran));
     let ran2 = Arc::clone(&ran);

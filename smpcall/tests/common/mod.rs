@@ -3,6 +3,15 @@
 
 use std::time::{Duration, Instant};
 
+/// A machine of `cpus` CPUs whose idle CPUs sleep (so a call to one is delivered by signal).
+pub fn sleeping_machine(cpus: usize) -> smpcall::hosted::Machine {
+    smpcall::hosted::Machine::builder()
+        .cpus(cpus)
+        .idle(smpcall::hosted::IdlePolicy::Sleep)
+        .build()
+        .unwrap()
+}
+
 /// Generous bound for waits that normally take microseconds (the machine may be loaded).
 pub const LIMIT: Duration = Duration::from_secs(20);
 
