@@ -462,13 +462,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let slots = storage.slots().len();
         if slots == 0 || slots % (n * n) != 0 {
             return Err(Error::InvalidConfig(
-                "storage must hold k call-data slots per sender and target (k × n² slots)",
+                crate::error::ConfigError::CallDataSlots { slots, cpus: n },
             ));
         }
         let storage_foreign_len = storage.foreign_slots().len();
         if storage_foreign_len % n != 0 {
             return Err(Error::InvalidConfig(
-                "storage's foreign call data must be whole rows of one slot per target",
+                crate::error::ConfigError::ForeignSlots {
+                    slots: storage_foreign_len,
+                    cpus: n,
+                },
             ));
         }
         Ok(Engine {

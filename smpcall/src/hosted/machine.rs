@@ -8,14 +8,17 @@ use std::time::{Duration, Instant};
 
 use super::builder::{IdlePolicy, MachineBuilder, Pinning};
 use super::cpu_thread::cpu_main;
-use super::platform::{probability_threshold, HostCpu, HostPlatform, Job};
-use super::signals::{self, SignalKind};
+use super::platform::{fault_thresholds, HostCpu, HostPlatform, Job};
+use super::signals;
 use super::HostEngine;
 use crate::cpumask::CpuId;
 use crate::engine::{Engine, HeapStorage};
-use crate::error::Error;
+use crate::error::{ConfigError, Error, OsRequest, SignalRole};
 
 static NEXT_MACHINE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The most call-data slots per sender and target ([`MachineBuilder::no_wait_slots`]).
+const MAX_NO_WAIT_SLOTS: usize = 64;
 
 pub(super) struct Inner {
     pub(super) engine: HostEngine,
@@ -64,7 +67,7 @@ impl std::fmt::Debug for Machine {
 }
 
 /// Undoes a build that failed half-way: the signal handlers it installed.
-struct InstalledSignals(Vec<(i32, SignalKind)>);
+struct InstalledSignals(Vec<(i32, SignalRole)>);
 
 impl Drop for InstalledSignals {
     fn drop(&mut self) {
@@ -90,18 +93,30 @@ impl Machine {
             });
         }
         if b.timeout.is_zero() {
-            return Err(Error::InvalidConfig("the timeout must be longer than zero"));
+            return Err(Error::InvalidConfig(ConfigError::ZeroTimeout));
         }
-        let drop_threshold = probability_threshold(b.faults.drop_ipi)?;
-        let delay_threshold = probability_threshold(b.faults.delay_ipi)?;
+        let (drop_threshold, delay_threshold) = fault_thresholds(&b.faults)?;
+        // k slots: 16 up to 16 CPUs (256 KiB), 4 up to 64 (1 MiB), then 1 (n² × 64 bytes).
+        let k = b.no_wait_slots.unwrap_or(match total {
+            0..=16 => 16,
+            17..=64 => 4,
+            _ => 1,
+        });
+        // Checked before the signals are claimed: a refused configuration changes nothing.
+        if k > MAX_NO_WAIT_SLOTS {
+            return Err(Error::InvalidConfig(ConfigError::NoWaitSlots {
+                requested: k,
+                max: MAX_NO_WAIT_SLOTS,
+            }));
+        }
         let mut installed = InstalledSignals(Vec::new());
-        let (signo, new) = signals::choose(b.signal, SignalKind::Ipi, None)?;
+        let (signo, new) = signals::choose(b.signal, SignalRole::Ipi, None)?;
         if new {
-            installed.0.push((signo, SignalKind::Ipi));
+            installed.0.push((signo, SignalRole::Ipi));
         }
-        let (nmi_signo, new) = signals::choose(b.nmi_signal, SignalKind::Nmi, Some(signo))?;
+        let (nmi_signo, new) = signals::choose(b.nmi_signal, SignalRole::Nmi, Some(signo))?;
         if new {
-            installed.0.push((nmi_signo, SignalKind::Nmi));
+            installed.0.push((nmi_signo, SignalRole::Nmi));
         }
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let ncores = thread::available_parallelism().map_or(1, |n| n.get());
@@ -124,17 +139,6 @@ impl Machine {
             ipis_dropped: AtomicU64::new(0),
             ipis_delayed: AtomicU64::new(0),
         };
-        // k slots: 16 up to 16 CPUs (256 KiB), 4 up to 64 (1 MiB), then 1 (n² × 64 bytes).
-        let k = b.no_wait_slots.unwrap_or(match total {
-            0..=16 => 16,
-            17..=64 => 4,
-            _ => 1,
-        });
-        if k > 64 {
-            return Err(Error::InvalidConfig(
-                "no_wait_slots must be between 1 and 64",
-            ));
-        }
         let storage = HeapStorage::with_layout(total, k, b.foreign_senders);
         let engine = Engine::new(platform, storage)?;
         engine.set_stall_threshold(b.stall_threshold);
@@ -166,7 +170,7 @@ impl Machine {
             let t = thread::Builder::new()
                 .name(format!("smpcall-cpu{cpu}"))
                 .spawn(move || cpu_main(inner2, cpu, core))
-                .map_err(|_| Error::InvalidConfig("could not spawn a CPU thread"))?;
+                .map_err(|e| super::os_error(OsRequest::SpawnCpuThread { cpu }, &e))?;
             machine.threads.push(t);
         }
         if !b.stall_threshold.is_zero() {
@@ -176,7 +180,7 @@ impl Machine {
             let w = thread::Builder::new()
                 .name("smpcall-watchdog".into())
                 .spawn(move || watchdog_main(inner2, period))
-                .map_err(|_| Error::InvalidConfig("could not spawn the watchdog thread"))?;
+                .map_err(|e| super::os_error(OsRequest::SpawnWatchdog, &e))?;
             machine.watchdog = Some(w);
         }
         // `None`: no deadline (a timeout too large for an `Instant`, e.g. `Duration::MAX`).
@@ -420,18 +424,18 @@ impl<R> Task<R> {
                 Ok(Err(payload)) => panic::resume_unwind(payload),
                 Err(_) => Err(Error::ShutDown),
             },
-            TaskState::Joined => Err(Error::InvalidConfig("the task was already joined")),
+            TaskState::Joined => Err(Error::AlreadyJoined),
         }
     }
 
     /// Like [`join`](Task::join), but gives up after `limit` with [`Error::TimedOut`]; the
     /// task keeps running and can be joined again. After a result was returned, further joins
-    /// return [`Error::InvalidConfig`].
+    /// return [`Error::AlreadyJoined`].
     pub fn join_timeout(&mut self, limit: Duration) -> Result<R, Error> {
         let TaskState::Pending(rx, _) = &self.state else {
             return match std::mem::replace(&mut self.state, TaskState::Joined) {
                 TaskState::Refused(e) => Err(e),
-                _ => Err(Error::InvalidConfig("the task was already joined")),
+                _ => Err(Error::AlreadyJoined),
             };
         };
         let r = match rx.recv_timeout(limit) {
