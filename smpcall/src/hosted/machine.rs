@@ -219,6 +219,35 @@ impl Machine {
     }
 
     /// The hosted platform: signal numbers, IPI counters, fault injection.
+    ///
+    /// Its [`Platform`](crate::Platform) methods are safe to call (see [`Engine::platform`]
+    /// for the general rule). In this backend:
+    ///
+    /// * `send_ipi(cpu)` applies the machine's fault injection (the IPI may be dropped, or
+    ///   sent after a spin of up to 50 µs), then wakes `cpu` if it sleeps idle, else (unless
+    ///   [`Delivery::SafePoint`](super::Delivery::SafePoint)) sends it the IPI signal: a
+    ///   spurious IPI, handled like any other (the engine's own work at once, your calls at the
+    ///   next safe point). `send_nmi(cpu)` sends the NMI signal (not with `SafePoint`): the CPU
+    ///   runs its queued NMI calls early. Both count in the statistics
+    ///   ([`signals_sent`](HostPlatform::signals_sent), [`futex_wakes`](HostPlatform::futex_wakes)).
+    ///   A `cpu` the machine does not have panics (index out of bounds); an attach slot never
+    ///   held has no thread (the send fails; a debug assertion in debug builds); a slot whose
+    ///   thread left, or any CPU after [`try_shutdown`](Machine::try_shutdown), is signalled at
+    ///   its old thread id: the send fails as above if no thread has that id any more; on a
+    ///   thread of this process that has it, the handler does nothing unless that thread is a
+    ///   CPU (of another machine: a spurious IPI there).
+    /// * `irq_save` and `irq_restore` act on the soft mask of the calling thread's CPU, and do
+    ///   nothing on a thread that is not one of this machine's CPUs. A CPU left masked is not
+    ///   interrupted by IPIs, but still runs its calls when idle or at
+    ///   [`Engine::serve_queue`]; its waiting calls are refused.
+    /// * **Not sound:** `irq_restore(false)` on a CPU thread while the engine has it masked —
+    ///   inside a call function or a stop_machine function, which safe code can reach through
+    ///   [`with_engine`](super::with_engine) (dropping an [`IrqGuard`](crate::IrqGuard) made
+    ///   outside the call function does the same). The rest of the queue flush runs unmasked;
+    ///   an IPI signal landing there runs a nested flush of the same CPU's queue lists while
+    ///   the interrupted one is changing them (undefined behaviour); with calls deferred, the
+    ///   handler's unmask then recurses (`irq_restore` → `serve_queue` → `irq_restore` …)
+    ///   until the thread's stack overflows and the process aborts.
     pub fn platform(&self) -> &HostPlatform {
         self.inner.engine.platform()
     }
