@@ -27,6 +27,7 @@ use smpcall::hosted::{HostEngine, IdlePolicy, Machine};
 use smpcall::{CpuId, CpuMask, Error};
 
 use crate::duration::parse_timeout;
+use crate::SetupError;
 
 /// Options of `smpcall dump`.
 #[derive(Clone, Debug, Args)]
@@ -60,12 +61,16 @@ struct NmiFacts {
 
 /// Runs the dump scenario on `cpus` CPUs and returns its text (the dump, the NMI report, the
 /// outcome of the release). `Err` if the machine cannot start or a bounded wait expires.
-pub fn run(args: &DumpArgs) -> Result<String, Error> {
+pub fn run(args: &DumpArgs) -> Result<String, SetupError> {
     let n = args.cpus;
-    if n < 2 {
-        return Err(Error::InvalidConfig(
-            "dump needs at least 2 CPUs (one is held masked while another sends it calls)",
-        ));
+    // One CPU is held masked while another sends it calls.
+    if !(2..=smpcall::MAX_CPUS).contains(&n) {
+        return Err(SetupError::Cpus {
+            workload: "dump",
+            requested: n,
+            min: 2,
+            max: smpcall::MAX_CPUS,
+        });
     }
     let limit = args.timeout;
     let machine = Machine::builder()
@@ -188,9 +193,10 @@ pub fn run(args: &DumpArgs) -> Result<String, Error> {
     if let Some(mut w) = waiter {
         let ran_on = w.join_timeout(limit)??;
         if ran_on != held {
-            return Err(Error::InvalidConfig(
-                "the waiting call ran on the wrong CPU",
-            ));
+            return Err(SetupError::WrongCpu {
+                expected: held,
+                ran_on,
+            });
         }
     }
     bounded(
@@ -290,12 +296,11 @@ fn bounded(
     limit: Duration,
     what: &'static str,
     mut done: impl FnMut() -> bool,
-) -> Result<(), Error> {
+) -> Result<(), SetupError> {
     let deadline = Instant::now() + limit;
     while !done() {
         if Instant::now() >= deadline {
-            eprintln!("smpcall dump: timed out after {limit:?} waiting for {what}");
-            return Err(Error::TimedOut(what));
+            return Err(SetupError::TimedOut { what, limit });
         }
         thread::sleep(Duration::from_micros(200));
     }

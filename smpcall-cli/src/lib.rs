@@ -5,6 +5,7 @@
 //! * [`bench`](mod@bench) — `smpcall bench`: our calls side by side with their peers, as ratios.
 //! * [`dump`] — `smpcall dump`: every CPU's state with calls in flight, and an NMI report.
 //! * [`duration`] — parsing of durations given on the command line.
+//! * [`SetupError`] — why `torture` or `dump` could not run.
 #![warn(missing_docs)]
 
 /// The version of the `--json` output format of `smpcall torture` and `smpcall bench`
@@ -15,4 +16,7 @@ pub const JSON_SCHEMA_VERSION: u32 = 1;
 pub mod bench;
 pub mod dump;
 pub mod duration;
+mod error;
 pub mod torture;
+
+pub use error::SetupError;

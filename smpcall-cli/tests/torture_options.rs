@@ -111,3 +111,42 @@ fn zero_weight_disables_a_kind_in_a_run() {
         }
     }
 }
+
+/// Setup errors name the option values that were wrong (and nothing runs).
+#[test]
+fn setup_errors_name_the_values_given() {
+    let refused = |cfg: Config| match torture::run(&cfg) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted"),
+    };
+    assert_eq!(
+        refused(Config {
+            cpus: 65,
+            ..Config::default()
+        }),
+        "torture needs between 1 and 64 CPUs, not 65"
+    );
+    assert_eq!(
+        refused(Config {
+            cpus: 1,
+            onoff: Some(Duration::from_millis(10)),
+            ..Config::default()
+        }),
+        "--onoff needs at least 2 CPUs, not 1 (CPU 0 drives, the others go down)"
+    );
+    assert_eq!(
+        refused(Config {
+            cpus: 60,
+            churn: 5,
+            ..Config::default()
+        }),
+        "--cpus 60 plus --churn 5 is 65, more than 64 (the ledger's CPU sets)"
+    );
+    let e = smpcall_cli::dump::run(&smpcall_cli::dump::DumpArgs {
+        cpus: 1,
+        timeout: Duration::from_secs(5),
+    })
+    .expect_err("refused")
+    .to_string();
+    assert_eq!(e, "dump needs between 2 and 1024 CPUs, not 1");
+}

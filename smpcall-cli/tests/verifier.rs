@@ -132,8 +132,11 @@ fn capacity_and_cpu_limits() {
     assert!(l.begin(0, Kind::Single, 1).is_some());
     assert!(l.begin(0, Kind::Single, 1).is_none(), "capacity is 2");
     assert_eq!(l.issued(0), 2);
-    assert!(Ledger::new(65, 1).is_err());
+    let e = Ledger::new(65, 1).err().unwrap().to_string();
+    assert_eq!(e, "torture needs between 1 and 64 CPUs, not 65");
     assert!(Ledger::new(0, 1).is_err());
+    let e = Ledger::new(2, 0).err().unwrap().to_string();
+    assert!(e.contains("--max-calls-per-cpu 0 is outside 1..="), "{e}");
 }
 
 #[test]

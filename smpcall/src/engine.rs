@@ -513,13 +513,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let slots = storage.slots().len();
         if slots == 0 || slots % (n * n) != 0 {
             return Err(Error::InvalidConfig(
-                "storage must hold k call-data slots per sender and target (k × n² slots)",
+                crate::error::ConfigError::CallDataSlots { slots, cpus: n },
             ));
         }
         let storage_foreign_len = storage.foreign_slots().len();
         if storage_foreign_len % n != 0 {
             return Err(Error::InvalidConfig(
-                "storage's foreign call data must be whole rows of one slot per target",
+                crate::error::ConfigError::ForeignSlots {
+                    slots: storage_foreign_len,
+                    cpus: n,
+                },
             ));
         }
         Ok(Engine {
@@ -544,6 +547,27 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// The platform.
+    ///
+    /// Its [`Platform`] methods are safe to call from outside the engine. What that can do:
+    ///
+    /// * The queries (`current_cpu`, `irqs_masked`, `cpu_irqs_masked`, `now_ns`, `has_nmi`,
+    ///   `stall_check_interval`) and `relax`, `preempt_point` and `report` change nothing the
+    ///   engine relies on.
+    /// * `send_ipi`, `send_ipi_mask` and `send_nmi` make spurious interrupts. The engine's
+    ///   handlers take them as any other: a CPU serves its queue (or its NMI queue) sooner, or
+    ///   finds it empty. No call runs twice, is lost, or runs elsewhere.
+    /// * `irq_save` without its `irq_restore` leaves the current CPU masked: its waiting calls
+    ///   are refused, and calls to it wait until it unmasks or serves its queue explicitly — a
+    ///   hang, with stall reports, at worst.
+    /// * **Not sound:** `irq_restore` with a state other than the one the matching, still open
+    ///   `irq_save` returned, while the engine relies on the mask — in particular restoring
+    ///   "unmasked" inside a call function or a stop_machine function, which the engine runs
+    ///   with interrupts masked in the middle of its queue flush. The rest of that flush then
+    ///   runs unmasked, and an IPI taken there flushes the same CPU's queue lists while the
+    ///   interrupted flush is changing them (undefined behaviour). This is a known soundness
+    ///   hole, not a contract: never call `irq_restore` yourself (and never drop an
+    ///   [`IrqGuard`] inside a call function that was made outside it), mask with
+    ///   [`Engine::irq_save`].
     pub fn platform(&self) -> &P {
         &self.platform
     }

@@ -32,6 +32,144 @@ pub enum DeadlockReason {
     NestingLimit,
 }
 
+/// What was wrong with a configuration (see [`Error::InvalidConfig`]). Each variant carries
+/// the values that were given and, where there is one, the range they had to be in; its
+/// `Display` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The storage's call-data slots are not `k × n²` for some `k ≥ 1` (`k` slots per sender
+    /// and target; see [`Storage::slots`](crate::Storage::slots)).
+    CallDataSlots {
+        /// How many slots the storage holds.
+        slots: usize,
+        /// How many CPUs it has (`n`).
+        cpus: usize,
+    },
+    /// The storage's foreign call data are not whole rows of one slot per CPU (see
+    /// [`Storage::foreign_slots`](crate::Storage::foreign_slots)).
+    ForeignSlots {
+        /// How many foreign slots the storage holds.
+        slots: usize,
+        /// How many CPUs it has (the length of one row).
+        cpus: usize,
+    },
+    /// More no-wait call-data slots per sender and target than the hosted backend allows
+    /// (`MachineBuilder::no_wait_slots`).
+    NoWaitSlots {
+        /// The number asked for.
+        requested: usize,
+        /// The largest number allowed.
+        max: usize,
+    },
+    /// The hosted machine's timeout (`MachineBuilder::timeout`) is zero.
+    ZeroTimeout,
+    /// An IPI fault probability of the hosted backend (`Faults`) is not within `[0, 1]` (or
+    /// is NaN).
+    FaultProbability {
+        /// Which fault.
+        fault: IpiFault,
+        /// The probability given, as [`f64::to_bits`] (so that the error stays `Eq` and
+        /// `Hash`); [`ConfigError::probability`] gives it back as an `f64`.
+        bits: u64,
+    },
+    /// The signal asked for is not a real-time signal.
+    NotRealTimeSignal {
+        /// What it was asked for.
+        role: SignalRole,
+        /// The signal number given.
+        signal: i32,
+        /// `SIGRTMIN` of this process.
+        min: i32,
+        /// `SIGRTMAX` of this process.
+        max: i32,
+    },
+    /// The operating system does not know the signal asked for.
+    UnknownSignal {
+        /// What it was asked for.
+        role: SignalRole,
+        /// The signal number given.
+        signal: i32,
+    },
+    /// The signal asked for carries a handler that is not the backend's (installed by other
+    /// code in this process).
+    SignalInUse {
+        /// What it was asked for.
+        role: SignalRole,
+        /// The signal number given.
+        signal: i32,
+    },
+    /// The signal asked for already carries the backend's handler for the other role (of this
+    /// machine or another one): the IPI and NMI signals must differ.
+    SignalHasOtherRole {
+        /// What it was asked for.
+        role: SignalRole,
+        /// The signal number given.
+        signal: i32,
+    },
+    /// Every real-time signal carries a handler that is not the backend's one for this role.
+    NoFreeSignal {
+        /// What a signal was sought for.
+        role: SignalRole,
+        /// `SIGRTMIN` of this process (the first signal tried).
+        min: i32,
+        /// `SIGRTMAX` of this process (the last signal tried).
+        max: i32,
+    },
+}
+
+impl ConfigError {
+    /// The probability of a [`FaultProbability`](ConfigError::FaultProbability) error;
+    /// `None` for the other variants.
+    pub fn probability(&self) -> Option<f64> {
+        match self {
+            ConfigError::FaultProbability { bits, .. } => Some(f64::from_bits(*bits)),
+            _ => None,
+        }
+    }
+}
+
+/// Which of the hosted backend's two signals an error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SignalRole {
+    /// The signal that carries IPIs (`MachineBuilder::signal`).
+    Ipi,
+    /// The signal that carries NMIs (`MachineBuilder::nmi_signal`).
+    Nmi,
+}
+
+/// Which injected IPI fault of the hosted backend an error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum IpiFault {
+    /// Dropping IPIs (`Faults::drop_ipi`).
+    Drop,
+    /// Delaying IPIs (`Faults::delay_ipi`).
+    Delay,
+}
+
+/// What the hosted backend asked of the operating system when it refused (see
+/// [`Error::Os`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OsRequest {
+    /// Starting the thread of a CPU.
+    SpawnCpuThread {
+        /// The CPU.
+        cpu: CpuId,
+    },
+    /// Starting the watchdog thread (it re-sends lost IPIs).
+    SpawnWatchdog,
+    /// Installing the backend's handler on a signal.
+    InstallSignalHandler {
+        /// What the signal is for.
+        role: SignalRole,
+        /// The signal number.
+        signal: i32,
+    },
+}
+
 /// Every refusal the engine can make. A call either runs, or returns one of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -48,8 +186,9 @@ pub enum Error {
     ShutDown,
     /// The calling thread is not one of the machine's CPUs.
     NotOnCpu,
-    /// The engine or machine was configured wrongly (the message says how).
-    InvalidConfig(&'static str),
+    /// The engine or machine was configured wrongly (the [`ConfigError`] says how, with the
+    /// values given).
+    InvalidConfig(ConfigError),
     /// A CPU hotplug request that cannot be carried out (the message says why).
     Hotplug(&'static str),
     /// The platform does not provide this facility (the message says which).
@@ -68,6 +207,16 @@ pub enum Error {
     },
     /// A bounded wait of the hosted backend expired (the message says for what).
     TimedOut(&'static str),
+    /// The operating system refused a request of the hosted backend; nothing was built.
+    Os {
+        /// What was asked.
+        request: OsRequest,
+        /// The OS error code (`errno`; `std::io::Error::from_raw_os_error` explains it), or 0
+        /// if the OS gave none.
+        errno: i32,
+    },
+    /// A hosted task's result was asked for again after a join had returned it.
+    AlreadyJoined,
 }
 
 impl fmt::Display for DeadlockReason {
@@ -121,6 +270,13 @@ impl fmt::Display for Error {
                  need one: attach it, or call from a CPU)",
             ),
             Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
+            Error::Os { request, errno } => {
+                write!(
+                    f,
+                    "the operating system refused {request}: OS error {errno}"
+                )
+            }
+            Error::AlreadyJoined => f.write_str("the task was already joined (its result is gone)"),
             Error::Hotplug(why) => write!(f, "CPU hotplug refused: {why}"),
             Error::Unsupported(what) => write!(f, "not supported by this platform: {what}"),
             Error::TimedOut(what) => write!(f, "timed out waiting for {what}"),
@@ -128,4 +284,210 @@ impl fmt::Display for Error {
     }
 }
 
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ConfigError::CallDataSlots { slots, cpus } => {
+                let per_k = cpus.saturating_mul(cpus);
+                write!(
+                    f,
+                    "the storage holds {slots} call-data slots; {cpus} CPUs need a non-zero \
+                     multiple of {per_k} (k slots per sender and target: k × {cpus}²)"
+                )
+            }
+            ConfigError::ForeignSlots { slots, cpus } => write!(
+                f,
+                "the storage holds {slots} foreign call-data slots; {cpus} CPUs need a multiple \
+                 of {cpus} (whole rows of one slot per target)"
+            ),
+            ConfigError::NoWaitSlots { requested, max } => {
+                write!(f, "no_wait_slots({requested}) is outside 1..={max}")
+            }
+            ConfigError::ZeroTimeout => f.write_str("the timeout is zero; it must be longer"),
+            ConfigError::FaultProbability { fault, bits } => write!(
+                f,
+                "the IPI {fault} probability {} is not within [0, 1]",
+                f64::from_bits(bits)
+            ),
+            ConfigError::NotRealTimeSignal {
+                role,
+                signal,
+                min,
+                max,
+            } => write!(
+                f,
+                "the {role} signal {signal} is not a real-time signal ({min}..={max})"
+            ),
+            ConfigError::UnknownSignal { role, signal } => {
+                write!(f, "the {role} signal {signal} is not a valid signal")
+            }
+            ConfigError::SignalInUse { role, signal } => write!(
+                f,
+                "the {role} signal {signal} already has another handler in this process"
+            ),
+            ConfigError::SignalHasOtherRole { role, signal } => write!(
+                f,
+                "the {role} signal {signal} carries the {} handler already (of this or another \
+                 machine); the IPI and NMI signals must differ",
+                role.other()
+            ),
+            ConfigError::NoFreeSignal { role, min, max } => write!(
+                f,
+                "no real-time signal in {min}..={max} is free for {role}s"
+            ),
+        }
+    }
+}
+
+impl SignalRole {
+    /// The other of the two roles.
+    pub(crate) fn other(self) -> SignalRole {
+        match self {
+            SignalRole::Ipi => SignalRole::Nmi,
+            SignalRole::Nmi => SignalRole::Ipi,
+        }
+    }
+}
+
+impl fmt::Display for SignalRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SignalRole::Ipi => "IPI",
+            SignalRole::Nmi => "NMI",
+        })
+    }
+}
+
+impl fmt::Display for IpiFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpiFault::Drop => "drop",
+            IpiFault::Delay => "delay",
+        })
+    }
+}
+
+impl fmt::Display for OsRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OsRequest::SpawnCpuThread { cpu } => write!(f, "a thread for CPU {cpu}"),
+            OsRequest::SpawnWatchdog => f.write_str("the watchdog thread"),
+            OsRequest::InstallSignalHandler { role, signal } => {
+                write!(f, "the {role} handler on signal {signal}")
+            }
+        }
+    }
+}
+
 impl core::error::Error for Error {}
+impl core::error::Error for ConfigError {}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+
+    /// Asserts that `e`'s message contains every one of `values`.
+    #[track_caller]
+    fn names(e: Error, values: &[&str]) {
+        let text = e.to_string();
+        for v in values {
+            assert!(text.contains(v), "{text:?} does not name {v:?}");
+        }
+    }
+
+    #[test]
+    fn every_configuration_error_names_its_values() {
+        let config = |c| Error::InvalidConfig(c);
+        names(
+            config(ConfigError::CallDataSlots { slots: 10, cpus: 3 }),
+            &["10 call-data slots", "3 CPUs", "multiple of 9"],
+        );
+        names(
+            config(ConfigError::ForeignSlots { slots: 7, cpus: 4 }),
+            &["7 foreign", "4 CPUs", "multiple of 4"],
+        );
+        names(
+            config(ConfigError::NoWaitSlots {
+                requested: 200,
+                max: 64,
+            }),
+            &["no_wait_slots(200)", "1..=64"],
+        );
+        names(config(ConfigError::ZeroTimeout), &["timeout is zero"]);
+        names(
+            config(ConfigError::FaultProbability {
+                fault: IpiFault::Delay,
+                bits: (-0.25f64).to_bits(),
+            }),
+            &["delay", "-0.25", "[0, 1]"],
+        );
+        names(
+            config(ConfigError::NotRealTimeSignal {
+                role: SignalRole::Ipi,
+                signal: 5,
+                min: 34,
+                max: 64,
+            }),
+            &["IPI signal 5", "(34..=64)"],
+        );
+        names(
+            config(ConfigError::UnknownSignal {
+                role: SignalRole::Nmi,
+                signal: 99,
+            }),
+            &["NMI signal 99"],
+        );
+        names(
+            config(ConfigError::SignalInUse {
+                role: SignalRole::Nmi,
+                signal: 40,
+            }),
+            &["NMI signal 40", "another handler"],
+        );
+        names(
+            config(ConfigError::SignalHasOtherRole {
+                role: SignalRole::Nmi,
+                signal: 41,
+            }),
+            &["NMI signal 41", "the IPI handler"],
+        );
+        names(
+            config(ConfigError::NoFreeSignal {
+                role: SignalRole::Ipi,
+                min: 34,
+                max: 64,
+            }),
+            &["34..=64", "IPIs"],
+        );
+    }
+
+    #[test]
+    fn os_errors_name_the_request_and_the_code() {
+        let os = |request| Error::Os { request, errno: 11 };
+        names(
+            os(OsRequest::SpawnCpuThread { cpu: 3 }),
+            &["CPU 3", "OS error 11"],
+        );
+        names(os(OsRequest::SpawnWatchdog), &["watchdog", "OS error 11"]);
+        names(
+            os(OsRequest::InstallSignalHandler {
+                role: SignalRole::Nmi,
+                signal: 50,
+            }),
+            &["NMI handler on signal 50", "OS error 11"],
+        );
+        names(Error::AlreadyJoined, &["already joined"]);
+    }
+
+    #[test]
+    fn a_fault_probability_error_gives_back_the_probability_and_stays_eq() {
+        let nan = ConfigError::FaultProbability {
+            fault: IpiFault::Drop,
+            bits: f64::NAN.to_bits(),
+        };
+        assert!(nan.probability().unwrap().is_nan());
+        assert_eq!(nan, nan, "NaN stored as bits compares equal to itself");
+        assert!(Error::InvalidConfig(nan).to_string().contains("NaN"));
+        assert_eq!(ConfigError::ZeroTimeout.probability(), None);
+    }
+}

@@ -288,9 +288,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
         };
         self.stop_machine_many(&CpuMask::single(self.check_cpu(cpu)?), work)?;
+        // `Ok` means `f` ran on `cpu` (the only active CPU; an offline one is `Err`): no result
+        // is a broken engine invariant, like a waiting call released before it ran.
         // SAFETY: stop_machine has returned: every participant is done with `once`.
-        unsafe { (*once.ret.get()).take() }
-            .ok_or(Error::InvalidConfig("stop_machine's function did not run"))
+        Ok(unsafe { (*once.ret.get()).take() }
+            .expect("smpcall: stop_machine returned without running its function"))
     }
 
     /// Runs `f` on every online CPU of `active` at once, while every other online CPU spins

@@ -92,10 +92,17 @@ fn bad_configuration_is_refused_with_a_message() {
         "CPU count 5000 is outside 1..=1024 (MAX_CPUS is 1024)",
         "the message carries the offending value"
     );
-    assert!(matches!(
-        Machine::builder().cpus(2).signal(libc::SIGUSR1).build(),
-        Err(Error::InvalidConfig(_))
-    ));
+    let e = Machine::builder()
+        .cpus(2)
+        .signal(libc::SIGUSR1)
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig(_)), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains(&format!("IPI signal {}", libc::SIGUSR1)),
+        "the message carries the offending signal: {e}"
+    );
 }
 
 #[test]

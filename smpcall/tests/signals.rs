@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use smpcall::hosted::{IdlePolicy, Machine};
-use smpcall::Error;
+use smpcall::{ConfigError, Error, SignalRole};
 
 static USER_HANDLER_RAN: AtomicUsize = AtomicUsize::new(0);
 
@@ -66,9 +66,16 @@ fn signals_are_owned_checked_at_every_build_and_released_by_a_failed_build() {
     assert_eq!(disposition(s), user_handler_addr());
     assert_eq!(USER_HANDLER_RAN.load(Ordering::SeqCst), 0);
 
-    // 3. Asking for S explicitly is refused, naming the IPI signal.
+    // 3. Asking for S explicitly is refused, naming the IPI signal and its number.
     let e = Machine::builder().cpus(2).signal(s).build().unwrap_err();
-    assert!(e.to_string().contains("IPI signal"), "{e}");
+    assert_eq!(
+        e,
+        Error::InvalidConfig(ConfigError::SignalInUse {
+            role: SignalRole::Ipi,
+            signal: s
+        })
+    );
+    assert!(e.to_string().contains(&format!("IPI signal {s}")), "{e}");
     set_disposition(s, libc::SIG_DFL);
 
     // 4. A build that fails after installing its IPI handler (NMI signal taken by the user)
@@ -82,13 +89,31 @@ fn signals_are_owned_checked_at_every_build_and_released_by_a_failed_build() {
         .nmi_signal(nmi)
         .build()
         .unwrap_err();
-    assert!(e.to_string().contains("NMI signal"), "{e}");
+    assert!(e.to_string().contains(&format!("NMI signal {nmi}")), "{e}");
     assert_eq!(
         disposition(ipi),
         libc::SIG_DFL,
         "the failed build removed its handler"
     );
     set_disposition(nmi, libc::SIG_DFL);
+
+    // 5. The same signal for both: the NMI claim finds the IPI handler this build installed,
+    // and says so with the number.
+    let e = Machine::builder()
+        .cpus(2)
+        .signal(ipi)
+        .nmi_signal(ipi)
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        e,
+        Error::InvalidConfig(ConfigError::SignalHasOtherRole {
+            role: SignalRole::Nmi,
+            signal: ipi
+        })
+    );
+    assert!(e.to_string().contains(&format!("NMI signal {ipi}")), "{e}");
+    assert_eq!(disposition(ipi), libc::SIG_DFL, "and removed its handler");
 }
 
 /// Before: the clock was read every 256 spins; with the waiter and its stuck target sharing

@@ -963,8 +963,9 @@ fn bug_stop_machine_survives_a_nested_no_wait_call_in_prepare() {
 /// then runs stop_machine as an *offline* caller: `participants` (the online mask) no longer
 /// contains it, but it still queues calls to all of them and takes part itself, so one more
 /// CPU acknowledges each stage than the count expects. Stages advance early — the active CPU
-/// can miss `Run` (here: `Err(InvalidConfig("stop_machine's function did not run"))`) and CPUs
-/// are not all masked when they should be. Fixed: `lock_stop` re-checks `online.test(me)`.
+/// can miss `Run` (stop_machine then returned `Err(InvalidConfig("stop_machine's function did
+/// not run"))`; that broken invariant is now a panic) and CPUs are not all masked when they
+/// should be. Fixed: `lock_stop` re-checks `online.test(me)`.
 #[test]
 fn bug_stop_machine_from_a_cpu_that_went_offline_meanwhile_is_refused() {
     expect_all_seeds_pass("stop_machine from a CPU going offline", 0..300, |seed| {

@@ -334,7 +334,11 @@ fn a_timed_out_join_can_be_retried() {
         Err(Error::TimedOut("a task to finish"))
     );
     assert_eq!(t.join_timeout(LIMIT), Ok(7));
-    assert!(t.join_timeout(LIMIT).is_err(), "joined once only");
+    assert_eq!(
+        t.join_timeout(LIMIT),
+        Err(Error::AlreadyJoined),
+        "joined once only"
+    );
     m.shutdown().unwrap();
 }
 

@@ -623,12 +623,14 @@ fn t_torture(ctx: &Ctx) -> Outcome {
                         ledger_ran(sender, seq, tb, c);
                         c * 7 + 1
                     })
-                    .and_then(|v| {
-                        if v == t * 7 + 1 {
-                            Ok(tb)
-                        } else {
-                            Err(Error::InvalidConfig("wrong result"))
+                    .map(|v| {
+                        if v != t * 7 + 1 {
+                            fail.set(buf!(
+                                "cpu {me}: call_single #{seq} to {t} returned {v}, not {}",
+                                t * 7 + 1
+                            ));
                         }
+                        tb
                     }),
                 1 => e
                     .call_single_async(t, move |c| ledger_ran(sender, seq, tb, c))

@@ -416,9 +416,10 @@ pub fn sync_single_own_thread(
         })
         .join()
         .unwrap_or_else(|_| {
-            Err(engine_err(what)(Error::InvalidConfig(
-                "the caller panicked",
-            )))
+            Err(BenchError::Panicked {
+                what: format!("{what}: the calling thread"),
+                message: "its panic message is printed above".into(),
+            })
         })
     });
     stop.store(true, Ordering::SeqCst);

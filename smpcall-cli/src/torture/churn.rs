@@ -10,10 +10,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use smpcall::hosted::{safe_point, Machine};
-use smpcall::Error;
 
 use super::ledger::{self, Ledger};
 use super::rng::Rng;
+use crate::SetupError;
 
 /// Serialises "attach + mark online" and "leave + mark offline" between churn threads.
 static SLOT_MARKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -42,7 +42,7 @@ pub(crate) fn spawn(
     ledger: &Arc<Ledger>,
     stop: &Arc<AtomicBool>,
     seed: u64,
-) -> Result<Churner, Error> {
+) -> Result<Churner, SetupError> {
     let cycles = Arc::new(AtomicU64::new(0));
     let nanos = Arc::new(AtomicU64::new(0));
     let machine = Arc::clone(machine);
@@ -55,7 +55,10 @@ pub(crate) fn spawn(
     let handle = thread::Builder::new()
         .name("smpcall-churn".into())
         .spawn(move || churn(&machine, &ledger, &stop, seed, &c2, &n2))
-        .map_err(|_| Error::InvalidConfig("could not spawn a churn thread"))?;
+        .map_err(|error| SetupError::Spawn {
+            thread: "churn",
+            error,
+        })?;
     Ok(Churner {
         handle,
         cycles,

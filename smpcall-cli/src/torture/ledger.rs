@@ -56,6 +56,8 @@ use std::time::{Duration, Instant};
 
 use smpcall::{CpuId, Error};
 
+use crate::SetupError;
+
 use super::kind::Kind;
 
 /// Most CPUs the torture workload supports (records keep one bit per CPU in a `u64`).
@@ -293,6 +295,19 @@ fn bit(cpu: CpuId) -> u64 {
     }
 }
 
+/// `Ok` if torture supports `cpus` CPUs (1 to [`MAX_TORTURE_CPUS`]).
+pub(crate) fn check_cpus(cpus: usize) -> Result<(), SetupError> {
+    if cpus == 0 || cpus > MAX_TORTURE_CPUS {
+        return Err(SetupError::Cpus {
+            workload: "torture",
+            requested: cpus,
+            min: 1,
+            max: MAX_TORTURE_CPUS,
+        });
+    }
+    Ok(())
+}
+
 /// Index of an [`Error`] in [`ERROR_CLASSES`].
 pub fn error_class(e: &Error) -> usize {
     match e {
@@ -324,16 +339,13 @@ pub const ERROR_CLASSES: [&str; 9] = [
 impl Ledger {
     /// Records for `cpus` senders (at most [`MAX_TORTURE_CPUS`]), up to `capacity` calls each.
     /// Memory is allocated as records are handed out.
-    pub fn new(cpus: usize, capacity: u64) -> Result<Ledger, Error> {
-        if cpus == 0 || cpus > MAX_TORTURE_CPUS {
-            return Err(Error::InvalidConfig(
-                "torture supports between 1 and 64 CPUs",
-            ));
-        }
+    pub fn new(cpus: usize, capacity: u64) -> Result<Ledger, SetupError> {
+        check_cpus(cpus)?;
         if capacity == 0 || capacity >= 1 << INDEX_BITS {
-            return Err(Error::InvalidConfig(
-                "torture needs room for at least one call per CPU",
-            ));
+            return Err(SetupError::CallsPerCpu {
+                requested: capacity,
+                max: (1 << INDEX_BITS) - 1,
+            });
         }
         let nchunks = capacity.div_ceil(CHUNK) as usize;
         let cpus = (0..cpus)

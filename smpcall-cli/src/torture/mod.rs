@@ -21,7 +21,7 @@
 //! let report = torture::run(&Config { cpus: 2, ..Config::default() })?;
 //! println!("{report}");
 //! assert!(report.success());
-//! # Ok::<(), smpcall::Error>(())
+//! # Ok::<(), smpcall_cli::SetupError>(())
 //! ```
 //!
 //! Optional stresses on top of the call workload:
@@ -64,6 +64,8 @@ use std::time::{Duration, Instant};
 
 use smpcall::hosted::{Faults, HostEngine, IdlePolicy, Machine};
 use smpcall::{CpuId, CpuMask, CpuStats, Csd, DiagStats, Error, HotplugStats};
+
+use crate::SetupError;
 
 pub use faults::FaultSummary;
 pub use hotplug::HotplugSummary;
@@ -255,7 +257,7 @@ impl Progress {
 }
 
 /// Runs the workload and verifies it: [`run_observed`] without an observer.
-pub fn run(cfg: &Config) -> Result<Report, Error> {
+pub fn run(cfg: &Config) -> Result<Report, SetupError> {
     run_observed(cfg, &mut |_: &Progress| {})
 }
 
@@ -272,32 +274,29 @@ impl Drop for DoneGuard {
 /// [`PROGRESS_TICK`] until the calls have drained. `Err` only for a setup problem (bad
 /// configuration, the machine would not start); every finding about the engine is in the
 /// [`Report`].
-pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<Report, Error> {
-    if cfg.cpus == 0 || cfg.cpus > MAX_TORTURE_CPUS {
-        return Err(Error::InvalidConfig(
-            "torture supports between 1 and 64 CPUs",
-        ));
-    }
+pub fn run_observed(
+    cfg: &Config,
+    observe: &mut dyn FnMut(&Progress),
+) -> Result<Report, SetupError> {
+    ledger::check_cpus(cfg.cpus)?;
     if cfg.mix.total() == 0 && !cfg.rcu {
-        return Err(Error::InvalidConfig(
-            "every call kind has weight 0 (that is allowed only with --rcu)",
-        ));
+        return Err(SetupError::NoWork);
     }
     if let Some(interval) = cfg.onoff {
         if cfg.cpus < 2 {
-            return Err(Error::InvalidConfig(
-                "--onoff needs at least 2 CPUs (CPU 0 drives, the others go down)",
-            ));
+            return Err(SetupError::OnoffCpus { cpus: cfg.cpus });
         }
         if interval.is_zero() {
-            return Err(Error::InvalidConfig("--onoff needs an interval above 0"));
+            return Err(SetupError::OnoffInterval);
         }
     }
     let n = cfg.cpus;
-    if n + cfg.churn > 64 {
-        return Err(Error::InvalidConfig(
-            "--cpus plus --churn must be at most 64 (the ledger's CPU sets)",
-        ));
+    if n + cfg.churn > MAX_TORTURE_CPUS {
+        return Err(SetupError::CpusPlusChurn {
+            cpus: n,
+            churn: cfg.churn,
+            max: MAX_TORTURE_CPUS,
+        });
     }
     let ledger = Arc::new(Ledger::new(n + cfg.churn, cfg.max_calls_per_cpu)?);
     // Attach slots start empty: offline, as far as the ledger knows.
@@ -556,9 +555,10 @@ pub fn run_observed(cfg: &Config, observe: &mut dyn FnMut(&Progress)) -> Result<
     let rcu_stats = engine.rcu_stats();
     // Shutting down joins the CPU threads, which orders every record write before the check.
     let down = match Arc::try_unwrap(machine) {
-        Ok(m) => m.shutdown(),
-        Err(_) => Err(Error::InvalidConfig(
-            "the machine is still shared at shutdown",
+        Ok(m) => m.shutdown().map_err(|e| e.to_string()),
+        Err(shared) => Err(format!(
+            "the machine is still shared ({} references)",
+            Arc::strong_count(&shared)
         )),
     };
     if let Err(e) = down {

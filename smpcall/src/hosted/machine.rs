@@ -8,14 +8,17 @@ use std::time::{Duration, Instant};
 
 use super::builder::{IdlePolicy, MachineBuilder, Pinning};
 use super::cpu_thread::cpu_main;
-use super::platform::{probability_threshold, HostCpu, HostPlatform, Job};
-use super::signals::{self, SignalKind};
+use super::platform::{fault_thresholds, HostCpu, HostPlatform, Job};
+use super::signals;
 use super::HostEngine;
 use crate::cpumask::CpuId;
 use crate::engine::{Engine, HeapStorage};
-use crate::error::Error;
+use crate::error::{ConfigError, Error, OsRequest, SignalRole};
 
 static NEXT_MACHINE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The most call-data slots per sender and target ([`MachineBuilder::no_wait_slots`]).
+const MAX_NO_WAIT_SLOTS: usize = 64;
 
 pub(super) struct Inner {
     pub(super) engine: HostEngine,
@@ -64,7 +67,7 @@ impl std::fmt::Debug for Machine {
 }
 
 /// Undoes a build that failed half-way: the signal handlers it installed.
-struct InstalledSignals(Vec<(i32, SignalKind)>);
+struct InstalledSignals(Vec<(i32, SignalRole)>);
 
 impl Drop for InstalledSignals {
     fn drop(&mut self) {
@@ -90,18 +93,30 @@ impl Machine {
             });
         }
         if b.timeout.is_zero() {
-            return Err(Error::InvalidConfig("the timeout must be longer than zero"));
+            return Err(Error::InvalidConfig(ConfigError::ZeroTimeout));
         }
-        let drop_threshold = probability_threshold(b.faults.drop_ipi)?;
-        let delay_threshold = probability_threshold(b.faults.delay_ipi)?;
+        let (drop_threshold, delay_threshold) = fault_thresholds(&b.faults)?;
+        // k slots: 16 up to 16 CPUs (256 KiB), 4 up to 64 (1 MiB), then 1 (n² × 64 bytes).
+        let k = b.no_wait_slots.unwrap_or(match total {
+            0..=16 => 16,
+            17..=64 => 4,
+            _ => 1,
+        });
+        // Checked before the signals are claimed: a refused configuration changes nothing.
+        if k > MAX_NO_WAIT_SLOTS {
+            return Err(Error::InvalidConfig(ConfigError::NoWaitSlots {
+                requested: k,
+                max: MAX_NO_WAIT_SLOTS,
+            }));
+        }
         let mut installed = InstalledSignals(Vec::new());
-        let (signo, new) = signals::choose(b.signal, SignalKind::Ipi, None)?;
+        let (signo, new) = signals::choose(b.signal, SignalRole::Ipi, None)?;
         if new {
-            installed.0.push((signo, SignalKind::Ipi));
+            installed.0.push((signo, SignalRole::Ipi));
         }
-        let (nmi_signo, new) = signals::choose(b.nmi_signal, SignalKind::Nmi, Some(signo))?;
+        let (nmi_signo, new) = signals::choose(b.nmi_signal, SignalRole::Nmi, Some(signo))?;
         if new {
-            installed.0.push((nmi_signo, SignalKind::Nmi));
+            installed.0.push((nmi_signo, SignalRole::Nmi));
         }
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let ncores = thread::available_parallelism().map_or(1, |n| n.get());
@@ -124,17 +139,6 @@ impl Machine {
             ipis_dropped: AtomicU64::new(0),
             ipis_delayed: AtomicU64::new(0),
         };
-        // k slots: 16 up to 16 CPUs (256 KiB), 4 up to 64 (1 MiB), then 1 (n² × 64 bytes).
-        let k = b.no_wait_slots.unwrap_or(match total {
-            0..=16 => 16,
-            17..=64 => 4,
-            _ => 1,
-        });
-        if k > 64 {
-            return Err(Error::InvalidConfig(
-                "no_wait_slots must be between 1 and 64",
-            ));
-        }
         let storage = HeapStorage::with_layout(total, k, b.foreign_senders);
         let engine = Engine::new(platform, storage)?;
         engine.set_stall_threshold(b.stall_threshold);
@@ -170,7 +174,7 @@ impl Machine {
             let t = thread::Builder::new()
                 .name(format!("smpcall-cpu{cpu}"))
                 .spawn(move || cpu_main(inner2, cpu, core))
-                .map_err(|_| Error::InvalidConfig("could not spawn a CPU thread"))?;
+                .map_err(|e| super::os_error(OsRequest::SpawnCpuThread { cpu }, &e))?;
             machine.threads.push(t);
         }
         if !b.stall_threshold.is_zero() {
@@ -180,7 +184,7 @@ impl Machine {
             let w = thread::Builder::new()
                 .name("smpcall-watchdog".into())
                 .spawn(move || watchdog_main(inner2, period))
-                .map_err(|_| Error::InvalidConfig("could not spawn the watchdog thread"))?;
+                .map_err(|e| super::os_error(OsRequest::SpawnWatchdog, &e))?;
             machine.watchdog = Some(w);
         }
         // `None`: no deadline (a timeout too large for an `Instant`, e.g. `Duration::MAX`).
@@ -220,6 +224,35 @@ impl Machine {
     }
 
     /// The hosted platform: signal numbers, IPI counters, fault injection.
+    ///
+    /// Its [`Platform`](crate::Platform) methods are safe to call (see [`Engine::platform`]
+    /// for the general rule). In this backend:
+    ///
+    /// * `send_ipi(cpu)` applies the machine's fault injection (the IPI may be dropped, or
+    ///   sent after a spin of up to 50 µs), then wakes `cpu` if it sleeps idle, else (unless
+    ///   [`Delivery::SafePoint`](super::Delivery::SafePoint)) sends it the IPI signal: a
+    ///   spurious IPI, handled like any other (the engine's own work at once, your calls at the
+    ///   next safe point). `send_nmi(cpu)` sends the NMI signal (not with `SafePoint`): the CPU
+    ///   runs its queued NMI calls early. Both count in the statistics
+    ///   ([`signals_sent`](HostPlatform::signals_sent), [`futex_wakes`](HostPlatform::futex_wakes)).
+    ///   A `cpu` the machine does not have panics (index out of bounds); an attach slot never
+    ///   held has no thread (the send fails; a debug assertion in debug builds); a slot whose
+    ///   thread left, or any CPU after [`try_shutdown`](Machine::try_shutdown), is signalled at
+    ///   its old thread id: the send fails as above if no thread has that id any more; on a
+    ///   thread of this process that has it, the handler does nothing unless that thread is a
+    ///   CPU (of another machine: a spurious IPI there).
+    /// * `irq_save` and `irq_restore` act on the soft mask of the calling thread's CPU, and do
+    ///   nothing on a thread that is not one of this machine's CPUs. A CPU left masked is not
+    ///   interrupted by IPIs, but still runs its calls when idle or at
+    ///   [`Engine::serve_queue`]; its waiting calls are refused.
+    /// * **Not sound:** `irq_restore(false)` on a CPU thread while the engine has it masked —
+    ///   inside a call function or a stop_machine function, which safe code can reach through
+    ///   [`with_engine`](super::with_engine) (dropping an [`IrqGuard`](crate::IrqGuard) made
+    ///   outside the call function does the same). The rest of the queue flush runs unmasked;
+    ///   an IPI signal landing there runs a nested flush of the same CPU's queue lists while
+    ///   the interrupted one is changing them (undefined behaviour); with calls deferred, the
+    ///   handler's unmask then recurses (`irq_restore` → `serve_queue` → `irq_restore` …)
+    ///   until the thread's stack overflows and the process aborts.
     pub fn platform(&self) -> &HostPlatform {
         self.inner.engine.platform()
     }
@@ -425,18 +458,18 @@ impl<R> Task<R> {
                 Ok(Err(payload)) => panic::resume_unwind(payload),
                 Err(_) => Err(Error::ShutDown),
             },
-            TaskState::Joined => Err(Error::InvalidConfig("the task was already joined")),
+            TaskState::Joined => Err(Error::AlreadyJoined),
         }
     }
 
     /// Like [`join`](Task::join), but gives up after `limit` with [`Error::TimedOut`]; the
     /// task keeps running and can be joined again. After a result was returned, further joins
-    /// return [`Error::InvalidConfig`].
+    /// return [`Error::AlreadyJoined`].
     pub fn join_timeout(&mut self, limit: Duration) -> Result<R, Error> {
         let TaskState::Pending(rx, _) = &self.state else {
             return match std::mem::replace(&mut self.state, TaskState::Joined) {
                 TaskState::Refused(e) => Err(e),
-                _ => Err(Error::InvalidConfig("the task was already joined")),
+                _ => Err(Error::AlreadyJoined),
             };
         };
         let r = match rx.recv_timeout(limit) {

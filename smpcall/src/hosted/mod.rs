@@ -57,3 +57,11 @@ pub use safe_points::{interruptible, quiet, safe_point, sleep, with_engine};
 
 /// The engine as the hosted backend runs it.
 pub type HostEngine = crate::Engine<HostPlatform, crate::HeapStorage>;
+
+/// The [`Error::Os`](crate::Error::Os) of a `request` the OS refused with `e`.
+fn os_error(request: crate::OsRequest, e: &std::io::Error) -> crate::Error {
+    crate::Error::Os {
+        request,
+        errno: e.raw_os_error().unwrap_or(0),
+    }
+}

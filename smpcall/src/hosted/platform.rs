@@ -11,7 +11,7 @@ use std::thread;
 use super::builder::{Delivery, Faults};
 use super::HostEngine;
 use crate::cpumask::CpuId;
-use crate::error::Error;
+use crate::error::{ConfigError, Error, IpiFault};
 use crate::platform::Platform;
 
 /// Futex word values of [`HostCpu::state`].
@@ -172,8 +172,7 @@ impl HostPlatform {
 
     /// Changes the fault injection at run time (the seed is ignored).
     pub fn set_faults(&self, f: Faults) -> Result<(), Error> {
-        let drop = probability_threshold(f.drop_ipi)?;
-        let delay = probability_threshold(f.delay_ipi)?;
+        let (drop, delay) = fault_thresholds(&f)?;
         // Relaxed: configuration values.
         self.drop_threshold.store(drop, Ordering::Relaxed);
         self.delay_threshold.store(delay, Ordering::Relaxed);
@@ -450,12 +449,21 @@ pub(super) fn write_stderr(message: std::fmt::Arguments<'_>) {
 /// including signal handlers: it must not allocate or take locks.
 pub type ReportSink = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Converts a probability to a threshold on a 32-bit roll.
-pub(super) fn probability_threshold(p: f64) -> Result<u64, Error> {
+/// The drop and delay probabilities of `f` as thresholds on a 32-bit roll.
+pub(super) fn fault_thresholds(f: &Faults) -> Result<(u64, u64), Error> {
+    Ok((
+        probability_threshold(f.drop_ipi, IpiFault::Drop)?,
+        probability_threshold(f.delay_ipi, IpiFault::Delay)?,
+    ))
+}
+
+/// Converts the probability of `fault` to a threshold on a 32-bit roll.
+fn probability_threshold(p: f64, fault: IpiFault) -> Result<u64, Error> {
     if !(0.0..=1.0).contains(&p) {
-        return Err(Error::InvalidConfig(
-            "fault probabilities must be within [0, 1]",
-        ));
+        return Err(Error::InvalidConfig(ConfigError::FaultProbability {
+            fault,
+            bits: p.to_bits(),
+        }));
     }
     Ok((p * (1u64 << 32) as f64) as u64)
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use super::platform::current;
-use crate::error::Error;
+use crate::error::{ConfigError, Error, OsRequest, SignalRole};
 
 /// The IPI signal handler.
 extern "C" fn on_ipi_signal(_signo: libc::c_int) {
@@ -66,21 +66,13 @@ extern "C" fn on_nmi_signal(_signo: libc::c_int) {
     unsafe { *libc::__errno_location() = errno };
 }
 
-/// Which of our handlers a signal gets.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum SignalKind {
-    Ipi,
-    Nmi,
-}
-
-impl SignalKind {
-    fn handler(self) -> usize {
-        let handler: extern "C" fn(libc::c_int) = match self {
-            SignalKind::Ipi => on_ipi_signal,
-            SignalKind::Nmi => on_nmi_signal,
-        };
-        handler as usize
-    }
+/// The handler a signal of `role` gets.
+fn handler(role: SignalRole) -> usize {
+    let handler: extern "C" fn(libc::c_int) = match role {
+        SignalRole::Ipi => on_ipi_signal,
+        SignalRole::Nmi => on_nmi_signal,
+    };
+    handler as usize
 }
 
 /// Serialises every look at and change of our signals' dispositions in this process.
@@ -94,59 +86,56 @@ fn disposition(signo: i32) -> Option<usize> {
     (unsafe { libc::sigaction(signo, ptr::null(), &mut old) } == 0).then_some(old.sa_sigaction)
 }
 
-/// Makes sure `signo` carries our handler of `kind`, installing it if the signal is free.
+/// Makes sure `signal` carries our handler of `role`, installing it if the signal is free.
 /// Checked at every build (not remembered): a user may have installed a handler of their own
 /// on it after an earlier machine shut down. Returns whether this call installed it.
-pub(super) fn claim(signo: i32, kind: SignalKind) -> Result<bool, Error> {
+pub(super) fn claim(signal: i32, role: SignalRole) -> Result<bool, Error> {
     let _g = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
-    let other = match kind {
-        SignalKind::Ipi => SignalKind::Nmi,
-        SignalKind::Nmi => SignalKind::Ipi,
-    };
-    let Some(current) = disposition(signo) else {
-        return Err(Error::InvalidConfig(match kind {
-            SignalKind::Ipi => "the IPI signal number is not a valid signal",
-            SignalKind::Nmi => "the NMI signal number is not a valid signal",
+    let Some(current) = disposition(signal) else {
+        return Err(Error::InvalidConfig(ConfigError::UnknownSignal {
+            role,
+            signal,
         }));
     };
-    if current == kind.handler() {
+    if current == handler(role) {
         return Ok(false);
     }
-    if current == other.handler() {
-        return Err(Error::InvalidConfig("the IPI and NMI signals must differ"));
+    if current == handler(role.other()) {
+        return Err(Error::InvalidConfig(ConfigError::SignalHasOtherRole {
+            role,
+            signal,
+        }));
     }
     if current != libc::SIG_DFL {
-        return Err(Error::InvalidConfig(match kind {
-            SignalKind::Ipi => "the IPI signal already has another handler in this process",
-            SignalKind::Nmi => "the NMI signal already has another handler in this process",
+        return Err(Error::InvalidConfig(ConfigError::SignalInUse {
+            role,
+            signal,
         }));
     }
     // SAFETY: zeroed sigaction is a valid starting point; we set handler, flags, mask.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-    act.sa_sigaction = kind.handler();
+    act.sa_sigaction = handler(role);
     act.sa_flags = libc::SA_RESTART;
     // SAFETY: valid pointer to our sigaction's mask.
     unsafe {
-        match kind {
-            SignalKind::Ipi => libc::sigemptyset(&mut act.sa_mask),
-            SignalKind::Nmi => libc::sigfillset(&mut act.sa_mask),
+        match role {
+            SignalRole::Ipi => libc::sigemptyset(&mut act.sa_mask),
+            SignalRole::Nmi => libc::sigfillset(&mut act.sa_mask),
         }
     };
     // SAFETY: installs a handler that is async-signal-safe (see the module documentation).
-    if unsafe { libc::sigaction(signo, &act, ptr::null_mut()) } != 0 {
-        return Err(Error::InvalidConfig(match kind {
-            SignalKind::Ipi => "could not install the IPI signal handler",
-            SignalKind::Nmi => "could not install the NMI signal handler",
-        }));
+    if unsafe { libc::sigaction(signal, &act, ptr::null_mut()) } != 0 {
+        let request = OsRequest::InstallSignalHandler { role, signal };
+        return Err(super::os_error(request, &std::io::Error::last_os_error()));
     }
     Ok(true)
 }
 
 /// Puts back the default disposition of a signal this build installed (a failed build leaves
 /// no handler behind).
-pub(super) fn release(signo: i32, kind: SignalKind) {
+pub(super) fn release(signo: i32, role: SignalRole) {
     let _g = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
-    if disposition(signo) == Some(kind.handler()) {
+    if disposition(signo) == Some(handler(role)) {
         // SAFETY: zeroed sigaction with SIG_DFL (0) restores the default disposition.
         let act: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: valid pointer.
@@ -154,39 +143,38 @@ pub(super) fn release(signo: i32, kind: SignalKind) {
     }
 }
 
-/// Picks the signal of `kind`: the requested one (which must be a real-time signal), or the
+/// Picks the signal of `role`: the requested one (which must be a real-time signal), or the
 /// first real-time signal that is ours already or free (skipping `avoid`). Returns the signal
 /// and whether this call installed the handler.
 pub(super) fn choose(
     requested: Option<i32>,
-    kind: SignalKind,
+    role: SignalRole,
     avoid: Option<i32>,
 ) -> Result<(i32, bool), Error> {
     let (lo, hi) = (libc::SIGRTMIN(), libc::SIGRTMAX());
     if let Some(s) = requested {
         if s < lo || s > hi {
-            return Err(Error::InvalidConfig(match kind {
-                SignalKind::Ipi => {
-                    "the IPI signal must be a real-time signal (SIGRTMIN..=SIGRTMAX)"
-                }
-                SignalKind::Nmi => {
-                    "the NMI signal must be a real-time signal (SIGRTMIN..=SIGRTMAX)"
-                }
+            return Err(Error::InvalidConfig(ConfigError::NotRealTimeSignal {
+                role,
+                signal: s,
+                min: lo,
+                max: hi,
             }));
         }
-        return claim(s, kind).map(|installed| (s, installed));
+        return claim(s, role).map(|installed| (s, installed));
     }
     for signo in lo..=hi {
         if Some(signo) == avoid {
             continue;
         }
-        if let Ok(installed) = claim(signo, kind) {
+        if let Ok(installed) = claim(signo, role) {
             return Ok((signo, installed));
         }
     }
-    Err(Error::InvalidConfig(match kind {
-        SignalKind::Ipi => "no free real-time signal for IPIs",
-        SignalKind::Nmi => "no free real-time signal for NMIs",
+    Err(Error::InvalidConfig(ConfigError::NoFreeSignal {
+        role,
+        min: lo,
+        max: hi,
     }))
 }
 
