@@ -66,13 +66,23 @@ impl std::fmt::Debug for Machine {
     }
 }
 
-/// Undoes a build that failed half-way: the signal handlers it installed.
-struct InstalledSignals(Vec<(i32, SignalRole)>);
+/// The signals a build claimed: released if it fails half-way (their handlers put back to the
+/// default where nobody else uses them), kept if it succeeds.
+struct ClaimedSignals(Vec<(i32, SignalRole)>);
 
-impl Drop for InstalledSignals {
+impl ClaimedSignals {
+    /// The build succeeded: its machine keeps the signals.
+    fn keep(mut self) {
+        for (signo, _) in self.0.drain(..) {
+            signals::keep(signo);
+        }
+    }
+}
+
+impl Drop for ClaimedSignals {
     fn drop(&mut self) {
-        for &(signo, kind) in &self.0 {
-            signals::release(signo, kind);
+        for &(signo, role) in &self.0 {
+            signals::release(signo, role);
         }
     }
 }
@@ -109,15 +119,11 @@ impl Machine {
                 max: MAX_NO_WAIT_SLOTS,
             }));
         }
-        let mut installed = InstalledSignals(Vec::new());
-        let (signo, new) = signals::choose(b.signal, SignalRole::Ipi, None)?;
-        if new {
-            installed.0.push((signo, SignalRole::Ipi));
-        }
-        let (nmi_signo, new) = signals::choose(b.nmi_signal, SignalRole::Nmi, Some(signo))?;
-        if new {
-            installed.0.push((nmi_signo, SignalRole::Nmi));
-        }
+        let mut claimed = ClaimedSignals(Vec::new());
+        let signo = signals::choose(b.signal, SignalRole::Ipi, None)?;
+        claimed.0.push((signo, SignalRole::Ipi));
+        let nmi_signo = signals::choose(b.nmi_signal, SignalRole::Nmi, Some(signo))?;
+        claimed.0.push((nmi_signo, SignalRole::Nmi));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let ncores = thread::available_parallelism().map_or(1, |n| n.get());
         let platform = HostPlatform {
@@ -203,7 +209,7 @@ impl Machine {
             machine.inner.engine.platform().wake_if_sleeping(cpu);
         }
         // Built: the handlers stay (they are never removed from a process that used them).
-        std::mem::forget(installed);
+        claimed.keep();
         machine.timeout = b.timeout;
         Ok(machine)
     }

@@ -76,7 +76,30 @@ fn handler(role: SignalRole) -> usize {
 }
 
 /// Serialises every look at and change of our signals' dispositions in this process.
-static DISPOSITIONS: Mutex<()> = Mutex::new(());
+static DISPOSITIONS: Mutex<Claims> = Mutex::new(Claims {
+    building: Vec::new(),
+    kept: Vec::new(),
+});
+
+/// Who uses which signal, under the dispositions lock: a failed build puts a signal back to its
+/// default only if no other build in progress claimed it and no built machine uses it (an
+/// adopted handler removed under a running machine would let its next IPI kill the process).
+struct Claims {
+    /// Signals claimed by builds still in progress, one entry per claim.
+    building: Vec<i32>,
+    /// Signals of machines that were built: their handlers stay for the process's lifetime.
+    kept: Vec<i32>,
+}
+
+impl Claims {
+    /// Ends one in-progress claim of `signal`; returns whether nobody else uses it.
+    fn end_claim(&mut self, signal: i32) -> bool {
+        if let Some(i) = self.building.iter().position(|&s| s == signal) {
+            self.building.swap_remove(i);
+        }
+        !self.building.contains(&signal) && !self.kept.contains(&signal)
+    }
+}
 
 /// The current disposition's handler of `signo`, or `None` if it is not a valid signal.
 fn disposition(signo: i32) -> Option<usize> {
@@ -88,9 +111,18 @@ fn disposition(signo: i32) -> Option<usize> {
 
 /// Makes sure `signal` carries our handler of `role`, installing it if the signal is free.
 /// Checked at every build (not remembered): a user may have installed a handler of their own
-/// on it after an earlier machine shut down. Returns whether this call installed it.
-pub(super) fn claim(signal: i32, role: SignalRole) -> Result<bool, Error> {
-    let _g = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
+/// on it after an earlier machine shut down. A successful claim is ended by [`keep`] (the
+/// build succeeded) or [`release`] (it failed).
+pub(super) fn claim(signal: i32, role: SignalRole) -> Result<(), Error> {
+    let mut claims = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
+    install(signal, role)?;
+    claims.building.push(signal);
+    Ok(())
+}
+
+/// [`claim`]'s work on the disposition (the caller holds the lock): ours already, or free and
+/// now ours.
+fn install(signal: i32, role: SignalRole) -> Result<(), Error> {
     let Some(current) = disposition(signal) else {
         return Err(Error::InvalidConfig(ConfigError::UnknownSignal {
             role,
@@ -98,7 +130,7 @@ pub(super) fn claim(signal: i32, role: SignalRole) -> Result<bool, Error> {
         }));
     };
     if current == handler(role) {
-        return Ok(false);
+        return Ok(());
     }
     if current == handler(role.other()) {
         return Err(Error::InvalidConfig(ConfigError::SignalHasOtherRole {
@@ -128,14 +160,25 @@ pub(super) fn claim(signal: i32, role: SignalRole) -> Result<bool, Error> {
         let request = OsRequest::InstallSignalHandler { role, signal };
         return Err(super::os_error(request, &std::io::Error::last_os_error()));
     }
-    Ok(true)
+    Ok(())
 }
 
-/// Puts back the default disposition of a signal this build installed (a failed build leaves
-/// no handler behind).
+/// Ends a successful build's claim: the machine uses `signal` from now on, and its handler
+/// stays (a running machine's signal is never put back to its default).
+pub(super) fn keep(signal: i32) {
+    let mut claims = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
+    claims.end_claim(signal);
+    if !claims.kept.contains(&signal) {
+        claims.kept.push(signal);
+    }
+}
+
+/// Ends a failed build's claim: puts back the default disposition of `signo` if it carries our
+/// handler and nobody else uses it — no other build in progress claimed it, no built machine
+/// kept it (a failed build leaves no handler behind, and removes none another machine needs).
 pub(super) fn release(signo: i32, role: SignalRole) {
-    let _g = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
-    if disposition(signo) == Some(handler(role)) {
+    let mut claims = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
+    if claims.end_claim(signo) && disposition(signo) == Some(handler(role)) {
         // SAFETY: zeroed sigaction with SIG_DFL (0) restores the default disposition.
         let act: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: valid pointer.
@@ -144,13 +187,12 @@ pub(super) fn release(signo: i32, role: SignalRole) {
 }
 
 /// Picks the signal of `role`: the requested one (which must be a real-time signal), or the
-/// first real-time signal that is ours already or free (skipping `avoid`). Returns the signal
-/// and whether this call installed the handler.
+/// first real-time signal that is ours already or free (skipping `avoid`), claimed.
 pub(super) fn choose(
     requested: Option<i32>,
     role: SignalRole,
     avoid: Option<i32>,
-) -> Result<(i32, bool), Error> {
+) -> Result<i32, Error> {
     let (lo, hi) = (libc::SIGRTMIN(), libc::SIGRTMAX());
     if let Some(s) = requested {
         if s < lo || s > hi {
@@ -161,14 +203,14 @@ pub(super) fn choose(
                 max: hi,
             }));
         }
-        return claim(s, role).map(|installed| (s, installed));
+        return claim(s, role).map(|()| s);
     }
     for signo in lo..=hi {
         if Some(signo) == avoid {
             continue;
         }
-        if let Ok(installed) = claim(signo, role) {
-            return Ok((signo, installed));
+        if claim(signo, role).is_ok() {
+            return Ok(signo);
         }
     }
     Err(Error::InvalidConfig(ConfigError::NoFreeSignal {
@@ -190,5 +232,48 @@ pub(super) fn set_signal_blocked(signo: i32, blocked: bool) {
             libc::SIG_UNBLOCK
         };
         libc::pthread_sigmask(how, &set, ptr::null_mut());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two builds claim the same signal; the one that installed the handler fails after the
+    /// other adopted it: the handler must stay for the machine that was built. Before: the
+    /// failed build put the signal back to its default action (terminate), and the running
+    /// machine's next IPI killed the process.
+    #[test]
+    fn a_failed_build_keeps_a_handler_another_build_adopted() {
+        // A signal the machines of this test binary do not reach (they take the lowest).
+        let s = libc::SIGRTMAX() - 1;
+        assert_eq!(disposition(s), Some(libc::SIG_DFL), "signal {s} is free");
+        claim(s, SignalRole::Ipi).unwrap(); // build A installs
+        claim(s, SignalRole::Ipi).unwrap(); // build B adopts
+        release(s, SignalRole::Ipi); // A fails
+        assert_eq!(
+            disposition(s),
+            Some(handler(SignalRole::Ipi)),
+            "B's handler stays"
+        );
+        keep(s); // B is built
+        claim(s, SignalRole::Ipi).unwrap(); // a third build adopts it, then fails
+        release(s, SignalRole::Ipi);
+        assert_eq!(
+            disposition(s),
+            Some(handler(SignalRole::Ipi)),
+            "kept for B's machine"
+        );
+
+        // Alone, a failed build leaves nothing behind.
+        let t = s - 1;
+        assert_eq!(disposition(t), Some(libc::SIG_DFL), "signal {t} is free");
+        claim(t, SignalRole::Nmi).unwrap();
+        release(t, SignalRole::Nmi);
+        assert_eq!(
+            disposition(t),
+            Some(libc::SIG_DFL),
+            "put back to its default"
+        );
     }
 }
