@@ -51,7 +51,10 @@ fn per_target_cost_is_flat_from_8_to_1024_cpus() {
     assert!(s.check());
     for r in &s.rows {
         assert_eq!(r.ipis_per_target, 1.0, "every idle target gets one IPI");
-        assert_eq!(r.ipi_batches, 1, "one IPI batch per call");
+        assert_eq!(
+            r.ipi_batches, 0,
+            "an IPI to each target as it is queued, no batch"
+        );
         assert_eq!(r.memory, Memory::of(r.cpus));
     }
 }

@@ -65,7 +65,7 @@ unsafe impl Platform for Manual {
     fn irq_save(&self) -> bool {
         MASKED.with(|m| m.replace(true))
     }
-    fn irq_restore(&self, state: bool) {
+    unsafe fn irq_restore(&self, state: bool) {
         MASKED.with(|m| m.set(state));
     }
     fn irqs_masked(&self) -> bool {

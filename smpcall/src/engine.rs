@@ -316,10 +316,20 @@ unsafe impl Storage for HeapStorage {
 }
 
 /// Interrupts masked on the current CPU until this guard is dropped (see [`Engine::irq_save`]).
+///
+/// Guards end in the reverse order they were made, in the context that made them: one made
+/// outside a call handler and dropped inside one (kept in a thread-local, say) would unmask
+/// the queue flush that runs the handler, under which the engine edits the CPU's private
+/// lists. Such a drop panics instead (inside a handler: the process aborts, as for any panic
+/// in a call's function).
 #[must_use = "interrupts are unmasked again when the guard is dropped"]
 pub struct IrqGuard<'a, P: Platform> {
     platform: &'a P,
     state: P::IrqState,
+    /// For a guard made through [`Engine::irq_save`] on one of the engine's CPUs: that CPU's
+    /// handler-depth counter and its value then (the engine's own guards are not checked:
+    /// they end in order by construction).
+    made_at: Option<(&'a AtomicU32, u32)>,
     /// Must be dropped on the CPU that made it.
     _not_send: PhantomData<*const ()>,
 }
@@ -332,7 +342,20 @@ impl<P: Platform> core::fmt::Debug for IrqGuard<'_, P> {
 
 impl<P: Platform> Drop for IrqGuard<'_, P> {
     fn drop(&mut self) {
-        self.platform.irq_restore(self.state);
+        if let Some((depth, made_at)) = self.made_at {
+            // Relaxed: this CPU's own counter (handlers restore it before they return).
+            let now = depth.load(Ordering::Relaxed);
+            if now != made_at {
+                panic!(
+                    "smpcall: an IrqGuard made at call-handler depth {made_at} was dropped at \
+                     depth {now}; restoring its state there would unmask a running queue flush"
+                );
+            }
+        }
+        // SAFETY: the state our `irq_save` returned; engine guards end in order by
+        // construction, and a user's guard was checked above to end in the handler context
+        // (none, or the same) that made it, so it cannot end a masked region begun after it.
+        unsafe { self.platform.irq_restore(self.state) };
     }
 }
 
@@ -704,10 +727,25 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     }
 
     /// Masks interrupts on the current CPU until the guard drops.
+    ///
+    /// The guard must be dropped where it was made: dropping one made outside a call handler
+    /// inside one (or the reverse) panics rather than unmask the handler's queue flush.
     pub fn irq_save(&self) -> IrqGuard<'_, P> {
+        let mut guard = self.mask();
+        guard.made_at = self
+            .current_cpu()
+            .map(|me| &self.per_cpu(me).handler_depth)
+            // Relaxed: this CPU's own counter.
+            .map(|depth| (depth, depth.load(Ordering::Relaxed)));
+        guard
+    }
+
+    /// The engine's own masked regions (unchecked: they end in order by construction).
+    pub(crate) fn mask(&self) -> IrqGuard<'_, P> {
         IrqGuard {
             platform: &self.platform,
             state: self.platform.irq_save(),
+            made_at: None,
             _not_send: PhantomData,
         }
     }
@@ -753,14 +791,14 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.check_target(cpu)?;
         self.check_can_wait(me)?;
         if cpu == me {
-            let _masked = self.irq_save();
+            let _masked = self.mask();
             return Ok(run_local(|| f(me)));
         }
         let csd = Csd::new();
         let mut ipis = OneIpi::default();
         // Masked from the first push to the IPI send: an interrupt nested in between could
         // wait for one of our targets before we signalled it (found by the simulator).
-        let masked = self.irq_save();
+        let masked = self.mask();
         if const { Payload::fits::<OnceCall<F, R>>() } {
             // Small closure and result: keep them in the call data itself, so the result comes
             // back in the cache line the caller spins on.
@@ -883,7 +921,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
         if cpu == me {
             self.check_target(cpu)?;
-            let _masked = self.irq_save();
+            let _masked = self.mask();
             run_local(|| f(me));
             return Ok(());
         }
@@ -891,7 +929,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut ipis = OneIpi::default();
         // Masked from the first push to the IPI send: an interrupt nested in between could
         // wait for one of our targets before we signalled it (found by the simulator).
-        let masked = self.irq_save();
+        let masked = self.mask();
         let result = self.queue_call(
             &masked,
             me,
@@ -947,7 +985,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             }
             // SAFETY: we hold it; nothing was written.
             unsafe { Csd::take_async_and_release(csd) };
-            let _masked = self.irq_save();
+            let _masked = self.mask();
             run_local(|| f(me));
             return Ok(());
         }
@@ -955,7 +993,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut ipis = OneIpi::default();
         // Masked from the first push to the IPI send: an interrupt nested in between could
         // wait for one of our targets before we signalled it (found by the simulator).
-        let masked = self.irq_save();
+        let masked = self.mask();
         // Pinned, and its `Drop` waits while it is busy, so it outlives the call.
         let result = self.queue_call(
             &masked,
@@ -1007,27 +1045,21 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         others.clear(me);
 
         let in_flight = AbortOnUnwind;
-        let (mut queued, refused) = self.queue_on_slots(
-            me,
-            &others,
-            false,
-            |_| (),
-            |slot, t, ()| {
-                // SAFETY: we hold the slot; `f` outlives the waits below; `any_context` only for
-                // the engine's own async-signal-safe functions.
-                unsafe {
-                    slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true);
-                    if any_context {
-                        slot.set_any_context();
-                    }
+        let (mut queued, refused) = self.queue_on_slots(me, &others, |slot, t| {
+            // SAFETY: we hold the slot; `f` outlives the waits below; `any_context` only for
+            // the engine's own async-signal-safe functions.
+            unsafe {
+                slot.set_call(run_shared::<F>, Payload::from_ptr(&f), true);
+                if any_context {
+                    slot.set_any_context();
                 }
-                self.note_call::<F>(slot, me, t);
-            },
-        );
+            }
+            self.note_call::<F>(slot, me, t);
+        });
         // On a refusal (this CPU went offline under us) still wait for what is already in
         // flight: it borrows `f`.
         if refused.is_none() && mask.test(me) {
-            let _masked = self.irq_save();
+            let _masked = self.mask();
             run_local(|| f(me));
         }
         for t in &queued {
@@ -1064,26 +1096,43 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut others = mask.and(&self.accepting.load());
         others.clear(me);
 
-        let (mut queued, refused) = self.queue_on_slots(
-            me,
-            &others,
-            true,
-            // Cloned before the slot is claimed: a `Clone` is user code, and one that calls
-            // the same CPU through the same slot would otherwise wait for a slot its own
-            // caller holds.
-            |_| f.clone(),
-            |slot, t, g| {
-                // SAFETY: we hold the slot, not yet pushed.
-                unsafe { self.fill_no_wait(slot, g, me, t, false) };
-            },
-        );
+        // One target at a time, each masked from its push to its IPI: the clone of `f` (user
+        // code: it may make calls of its own, or unmask) and the drop of a clone that was not
+        // queued run outside the masked region, where the engine holds no slot.
+        let mut queued = CpuMask::new();
+        let mut refused = None;
+        for t in &others {
+            let mut g = Some(f.clone());
+            let result = {
+                let masked = self.mask();
+                let mut ipis = OneIpi::default();
+                let slots = self.no_wait_slots(me, t);
+                let result =
+                    self.queue_call(&masked, me, t, slots, Target::Prune, &mut ipis, |slot| {
+                        let g = g.take().expect("filled once");
+                        // SAFETY: we hold the slot, not yet pushed.
+                        unsafe { self.fill_no_wait(slot, g, me, t, false) };
+                    });
+                ipis.send(&self.platform);
+                result
+            };
+            drop(g);
+            match result {
+                Ok(true) => queued.set(t),
+                Ok(false) => {}
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
         match refused {
             Some(e) if queued.is_empty() => Err(e),
             // Partly delivered before this CPU went offline: say where it went.
             Some(_) => Ok(queued),
             None => {
                 if mask.test(me) {
-                    let _masked = self.irq_save();
+                    let _masked = self.mask();
                     run_local(|| f(me));
                     queued.set(me);
                 }
@@ -1188,7 +1237,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let pc = self.per_cpu(me);
         // Relaxed: statistics.
         pc.ipi_received.fetch_add(1, Ordering::Relaxed);
-        let masked = self.irq_save();
+        let masked = self.mask();
         if restricted {
             // Relaxed: only this CPU (and its properly nested handlers) writes it.
             pc.restricted.fetch_add(1, Ordering::Relaxed);
@@ -1402,38 +1451,28 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             .collect()
     }
 
-    /// Queues a call on every CPU of `others` through this CPU's per-target slots (`fill`
-    /// writes one), masked from the first push to the IPI send: an interrupt nested in between
+    /// Queues a waiting many-call on every CPU of `others` through this CPU's per-target slots
+    /// (`fill` writes one), masked from the first push to the IPI send: an interrupt nested in between
     /// could wait for one of our targets before we signalled it (found by the simulator).
     /// Offline targets are skipped. Stops at the first refusal (this CPU went offline under
     /// us) and returns it with the CPUs already queued to.
     ///
-    /// `any_slot`: a no-wait many-call may use any free call data of the group; a waiting one
-    /// uses the first (the one it then waits for).
-    ///
-    /// `prepare` makes what `fill` writes for a target (a clone of the function) before its
-    /// call data is claimed, so that user code never runs while this CPU holds a slot.
-    fn queue_on_slots<T>(
+    /// Each target's first slot: the one the waiting many-call then waits for.
+    fn queue_on_slots(
         &self,
         me: CpuId,
         others: &CpuMask,
-        any_slot: bool,
-        mut prepare: impl FnMut(CpuId) -> T,
-        mut fill: impl FnMut(&Csd, CpuId, T),
+        mut fill: impl FnMut(&Csd, CpuId),
     ) -> (CpuMask, Option<Error>) {
         let mut ipis = CpuMask::new();
-        let masked = self.irq_save();
+        let masked = self.mask();
         let mut queued = CpuMask::new();
         let mut refused = None;
         for t in others {
-            let slots = if any_slot {
-                self.no_wait_slots(me, t)
-            } else {
-                core::slice::from_ref(self.slot(me, t))
-            };
-            let mut made = Some(prepare(t));
-            let fill_t = |slot: &Csd| fill(slot, t, made.take().expect("filled once"));
-            match self.queue_call(&masked, me, t, slots, Target::Prune, &mut ipis, fill_t) {
+            let slot = core::slice::from_ref(self.slot(me, t));
+            match self.queue_call(&masked, me, t, slot, Target::Prune, &mut ipis, |s| {
+                fill(s, t)
+            }) {
                 Ok(true) => queued.set(t),
                 Ok(false) => {}
                 Err(e) => {
@@ -1524,8 +1563,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                             .slot_cursor
                             .store((i + 1) as u32, Ordering::Relaxed);
                     }
-                    // Engine code only: user code (a `Clone`) runs before the claim
-                    // (`queue_on_slots`' `prepare`), so nothing runs while the slot is held.
+                    // Engine code only: user code (a `Clone` in `call_many_async`) runs
+                    // before the masked region, never while a slot is held.
                     fill(csd);
                     self.platform.preempt_point();
                     // SAFETY: claimed and filled; the caller guarantees `csd` outlives the
@@ -1675,7 +1714,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         if pc.queue.is_empty() && depth == 0 && !deferred {
             return 0;
         }
-        let _masked = self.irq_save();
+        let _masked = self.mask();
         // SAFETY: on `me`, interrupts masked.
         unsafe {
             if pc.queue.is_empty() && !pc.queue.has_pending() && !deferred {
@@ -1752,7 +1791,7 @@ mod tests {
         fn irq_save(&self) -> bool {
             MASKED.with(|m| m.replace(true))
         }
-        fn irq_restore(&self, state: bool) {
+        unsafe fn irq_restore(&self, state: bool) {
             MASKED.with(|m| m.set(state));
         }
         fn irqs_masked(&self) -> bool {

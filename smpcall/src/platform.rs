@@ -60,7 +60,16 @@ pub unsafe trait Platform: Sync {
 
     /// Restores the state returned by [`irq_save`](Platform::irq_save). If this unmasks and an
     /// IPI arrived meanwhile, it is delivered now.
-    fn irq_restore(&self, state: Self::IrqState);
+    ///
+    /// # Safety
+    /// `state` must be what the matching `irq_save` on this CPU returned, and masked regions
+    /// must end in the reverse order they began (the innermost first). The engine relies on
+    /// its masked regions staying masked — a queue flush edits the CPU's private lists under
+    /// the mask, and an IPI handler run in the middle of that edit would corrupt them — so
+    /// restoring any other state, or an outer region's state inside an inner one, is undefined
+    /// behaviour. Safe code masks through [`Engine::irq_save`](crate::Engine::irq_save), whose
+    /// guard keeps this contract.
+    unsafe fn irq_restore(&self, state: Self::IrqState);
 
     /// Whether interrupts are masked on the current CPU.
     fn irqs_masked(&self) -> bool;

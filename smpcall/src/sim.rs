@@ -575,7 +575,7 @@ unsafe impl Platform for SimPlatform {
         }
     }
 
-    fn irq_restore(&self, was_masked: bool) {
+    unsafe fn irq_restore(&self, was_masked: bool) {
         if was_masked {
             return;
         }

@@ -617,7 +617,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut ipis = CpuMask::new();
         // Masked from the first push to the IPI send: an interrupt nested in between could
         // wait for one of our targets before we signalled it (found by the simulator).
-        let masked = self.irq_save();
+        let masked = self.mask();
         let mut others = *participants;
         if let Some(me) = me {
             others.clear(me);
@@ -684,7 +684,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // The caller takes part from task context: it masks now and serves its queue
         // explicitly, like the participants that run as call handlers, so that nothing it runs
         // escapes the Prepare accounting.
-        let guard = is_caller.then(|| self.irq_save());
+        let guard = is_caller.then(|| self.mask());
         let threshold = self.stall_threshold_ns.load(Ordering::Relaxed);
         let mut since = self.platform.now_ns();
         let mut report_after = threshold;

@@ -148,7 +148,7 @@ unsafe impl Platform for NoCpus {
     }
     fn send_ipi(&self, _cpu: CpuId) {}
     fn irq_save(&self) {}
-    fn irq_restore(&self, _state: ()) {}
+    unsafe fn irq_restore(&self, _state: ()) {}
     fn irqs_masked(&self) -> bool {
         false
     }

@@ -756,3 +756,57 @@ fn a_clone_that_calls_the_same_cpu_does_not_wait_for_its_callers_slot() {
     });
     m.shutdown().unwrap();
 }
+
+thread_local! {
+    /// A guard kept past the code that made it (test of `IrqGuard`'s order check).
+    static STASHED_GUARD: std::cell::RefCell<Option<smpcall::IrqGuard<'static, smpcall::hosted::HostPlatform>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// An `IrqGuard` made in a task and dropped inside a call handler (it was kept in a
+/// thread-local) would unmask the queue flush running that handler, whose list edits the mask
+/// protects. Its drop panics instead, and inside a handler that aborts the process. Before:
+/// the drop unmasked the flush, and a signal in the rest of it could corrupt the CPU's lists
+/// (found by review; a probe overflowed the stack through the nested flushes). In a child
+/// process, which must die by SIGABRT naming the guard.
+#[test]
+fn an_irq_guard_dropped_inside_a_handler_it_did_not_enclose_aborts() {
+    const TEST: &str = "an_irq_guard_dropped_inside_a_handler_it_did_not_enclose_aborts";
+    if std::env::var_os("SMPCALL_TEST_CHILD").is_some() {
+        let m: &'static Machine = Box::leak(Box::new(common::sleeping_machine(2)));
+        let mut task = m.run_on(0, move |_| {
+            STASHED_GUARD.with(|s| *s.borrow_mut() = Some(m.engine().irq_save()));
+            m.run_on(1, |e| {
+                e.call_single_async(0, |_| {
+                    STASHED_GUARD.with(|s| drop(s.borrow_mut().take()));
+                })
+            })
+            .join_timeout(LIMIT)
+            .unwrap()
+            .unwrap();
+            // Masked (the stashed guard): the call waits for an explicit flush.
+            m.engine().serve_queue();
+        });
+        let _ = task.join_timeout(LIMIT);
+        // Reaching the end of this means the drop did not abort the process.
+        std::thread::sleep(LIMIT);
+        std::process::exit(3);
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env("SMPCALL_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "the child was not aborted: {:?}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("IrqGuard made at call-handler depth 0"),
+        "{stderr}"
+    );
+}

@@ -141,7 +141,7 @@ unsafe impl Platform for KernelPlatform {
         arch::irq_save()
     }
 
-    fn irq_restore(&self, state: bool) {
+    unsafe fn irq_restore(&self, state: bool) {
         arch::irq_restore(state);
     }
 

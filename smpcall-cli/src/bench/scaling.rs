@@ -84,7 +84,9 @@ pub struct ScalingRow {
     pub sync_target_ir: Option<f64>,
     /// IPIs sent per target by one `call_many_async` (every target idle, none polling).
     pub ipis_per_target: f64,
-    /// IPI batches (`send_ipi_mask` calls) per `call_many_async`.
+    /// IPI batches (`send_ipi_mask` calls) per `call_many_async`: none — it signals each
+    /// target as it queues to it, because the clone of its function made for the next target
+    /// is user code, which must not run between a push and its IPI.
     pub ipi_batches: u64,
     /// Simulator: steps from the start until the last target ran (`call_many` from CPU 0).
     pub sim_steps: Option<u64>,

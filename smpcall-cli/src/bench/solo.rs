@@ -70,7 +70,7 @@ unsafe impl Platform for Solo {
         MASKED.with(|m| m.replace(true))
     }
 
-    fn irq_restore(&self, state: bool) {
+    unsafe fn irq_restore(&self, state: bool) {
         MASKED.with(|m| m.set(state));
     }
 

@@ -304,7 +304,7 @@ unsafe impl Platform for HostPlatform {
         prev
     }
 
-    fn irq_restore(&self, was_masked: bool) {
+    unsafe fn irq_restore(&self, was_masked: bool) {
         if was_masked {
             return;
         }
