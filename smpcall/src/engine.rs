@@ -582,15 +582,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// * `irq_save` without its `irq_restore` leaves the current CPU masked: its waiting calls
     ///   are refused, and calls to it wait until it unmasks or serves its queue explicitly — a
     ///   hang, with stall reports, at worst.
-    /// * **Not sound:** `irq_restore` with a state other than the one the matching, still open
-    ///   `irq_save` returned, while the engine relies on the mask — in particular restoring
-    ///   "unmasked" inside a call function or a stop_machine function, which the engine runs
-    ///   with interrupts masked in the middle of its queue flush. The rest of that flush then
-    ///   runs unmasked, and an IPI taken there flushes the same CPU's queue lists while the
-    ///   interrupted flush is changing them (undefined behaviour). This is a known soundness
-    ///   hole, not a contract: never call `irq_restore` yourself (and never drop an
-    ///   [`IrqGuard`] inside a call function that was made outside it), mask with
-    ///   [`Engine::irq_save`].
+    /// * `irq_restore` is `unsafe`: restoring a state other than the one the matching, still
+    ///   open `irq_save` returned could unmask the engine's queue flush in the middle of an
+    ///   edit of the CPU's lists. Safe code masks with [`Engine::irq_save`], whose guard
+    ///   refuses (panics) to end a region begun in another handler context.
     pub fn platform(&self) -> &P {
         &self.platform
     }

@@ -251,14 +251,8 @@ impl Machine {
     ///   nothing on a thread that is not one of this machine's CPUs. A CPU left masked is not
     ///   interrupted by IPIs, but still runs its calls when idle or at
     ///   [`Engine::serve_queue`]; its waiting calls are refused.
-    /// * **Not sound:** `irq_restore(false)` on a CPU thread while the engine has it masked —
-    ///   inside a call function or a stop_machine function, which safe code can reach through
-    ///   [`with_engine`](super::with_engine) (dropping an [`IrqGuard`](crate::IrqGuard) made
-    ///   outside the call function does the same). The rest of the queue flush runs unmasked;
-    ///   an IPI signal landing there runs a nested flush of the same CPU's queue lists while
-    ///   the interrupted one is changing them (undefined behaviour); with calls deferred, the
-    ///   handler's unmask then recurses (`irq_restore` → `serve_queue` → `irq_restore` …)
-    ///   until the thread's stack overflows and the process aborts.
+    /// * `irq_restore` is `unsafe` (see [`Platform::irq_restore`](crate::Platform::irq_restore)):
+    ///   `irq_restore(false)` inside a call function would unmask the queue flush running it.
     pub fn platform(&self) -> &HostPlatform {
         self.inner.engine.platform()
     }
