@@ -6,7 +6,7 @@
 //! steps). A wait that would need another CPU to make progress takes exactly one `relax`.
 //!
 //! The engine's platform entry points (`mark_online`, `serve_queue`, `idle_poll`) are used in
-//! [`bring_up`], [`serve`] and [`poll_while`] only, so a change to that interface is a change
+//! `bring_up`, [`serve`] and [`poll_while`] only, so a change to that interface is a change
 //! here.
 
 use std::cell::Cell;

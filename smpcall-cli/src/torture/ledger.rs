@@ -237,7 +237,7 @@ const fn scramble(mut z: u64) -> u64 {
 }
 
 /// The "in" value of call `id`: unique per call and never 0 (ids are below 2⁶², so `id + 1`
-/// is never 0, and [`scramble`] is a bijection fixing 0).
+/// is never 0, and `scramble` is a bijection fixing 0).
 pub fn in_token(id: RecordId) -> u64 {
     scramble(id.0 + 1)
 }
@@ -850,7 +850,7 @@ pub struct RecordView {
     pub in_seen: u64,
     /// What a waiting caller saw of the "out" value, when it was wrong.
     pub out_seen: u64,
-    /// How the call ended for its caller (see [`outcome_name`]).
+    /// How the call ended for its caller (see `outcome_name`).
     pub outcome: &'static str,
 }
 
