@@ -123,9 +123,17 @@ pub enum ConfigError {
         /// How many CPUs it has (the length of one row).
         cpus: usize,
     },
-    /// More no-wait call-data slots per sender and target than the hosted backend allows
-    /// (`MachineBuilder::no_wait_slots`).
+    /// A number of no-wait call-data slots per sender and target outside `1..=max`
+    /// (`MachineBuilder::no_wait_slots`): none, or more than the hosted backend allows.
     NoWaitSlots {
+        /// The number asked for.
+        requested: usize,
+        /// The largest number allowed.
+        max: usize,
+    },
+    /// More rows of call data for threads that are not CPUs than the hosted backend allows
+    /// (`MachineBuilder::foreign_senders`; the range is `0..=max`).
+    ForeignSenders {
         /// The number asked for.
         requested: usize,
         /// The largest number allowed.
@@ -420,6 +428,9 @@ impl fmt::Display for ConfigError {
             ConfigError::NoWaitSlots { requested, max } => {
                 write!(f, "no_wait_slots({requested}) is outside 1..={max}")
             }
+            ConfigError::ForeignSenders { requested, max } => {
+                write!(f, "foreign_senders({requested}) is outside 0..={max}")
+            }
             ConfigError::ZeroTimeout => f.write_str("the timeout is zero; it must be longer"),
             ConfigError::FaultProbability { fault, bits } => write!(
                 f,
@@ -529,6 +540,20 @@ mod tests {
                 max: 64,
             }),
             &["no_wait_slots(200)", "1..=64"],
+        );
+        names(
+            config(ConfigError::NoWaitSlots {
+                requested: 0,
+                max: 64,
+            }),
+            &["no_wait_slots(0)", "1..=64"],
+        );
+        names(
+            config(ConfigError::ForeignSenders {
+                requested: 65,
+                max: 64,
+            }),
+            &["foreign_senders(65)", "0..=64"],
         );
         names(config(ConfigError::ZeroTimeout), &["timeout is zero"]);
         names(

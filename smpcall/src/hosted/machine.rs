@@ -20,6 +20,10 @@ static NEXT_MACHINE_ID: AtomicU64 = AtomicU64::new(1);
 /// The most call-data slots per sender and target ([`MachineBuilder::no_wait_slots`]).
 const MAX_NO_WAIT_SLOTS: usize = 64;
 
+/// The most foreign rows ([`MachineBuilder::foreign_senders`]): the engine tracks which are
+/// busy in one 64-bit word.
+const MAX_FOREIGN_SENDERS: usize = 64;
+
 pub(super) struct Inner {
     pub(super) engine: HostEngine,
     pub(super) idle: IdlePolicy,
@@ -113,10 +117,16 @@ impl Machine {
             _ => 1,
         });
         // Checked before the signals are claimed: a refused configuration changes nothing.
-        if k > MAX_NO_WAIT_SLOTS {
+        if k == 0 || k > MAX_NO_WAIT_SLOTS {
             return Err(Error::InvalidConfig(ConfigError::NoWaitSlots {
                 requested: k,
                 max: MAX_NO_WAIT_SLOTS,
+            }));
+        }
+        if b.foreign_senders > MAX_FOREIGN_SENDERS {
+            return Err(Error::InvalidConfig(ConfigError::ForeignSenders {
+                requested: b.foreign_senders,
+                max: MAX_FOREIGN_SENDERS,
             }));
         }
         let mut claimed = ClaimedSignals(Vec::new());
