@@ -1,6 +1,7 @@
 //! The one error type of the crate.
 
 use core::fmt;
+use core::time::Duration;
 
 use crate::cpumask::CpuId;
 
@@ -32,6 +33,74 @@ pub enum DeadlockReason {
     NestingLimit,
 }
 
+/// Why a CPU hotplug request was refused (see [`Error::Hotplug`], which names the CPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HotplugReason {
+    /// `cpu_down` of the last online CPU: a machine keeps at least one.
+    LastOnline,
+    /// `cpu_down` of the calling CPU: it cannot wait for itself to go down (call `cpu_down`
+    /// from another CPU, or from a thread that is not one).
+    CallingCpu,
+    /// `cpu_down` of a CPU whose interrupted code is inside an RCU read-side critical section:
+    /// it would go on holding references while offline, where grace periods do not wait for
+    /// it. Nothing was done; try again later.
+    InRcuReader,
+    /// `cpu_up` of a CPU the platform never brought up
+    /// ([`mark_online`](crate::Engine::mark_online)).
+    NeverBroughtUp,
+    /// Attaching a thread (hosted backend) to a CPU slot that is online already.
+    AlreadyOnline,
+    /// An attached thread (hosted backend) cannot leave inside a quiet region: the region's
+    /// end would touch the slot after it left.
+    InQuietRegion,
+    /// An attached thread (hosted backend) cannot leave inside `with_engine`, `quiet` or
+    /// `interruptible`: they hold a reference to the engine that leaving could let the
+    /// machine free.
+    EngineBorrowed,
+}
+
+impl HotplugReason {
+    /// What was refused, as the verb phrase of "CPU n cannot …".
+    fn refused(self) -> &'static str {
+        match self {
+            HotplugReason::LastOnline | HotplugReason::CallingCpu | HotplugReason::InRcuReader => {
+                "go down"
+            }
+            HotplugReason::NeverBroughtUp => "come up",
+            HotplugReason::AlreadyOnline => "be attached to",
+            HotplugReason::InQuietRegion | HotplugReason::EngineBorrowed => "be left by its thread",
+        }
+    }
+}
+
+/// What a bounded wait of the hosted backend waited for (see [`Error::TimedOut`], which
+/// gives the time limit too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WaitedFor {
+    /// The thread of a CPU to start, while the machine was being built
+    /// (`MachineBuilder::timeout`). Nothing was built.
+    CpuThreadStart {
+        /// The first CPU whose thread had not started.
+        cpu: CpuId,
+    },
+    /// A CPU to reach a safe point so that it could run the calls queued to it before going
+    /// down (`Machine::cpu_down`). The CPU stays online.
+    SafePoint {
+        /// The CPU that was to go down.
+        cpu: CpuId,
+    },
+    /// Tasks and queued calls to finish at shutdown (`Machine::try_shutdown`,
+    /// `Machine::shutdown`).
+    Shutdown,
+    /// A task to finish (`Task::join_timeout`). It keeps running and can be joined again.
+    Task {
+        /// The CPU that runs the task.
+        cpu: CpuId,
+    },
+}
+
 /// What was wrong with a configuration (see [`Error::InvalidConfig`]). Each variant carries
 /// the values that were given and, where there is one, the range they had to be in; its
 /// `Display` names them.
@@ -54,9 +123,17 @@ pub enum ConfigError {
         /// How many CPUs it has (the length of one row).
         cpus: usize,
     },
-    /// More no-wait call-data slots per sender and target than the hosted backend allows
-    /// (`MachineBuilder::no_wait_slots`).
+    /// A number of no-wait call-data slots per sender and target outside `1..=max`
+    /// (`MachineBuilder::no_wait_slots`): none, or more than the hosted backend allows.
     NoWaitSlots {
+        /// The number asked for.
+        requested: usize,
+        /// The largest number allowed.
+        max: usize,
+    },
+    /// More rows of call data for threads that are not CPUs than the hosted backend allows
+    /// (`MachineBuilder::foreign_senders`; the range is `0..=max`).
+    ForeignSenders {
         /// The number asked for.
         requested: usize,
         /// The largest number allowed.
@@ -189,8 +266,13 @@ pub enum Error {
     /// The engine or machine was configured wrongly (the [`ConfigError`] says how, with the
     /// values given).
     InvalidConfig(ConfigError),
-    /// A CPU hotplug request that cannot be carried out (the message says why).
-    Hotplug(&'static str),
+    /// A CPU hotplug request that cannot be carried out. Nothing was done.
+    Hotplug {
+        /// The CPU the request was about.
+        cpu: CpuId,
+        /// Why it was refused.
+        reason: HotplugReason,
+    },
     /// The platform does not provide this facility (the message says which).
     Unsupported(&'static str),
     /// The operation needed to run user code on this CPU, which was running code that user
@@ -205,8 +287,13 @@ pub enum Error {
         /// The largest count allowed.
         max: usize,
     },
-    /// A bounded wait of the hosted backend expired (the message says for what).
-    TimedOut(&'static str),
+    /// A bounded wait of the hosted backend expired.
+    TimedOut {
+        /// What was waited for.
+        what: WaitedFor,
+        /// How long it was waited for (the time limit in force).
+        limit: Duration,
+    },
     /// The operating system refused a request of the hosted backend; nothing was built.
     Os {
         /// What was asked.
@@ -277,9 +364,47 @@ impl fmt::Display for Error {
                 )
             }
             Error::AlreadyJoined => f.write_str("the task was already joined (its result is gone)"),
-            Error::Hotplug(why) => write!(f, "CPU hotplug refused: {why}"),
+            Error::Hotplug { cpu, reason } => {
+                write!(f, "CPU {cpu} cannot {}: {reason}", reason.refused())
+            }
             Error::Unsupported(what) => write!(f, "not supported by this platform: {what}"),
-            Error::TimedOut(what) => write!(f, "timed out waiting for {what}"),
+            Error::TimedOut { what, limit } => {
+                write!(f, "timed out after {limit:?} waiting for {what}")
+            }
+        }
+    }
+}
+
+impl fmt::Display for HotplugReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HotplugReason::LastOnline => "it is the last online CPU",
+            HotplugReason::CallingCpu => {
+                "it is the calling CPU (call cpu_down from another CPU or a thread that is not one)"
+            }
+            HotplugReason::InRcuReader => {
+                "it is inside an RCU read-side critical section (nothing was done; try again later)"
+            }
+            HotplugReason::NeverBroughtUp => "the platform never brought it up (mark_online)",
+            HotplugReason::AlreadyOnline => "it is online already",
+            HotplugReason::InQuietRegion => "it is inside a quiet region",
+            HotplugReason::EngineBorrowed => {
+                "it is inside with_engine, quiet or interruptible (they borrow the engine)"
+            }
+        })
+    }
+}
+
+impl fmt::Display for WaitedFor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitedFor::CpuThreadStart { cpu } => write!(f, "the thread of CPU {cpu} to start"),
+            WaitedFor::SafePoint { cpu } => write!(
+                f,
+                "CPU {cpu} to reach a safe point to run the calls queued to it (it stays online)"
+            ),
+            WaitedFor::Shutdown => f.write_str("tasks and calls to finish at shutdown"),
+            WaitedFor::Task { cpu } => write!(f, "the task on CPU {cpu} to finish"),
         }
     }
 }
@@ -302,6 +427,9 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::NoWaitSlots { requested, max } => {
                 write!(f, "no_wait_slots({requested}) is outside 1..={max}")
+            }
+            ConfigError::ForeignSenders { requested, max } => {
+                write!(f, "foreign_senders({requested}) is outside 0..={max}")
             }
             ConfigError::ZeroTimeout => f.write_str("the timeout is zero; it must be longer"),
             ConfigError::FaultProbability { fault, bits } => write!(
@@ -413,6 +541,20 @@ mod tests {
             }),
             &["no_wait_slots(200)", "1..=64"],
         );
+        names(
+            config(ConfigError::NoWaitSlots {
+                requested: 0,
+                max: 64,
+            }),
+            &["no_wait_slots(0)", "1..=64"],
+        );
+        names(
+            config(ConfigError::ForeignSenders {
+                requested: 65,
+                max: 64,
+            }),
+            &["foreign_senders(65)", "0..=64"],
+        );
         names(config(ConfigError::ZeroTimeout), &["timeout is zero"]);
         names(
             config(ConfigError::FaultProbability {
@@ -477,6 +619,63 @@ mod tests {
             &["NMI handler on signal 50", "OS error 11"],
         );
         names(Error::AlreadyJoined, &["already joined"]);
+    }
+
+    #[test]
+    fn hotplug_errors_name_the_cpu_what_it_could_not_do_and_why() {
+        let hotplug = |cpu, reason| Error::Hotplug { cpu, reason };
+        names(
+            hotplug(3, HotplugReason::LastOnline),
+            &["CPU 3 cannot go down: it is the last online CPU"],
+        );
+        names(
+            hotplug(4, HotplugReason::CallingCpu),
+            &["CPU 4 cannot go down: it is the calling CPU"],
+        );
+        names(
+            hotplug(5, HotplugReason::InRcuReader),
+            &["CPU 5 cannot go down", "RCU read-side critical section"],
+        );
+        names(
+            hotplug(6, HotplugReason::NeverBroughtUp),
+            &["CPU 6 cannot come up", "never brought it up"],
+        );
+        names(
+            hotplug(7, HotplugReason::AlreadyOnline),
+            &["CPU 7 cannot be attached to: it is online already"],
+        );
+        names(
+            hotplug(8, HotplugReason::InQuietRegion),
+            &["CPU 8 cannot be left by its thread: it is inside a quiet region"],
+        );
+        names(
+            hotplug(9, HotplugReason::EngineBorrowed),
+            &["CPU 9 cannot be left by its thread", "with_engine"],
+        );
+    }
+
+    #[test]
+    fn timeouts_name_the_limit_and_what_was_waited_for() {
+        let timed_out = |what, limit| Error::TimedOut { what, limit };
+        names(
+            timed_out(
+                WaitedFor::CpuThreadStart { cpu: 5 },
+                Duration::from_secs(20),
+            ),
+            &["timed out after 20s waiting for the thread of CPU 5 to start"],
+        );
+        names(
+            timed_out(WaitedFor::SafePoint { cpu: 2 }, Duration::from_millis(300)),
+            &["after 300ms", "CPU 2 to reach a safe point", "stays online"],
+        );
+        names(
+            timed_out(WaitedFor::Shutdown, Duration::from_millis(20)),
+            &["after 20ms", "to finish at shutdown"],
+        );
+        names(
+            timed_out(WaitedFor::Task { cpu: 1 }, Duration::from_micros(1500)),
+            &["after 1.5ms waiting for the task on CPU 1 to finish"],
+        );
     }
 
     #[test]

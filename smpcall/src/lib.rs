@@ -78,7 +78,9 @@ pub use engine::HeapStorage;
 #[cfg(not(loom))]
 pub use engine::StaticStorage;
 pub use engine::{CpuStats, Engine, IrqGuard, PerCpu, Storage};
-pub use error::{ConfigError, DeadlockReason, Error, IpiFault, OsRequest, SignalRole};
+pub use error::{
+    ConfigError, DeadlockReason, Error, HotplugReason, IpiFault, OsRequest, SignalRole, WaitedFor,
+};
 pub use platform::Platform;
 pub use queue::CallQueue;
 pub use rcu::{RcuReadGuard, RcuStats};

@@ -35,7 +35,7 @@ use core::sync::atomic::Ordering;
 use crate::cpumask::{CpuId, CpuMask};
 use crate::csd::shared_call;
 use crate::engine::{AbortOnUnwind, Engine, Ipis, Storage, Target};
-use crate::error::Error;
+use crate::error::{Error, HotplugReason};
 use crate::platform::Platform;
 use crate::sync;
 
@@ -347,12 +347,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             return Err(Error::Offline(cpu));
         }
         if self.online.load().weight() == 1 {
-            return Err(Error::Hotplug("cannot take down the last online CPU"));
+            return Err(Error::Hotplug {
+                cpu,
+                reason: HotplugReason::LastOnline,
+            });
         }
         if Some(cpu) == me {
-            return Err(Error::Hotplug(
-                "a CPU cannot take itself down; call cpu_down from another CPU",
-            ));
+            return Err(Error::Hotplug {
+                cpu,
+                reason: HotplugReason::CallingCpu,
+            });
         }
         // Going down: refuse new calls. Senders that already passed the check are inside their
         // masked push region; stop_machine below cannot start before they have pushed. Foreign
@@ -381,9 +385,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             0 => {}
             1 => {
                 self.accepting.set(cpu);
-                return Err(Error::Hotplug(
-                    "the CPU is inside an RCU read-side critical section; try again later",
-                ));
+                return Err(Error::Hotplug {
+                    cpu,
+                    reason: HotplugReason::InRcuReader,
+                });
             }
             _ => {
                 self.accepting.set(cpu);
@@ -407,9 +412,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         }
         let cpu = self.check_cpu(cpu)?;
         if !self.possible.test(cpu) {
-            return Err(Error::Hotplug(
-                "that CPU was never brought up by the platform (mark_online)",
-            ));
+            return Err(Error::Hotplug {
+                cpu,
+                reason: HotplugReason::NeverBroughtUp,
+            });
         }
         self.lock_stop(me)?;
         if !self.online.test(cpu) {
@@ -437,7 +443,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let cpu = self.check_cpu(cpu)?;
         self.lock_stop(None)?;
         let r = if self.online.test(cpu) {
-            Err(Error::Hotplug("the CPU slot is online already"))
+            Err(Error::Hotplug {
+                cpu,
+                reason: HotplugReason::AlreadyOnline,
+            })
         } else {
             self.possible.set(cpu);
             self.online.set(cpu);
@@ -460,7 +469,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         self.check_can_wait(me)?;
         if self.per_cpu(me).quiet.load(Ordering::Relaxed) {
             // Relaxed: our own flag. The region's end would touch the slot after we left.
-            return Err(Error::Hotplug("cannot leave inside a quiet region"));
+            return Err(Error::Hotplug {
+                cpu: me,
+                reason: HotplugReason::InQuietRegion,
+            });
         }
         match self.lock_stop(Some(me)) {
             // Offline already (taken down by someone else): take the lock as a bystander —

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::LIMIT;
-use smpcall::hosted::{Faults, Machine};
+use smpcall::hosted::{Faults, Machine, MachineBuilder};
 use smpcall::{
     ConfigError, CpuId, Csd, Engine, Error, HeapStorage, IpiFault, PerCpu, Platform, SignalRole,
     Storage,
@@ -57,27 +57,71 @@ fn a_signal_that_is_not_real_time_is_named_with_the_real_time_range() {
     );
 }
 
+/// Asserts that a 2-CPU machine from `b` is refused at `build` with `expected`, whose message
+/// names `values`.
+#[track_caller]
+fn refused(b: MachineBuilder, expected: ConfigError, values: &[&str]) {
+    let e = b.cpus(2).build().unwrap_err();
+    assert_eq!(e, Error::InvalidConfig(expected));
+    names(&e, values);
+}
+
+/// A 2-CPU machine from `b`, which must build.
+#[track_caller]
+fn built(b: MachineBuilder) -> Machine {
+    b.cpus(2).build().unwrap()
+}
+
 #[test]
 fn too_many_no_wait_slots_are_named_with_the_maximum() {
-    let e = Machine::builder()
-        .cpus(2)
-        .no_wait_slots(200)
-        .build()
-        .unwrap_err();
-    assert_eq!(
-        e,
-        Error::InvalidConfig(ConfigError::NoWaitSlots {
+    refused(
+        Machine::builder().no_wait_slots(200),
+        ConfigError::NoWaitSlots {
             requested: 200,
-            max: 64
-        })
+            max: 64,
+        },
+        &["no_wait_slots(200)", "1..=64"],
     );
-    names(&e, &["no_wait_slots(200)", "1..=64"]);
     // The largest allowed still builds.
-    let m = Machine::builder()
-        .cpus(2)
-        .no_wait_slots(64)
-        .build()
+    built(Machine::builder().no_wait_slots(64))
+        .shutdown()
         .unwrap();
+}
+
+/// Before: `no_wait_slots(0)` was silently taken as 1.
+#[test]
+fn zero_no_wait_slots_are_named_with_the_range() {
+    refused(
+        Machine::builder().no_wait_slots(0),
+        ConfigError::NoWaitSlots {
+            requested: 0,
+            max: 64,
+        },
+        &["no_wait_slots(0)", "1..=64"],
+    );
+}
+
+/// Before: `foreign_senders` above 64 was silently taken as 64.
+#[test]
+fn too_many_foreign_senders_are_named_with_the_range() {
+    refused(
+        Machine::builder().foreign_senders(65),
+        ConfigError::ForeignSenders {
+            requested: 65,
+            max: 64,
+        },
+        &["foreign_senders(65)", "0..=64"],
+    );
+    // Both ends of the range still build; with no row, a thread that is not a CPU cannot
+    // queue a no-wait call.
+    built(Machine::builder().foreign_senders(64))
+        .shutdown()
+        .unwrap();
+    let m = built(Machine::builder().foreign_senders(0));
+    assert!(matches!(
+        m.engine().call_single_async(1, |_| ()),
+        Err(Error::Unsupported(_))
+    ));
     m.shutdown().unwrap();
 }
 

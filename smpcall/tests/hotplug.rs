@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::{wait_until, LIMIT};
 use smpcall::hosted::{IdlePolicy, Machine};
-use smpcall::{CpuMask, DeadlockReason, Error, StopStage};
+use smpcall::{CpuMask, DeadlockReason, Error, HotplugReason, StopStage};
 
 fn machine(cpus: usize, idle: IdlePolicy) -> Machine {
     Machine::builder().cpus(cpus).idle(idle).build().unwrap()
@@ -158,21 +158,18 @@ fn last_online_cpu_and_self_cannot_be_taken_down() {
         })
         .join_timeout(LIMIT)
         .unwrap();
-    assert!(matches!(r.0, Err(Error::Hotplug(_))), "self: {:?}", r.0);
+    let refused = |reason| Err(Error::Hotplug { cpu: 0, reason });
+    assert_eq!(r.0, refused(HotplugReason::CallingCpu), "self");
     assert_eq!(r.1, Ok(()));
-    assert!(
-        matches!(r.2, Err(Error::Hotplug(_))),
-        "last online: {:?}",
-        r.2
-    );
+    assert_eq!(r.2, refused(HotplugReason::LastOnline), "last online");
     assert_eq!(r.3, Err(Error::UnknownCpu(5)));
-    assert!(matches!(m.cpu_down(0), Err(Error::Hotplug(_))));
+    assert_eq!(m.cpu_down(0), refused(HotplugReason::LastOnline));
     m.cpu_up(1).unwrap();
     assert!(m.engine().is_online(1));
     m.shutdown().unwrap();
 
     let one = machine(1, IdlePolicy::Sleep);
-    assert!(matches!(one.cpu_down(0), Err(Error::Hotplug(_))));
+    assert_eq!(one.cpu_down(0), refused(HotplugReason::LastOnline));
     one.shutdown().unwrap();
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 
 use common::{wait_until, LIMIT};
 use smpcall::hosted::{IdlePolicy, Machine};
-use smpcall::{CpuMask, Csd, Error};
+use smpcall::{CpuMask, Csd, Error, HotplugReason};
 
 /// Per-call accounting shared by the flood tests: every accepted call must run exactly once,
 /// on a CPU that is online when it runs.
@@ -479,12 +479,16 @@ fn cpu_up_of_a_slot_nobody_holds_is_refused() {
     m.cpu_down(1).unwrap();
     leave_tx.send(()).unwrap();
     holder.join().unwrap();
-    assert!(matches!(m.cpu_up(1), Err(Error::Hotplug(_))));
-    assert!(matches!(m.engine().cpu_up(1), Err(Error::Hotplug(_))));
+    let never_up = Err(Error::Hotplug {
+        cpu: 1,
+        reason: HotplugReason::NeverBroughtUp,
+    });
+    assert_eq!(m.cpu_up(1), never_up);
+    assert_eq!(m.engine().cpu_up(1), never_up);
     // Left while online: the same.
     let g = m.attach().unwrap();
     drop(g);
-    assert!(matches!(m.cpu_up(1), Err(Error::Hotplug(_))));
+    assert_eq!(m.cpu_up(1), never_up);
     assert_eq!(m.engine().call_single(1, |_| ()), Err(Error::Offline(1)));
     // The next thread to attach brings it up.
     let g = m.attach().unwrap();
@@ -599,15 +603,19 @@ fn leaving_inside_with_engine_or_quiet_is_refused() {
     let m2 = Arc::clone(&m);
     std::thread::spawn(move || {
         let g = m2.attach().unwrap();
+        let borrowed = Error::Hotplug {
+            cpu: 1,
+            reason: HotplugReason::EngineBorrowed,
+        };
         let g = smpcall::hosted::with_engine(move |_| {
             let (g, e) = g.leave().unwrap_err();
-            assert!(matches!(e, Error::Hotplug(_)), "{e}");
+            assert_eq!(e, borrowed, "{e}");
             g
         })
         .unwrap();
         let g = smpcall::hosted::quiet(move || {
             let (g, e) = g.leave().unwrap_err();
-            assert!(matches!(e, Error::Hotplug(_)), "{e}");
+            assert_eq!(e, borrowed, "{e}");
             g
         });
         assert!(m2.engine().is_online(1) && !m2.engine().is_quiet(1));

@@ -116,6 +116,33 @@ fn signals_are_owned_checked_at_every_build_and_released_by_a_failed_build() {
     assert_eq!(disposition(ipi), libc::SIG_DFL, "and removed its handler");
 }
 
+/// Before: `no_wait_slots(0)` and `foreign_senders` above 64 were clamped and the machine
+/// built. Now `build` refuses them, and a refused build leaves the signal it was given alone.
+#[test]
+fn a_refused_slot_or_row_count_leaves_the_signal_alone() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ipi = libc::SIGRTMAX() - 2;
+    assert_eq!(disposition(ipi), libc::SIG_DFL);
+    let refused = [
+        Machine::builder().no_wait_slots(0),
+        Machine::builder().foreign_senders(65),
+    ];
+    for b in refused {
+        let e = b.cpus(2).signal(ipi).build().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidConfig(
+                    ConfigError::NoWaitSlots { requested: 0, .. }
+                        | ConfigError::ForeignSenders { requested: 65, .. }
+                )
+            ),
+            "{e}"
+        );
+        assert_eq!(disposition(ipi), libc::SIG_DFL, "{e}");
+    }
+}
+
 /// Before: the clock was read every 256 spins; with the waiter and its stuck target sharing
 /// a core each spin is a `sched_yield`, and a 50 ms threshold was first reported after
 /// ~720 ms. Now the first report comes within twice the threshold (plus scheduling slack).

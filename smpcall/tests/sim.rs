@@ -80,7 +80,7 @@ impl Ledger {
             && matches!(
                 e,
                 Error::Offline(_)
-                    | Error::Hotplug(_)
+                    | Error::Hotplug { .. }
                     | Error::WouldDeadlock(smpcall::DeadlockReason::StopMachine)
             )
         {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{spin_until, wait_until, LIMIT};
 use smpcall::hosted::{Delivery, IdlePolicy, Machine};
-use smpcall::{CpuMask, DeadlockReason, Error, Platform};
+use smpcall::{CpuMask, DeadlockReason, Error, Platform, WaitedFor};
 
 thread_local! {
     /// Set while this thread runs "user code" that a signal handler must not interrupt with a
@@ -254,7 +254,13 @@ fn machine_cpu_down_needs_no_task_slot_and_an_error_means_nothing_happened() {
     wait_until(LIMIT, "the call to be deferred on CPU 3", || {
         m.engine().deferred_calls(3) == 1
     });
-    assert!(matches!(m.cpu_down(3), Err(Error::TimedOut(_))));
+    assert_eq!(
+        m.cpu_down(3),
+        Err(Error::TimedOut {
+            what: WaitedFor::SafePoint { cpu: 3 },
+            limit: Duration::from_millis(300),
+        })
+    );
     std::thread::sleep(Duration::from_millis(50));
     assert!(m.engine().is_online(3) && m.engine().is_accepting(3));
     release.store(true, Ordering::SeqCst);
@@ -331,7 +337,10 @@ fn a_timed_out_join_can_be_retried() {
     });
     assert_eq!(
         t.join_timeout(Duration::from_millis(1)),
-        Err(Error::TimedOut("a task to finish"))
+        Err(Error::TimedOut {
+            what: WaitedFor::Task { cpu: 1 },
+            limit: Duration::from_millis(1),
+        })
     );
     assert_eq!(t.join_timeout(LIMIT), Ok(7));
     assert_eq!(
@@ -419,10 +428,13 @@ fn a_timed_out_shutdown_can_be_retried() {
     wait_until(LIMIT, "the task to start", || {
         started.load(Ordering::SeqCst)
     });
-    assert!(matches!(
+    assert_eq!(
         m.try_shutdown(Duration::from_millis(20)),
-        Err(Error::TimedOut(_))
-    ));
+        Err(Error::TimedOut {
+            what: WaitedFor::Shutdown,
+            limit: Duration::from_millis(20),
+        })
+    );
     // Still whole: refusing calls, its task still running; retry once the task can end.
     assert!(m.engine().is_shutdown());
     release.store(true, Ordering::SeqCst);
@@ -451,7 +463,10 @@ fn a_grace_period_waits_for_a_reader_kept_on_an_idle_cpu() {
     let mut gp = m.run_on(1, |e| e.synchronize_rcu_expedited());
     assert_eq!(
         gp.join_timeout(Duration::from_millis(200)),
-        Err(Error::TimedOut("a task to finish")),
+        Err(Error::TimedOut {
+            what: WaitedFor::Task { cpu: 1 },
+            limit: Duration::from_millis(200),
+        }),
         "the grace period waits for the reader"
     );
     m.run_on(0, |_| drop(KEPT.with(|k| k.borrow_mut().take())))
@@ -666,7 +681,13 @@ fn a_build_failing_after_spawning_its_threads_leaves_nothing_behind() {
                 .timeout(Duration::from_nanos(1))
                 .build()
             {
-                Err(Error::TimedOut("CPU threads to start")) => break,
+                Err(Error::TimedOut {
+                    what: WaitedFor::CpuThreadStart { .. },
+                    limit,
+                }) => {
+                    assert_eq!(limit, Duration::from_nanos(1));
+                    break;
+                }
                 Err(e) => panic!("unexpected error {e}"),
                 Ok(m) if attempts < 1000 => {
                     // Its shutdown gets 1 ns too: it may give up on the threads.

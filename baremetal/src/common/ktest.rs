@@ -1420,7 +1420,7 @@ fn t_hotplug(ctx: &Ctx) -> Outcome {
                     "cycle {cycle}: second cpu_down({v}) not refused"
                 );
                 ensure!(
-                    matches!(e.cpu_down(0), Err(Error::Hotplug(_))),
+                    matches!(e.cpu_down(0), Err(Error::Hotplug { cpu: 0, .. })),
                     "cpu_down(self) not refused"
                 );
                 time::delay_us(500);

@@ -127,6 +127,22 @@ pub(super) fn engine_err(what: &str) -> impl Fn(Error) -> BenchError + '_ {
     }
 }
 
+/// The result of the task on CPU 0 that measured `what`, as its `join_timeout` gave it: the
+/// task's own result, a timeout naming the bound that join had, or the engine's refusal.
+fn cpu0_result<R>(
+    what: &str,
+    joined: Result<Result<R, BenchError>, Error>,
+) -> Result<R, BenchError> {
+    match joined {
+        Ok(r) => r,
+        Err(Error::TimedOut { limit, .. }) => Err(BenchError::Timeout {
+            what: format!("{what} (task on CPU 0)"),
+            bound: limit,
+        }),
+        Err(error) => Err(engine_err(what)(error)),
+    }
+}
+
 /// Runs `body` as a task on CPU 0 while CPU 1 is `state`, then shuts the machine down.
 /// Every wait is bounded: the task by the row bound, the busy task and shutdown by
 /// `wait_bound`.
@@ -180,11 +196,7 @@ where
     stop.store(true, Ordering::SeqCst);
     let busy_done = busy.map(|mut t| t.join_timeout(ctx.cfg.wait_bound));
     let down = m.shutdown();
-    let r = match result {
-        Ok(r) => r?,
-        Err(Error::TimedOut(_)) => return Err(ctx.timeout(&format!("{what} (task on CPU 0)"))),
-        Err(error) => return Err(engine_err(what)(error)),
-    };
+    let r = cpu0_result(what, result)?;
     if let Some(Err(error)) = busy_done {
         return Err(engine_err(&format!("{what}: busy task on CPU 1"))(error));
     }
@@ -262,11 +274,7 @@ pub fn broadcast(
     });
     let result = task.join_timeout(ctx.row_bound());
     let down = m.shutdown();
-    let r = match result {
-        Ok(r) => r?,
-        Err(Error::TimedOut(_)) => return Err(ctx.timeout(&format!("{what} (task on CPU 0)"))),
-        Err(error) => return Err(engine_err(what)(error)),
-    };
+    let r = cpu0_result(what, result)?;
     down.map_err(engine_err(&format!("{what}: machine shutdown")))?;
     Ok(r)
 }

@@ -318,7 +318,7 @@ pub fn error_class(e: &Error) -> usize {
         Error::ShutDown => 4,
         Error::NotOnCpu => 5,
         Error::InvalidConfig(_) => 6,
-        Error::TimedOut(_) => 7,
+        Error::TimedOut { .. } => 7,
         _ => 8,
     }
 }

@@ -447,7 +447,7 @@ pub fn run_observed(
                 latency_missing.push(cpu);
                 incidents.push(format!("CPU {cpu}: {why}"));
             }
-            Ok(Err(Error::TimedOut(_))) => {
+            Ok(Err(Error::TimedOut { .. })) => {
                 hung.push(cpu);
                 latency_missing.push(cpu);
                 let last = ledger.last(cpu).map_or_else(

@@ -22,7 +22,7 @@ use super::platform::{Current, HostPlatform, CURRENT};
 use super::signals::set_signal_blocked;
 use super::HostEngine;
 use crate::cpumask::CpuId;
-use crate::error::Error;
+use crate::error::{Error, HotplugReason};
 
 /// [`HostCpu::occupant`](super::platform::HostCpu) values.
 pub(super) const VACANT: u8 = 0;
@@ -235,9 +235,10 @@ impl CpuGuard {
         if super::safe_points::engine_borrowed() {
             // Inside `with_engine`, `quiet` or `interruptible`: they hold a reference to the
             // engine that leaving could let the machine free.
-            return Err(Error::Hotplug(
-                "cannot leave inside with_engine, quiet or interruptible",
-            ));
+            return Err(Error::Hotplug {
+                cpu: self.cpu,
+                reason: HotplugReason::EngineBorrowed,
+            });
         }
         // `try_with`: during thread exit the attachment may be gone already — it left then.
         let Some(mut att) = ATTACHMENT

@@ -197,21 +197,29 @@ impl MachineBuilder {
         self
     }
     /// How many no-wait calls one CPU can have in flight to another (call-data slots per
-    /// sender and target; at least 1). A no-wait call waits only when all of them are still
-    /// queued, not yet taken. Default: 16 for machines of up to 16 CPUs, 4 up to 64, else 1
-    /// (memory: `k × n² × 64` bytes); at most 64 (`build` refuses more). With `k > 1` the
-    /// first slot is kept for waiting many-calls and no-wait calls use the other `k − 1`.
+    /// sender and target). A no-wait call waits only when all of them are still queued, not
+    /// yet taken. Default: 16 for machines of up to 16 CPUs, 4 up to 64, else 1 (memory:
+    /// `k × n² × 64` bytes). With `k > 1` the first slot is kept for waiting many-calls and
+    /// no-wait calls use the other `k − 1`.
+    ///
+    /// `k` must be in `1..=64`: [`build`](MachineBuilder::build) refuses any other, before
+    /// anything is built, with [`ConfigError::NoWaitSlots`](crate::ConfigError::NoWaitSlots).
     pub fn no_wait_slots(mut self, k: usize) -> Self {
-        self.no_wait_slots = Some(k.max(1));
+        self.no_wait_slots = Some(k);
         self
     }
 
     /// How many threads that are not CPUs (the main thread, a runtime's workers) can queue
-    /// no-wait calls and many-calls at the same time (default 4, at most 64; more wait for a
-    /// free row). Each costs one call-data slot per CPU (64 bytes each). Waiting single calls
-    /// and calls with caller-owned call data need none.
+    /// no-wait calls and many-calls at the same time (default 4; more wait for a free row).
+    /// Each costs one call-data slot per CPU (64 bytes each). Waiting single calls and calls
+    /// with caller-owned call data need none; with 0 rows, no-wait calls and many-calls from
+    /// such threads are refused with [`Error::Unsupported`].
+    ///
+    /// `rows` must be in `0..=64`: [`build`](MachineBuilder::build) refuses more, before
+    /// anything is built, with
+    /// [`ConfigError::ForeignSenders`](crate::ConfigError::ForeignSenders).
     pub fn foreign_senders(mut self, rows: usize) -> Self {
-        self.foreign_senders = rows.min(64);
+        self.foreign_senders = rows;
         self
     }
 

@@ -13,12 +13,16 @@ use super::signals;
 use super::HostEngine;
 use crate::cpumask::CpuId;
 use crate::engine::{Engine, HeapStorage};
-use crate::error::{ConfigError, Error, OsRequest, SignalRole};
+use crate::error::{ConfigError, Error, OsRequest, SignalRole, WaitedFor};
 
 static NEXT_MACHINE_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The most call-data slots per sender and target ([`MachineBuilder::no_wait_slots`]).
 const MAX_NO_WAIT_SLOTS: usize = 64;
+
+/// The most foreign rows ([`MachineBuilder::foreign_senders`]): the engine tracks which are
+/// busy in one 64-bit word.
+const MAX_FOREIGN_SENDERS: usize = 64;
 
 pub(super) struct Inner {
     pub(super) engine: HostEngine,
@@ -113,10 +117,16 @@ impl Machine {
             _ => 1,
         });
         // Checked before the signals are claimed: a refused configuration changes nothing.
-        if k > MAX_NO_WAIT_SLOTS {
+        if k == 0 || k > MAX_NO_WAIT_SLOTS {
             return Err(Error::InvalidConfig(ConfigError::NoWaitSlots {
                 requested: k,
                 max: MAX_NO_WAIT_SLOTS,
+            }));
+        }
+        if b.foreign_senders > MAX_FOREIGN_SENDERS {
+            return Err(Error::InvalidConfig(ConfigError::ForeignSenders {
+                requested: b.foreign_senders,
+                max: MAX_FOREIGN_SENDERS,
             }));
         }
         let mut claimed = ClaimedSignals(Vec::new());
@@ -198,7 +208,10 @@ impl Machine {
         for cpu in 0..b.cpus {
             while !machine.host(cpu).started.load(Ordering::SeqCst) {
                 if deadline.is_some_and(|d| Instant::now() > d) {
-                    return Err(Error::TimedOut("CPU threads to start"));
+                    return Err(Error::TimedOut {
+                        what: WaitedFor::CpuThreadStart { cpu },
+                        limit: b.timeout,
+                    });
                 }
                 thread::sleep(Duration::from_micros(100));
             }
@@ -327,9 +340,10 @@ impl Machine {
                     thread::sleep(Duration::from_micros(200));
                 }
                 Err(Error::NotAtSafePoint(_)) => {
-                    return Err(Error::TimedOut(
-                        "the CPU to reach a safe point with calls queued (it stays online)",
-                    ))
+                    return Err(Error::TimedOut {
+                        what: WaitedFor::SafePoint { cpu },
+                        limit: self.timeout,
+                    })
                 }
                 other => return other,
             }
@@ -374,7 +388,10 @@ impl Machine {
         let all_parked = |m: &Machine| (0..n).all(|c| m.host(c).parked.load(Ordering::SeqCst));
         while !(all_parked(self) && engine.is_quiescent()) {
             if deadline.is_some_and(|d| Instant::now() > d) {
-                return Err(Error::TimedOut("tasks and calls to finish at shutdown"));
+                return Err(Error::TimedOut {
+                    what: WaitedFor::Shutdown,
+                    limit: timeout,
+                });
             }
             // Called from an attached thread: calls queued to it are served here (a safe point).
             super::safe_point();
@@ -466,7 +483,7 @@ impl<R> Task<R> {
     /// task keeps running and can be joined again. After a result was returned, further joins
     /// return [`Error::AlreadyJoined`].
     pub fn join_timeout(&mut self, limit: Duration) -> Result<R, Error> {
-        let TaskState::Pending(rx, _) = &self.state else {
+        let TaskState::Pending(rx, cpu) = &self.state else {
             return match std::mem::replace(&mut self.state, TaskState::Joined) {
                 TaskState::Refused(e) => Err(e),
                 _ => Err(Error::AlreadyJoined),
@@ -474,7 +491,10 @@ impl<R> Task<R> {
         };
         let r = match rx.recv_timeout(limit) {
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(Error::TimedOut("a task to finish"))
+                return Err(Error::TimedOut {
+                    what: WaitedFor::Task { cpu: *cpu },
+                    limit,
+                })
             }
             r => r,
         };
