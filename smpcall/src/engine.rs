@@ -289,13 +289,13 @@ impl HeapStorage {
     }
 
     /// Storage for `n` CPUs with `k` call-data slots per sender and target (`k` no-wait calls
-    /// in flight from one CPU to another; at least 1) and `rows` foreign rows. Memory:
-    /// `k × n² × 64` bytes of slots.
+    /// in flight from one CPU to another; 0 counts as 1) and `rows` foreign rows (at most 64:
+    /// [`Engine::new`] refuses more). Memory: `k × n² × 64` bytes of slots.
     pub fn with_layout(n: usize, k: usize, rows: usize) -> Self {
         HeapStorage {
             cpus: (0..n).map(|_| PerCpu::new()).collect(),
             slots: (0..n * n * k.max(1)).map(|_| Csd::new()).collect(),
-            foreign: (0..n * rows.min(64)).map(|_| Csd::new()).collect(),
+            foreign: (0..n * rows).map(|_| Csd::new()).collect(),
         }
     }
 }
@@ -548,6 +548,15 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 },
             ));
         }
+        let foreign_rows = storage_foreign_len / n;
+        if foreign_rows > crate::foreign::MAX_FOREIGN_ROWS {
+            return Err(Error::InvalidConfig(
+                crate::error::ConfigError::ForeignRows {
+                    rows: foreign_rows,
+                    max: crate::foreign::MAX_FOREIGN_ROWS,
+                },
+            ));
+        }
         Ok(Engine {
             platform,
             storage,
@@ -562,7 +571,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             hotplug: crate::stop::HotplugCounters::new(),
             diag: crate::diag::DiagCounters::new(),
             rcu: crate::rcu::RcuState::new(),
-            foreign_rows: (storage_foreign_len / n).min(64),
+            foreign_rows,
             slots_per_target: slots / (n * n),
             foreign_rows_busy: AtomicU64::new(0),
             foreign_pushers: AtomicU32::new(0),

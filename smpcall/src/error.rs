@@ -139,6 +139,14 @@ pub enum ConfigError {
         /// The largest number allowed.
         max: usize,
     },
+    /// The storage holds more rows of foreign call data than the engine can use (one bit each
+    /// in a 64-bit word).
+    ForeignRows {
+        /// How many rows the storage holds.
+        rows: usize,
+        /// The largest number allowed.
+        max: usize,
+    },
     /// The hosted machine's timeout (`MachineBuilder::timeout`) is zero.
     ZeroTimeout,
     /// An IPI fault probability of the hosted backend (`Faults`) is not within `[0, 1]` (or
@@ -431,6 +439,10 @@ impl fmt::Display for ConfigError {
             ConfigError::ForeignSenders { requested, max } => {
                 write!(f, "foreign_senders({requested}) is outside 0..={max}")
             }
+            ConfigError::ForeignRows { rows, max } => write!(
+                f,
+                "the storage holds {rows} rows of foreign call data; at most {max} can be used"
+            ),
             ConfigError::ZeroTimeout => f.write_str("the timeout is zero; it must be longer"),
             ConfigError::FaultProbability { fault, bits } => write!(
                 f,
@@ -554,6 +566,10 @@ mod tests {
                 max: 64,
             }),
             &["foreign_senders(65)", "0..=64"],
+        );
+        names(
+            config(ConfigError::ForeignRows { rows: 65, max: 64 }),
+            &["65 rows", "at most 64"],
         );
         names(config(ConfigError::ZeroTimeout), &["timeout is zero"]);
         names(

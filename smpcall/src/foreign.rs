@@ -47,6 +47,9 @@ impl Drop for ForeignRow<'_> {
     }
 }
 
+/// The most rows of foreign call data an engine uses (one bit each in `foreign_rows_busy`).
+pub(crate) const MAX_FOREIGN_ROWS: usize = 64;
+
 impl<P: Platform, S: Storage> Engine<P, S> {
     /// Claims a free foreign row, waiting while all are taken.
     fn claim_foreign_row(&self) -> Result<ForeignRow<'_>, Error> {

@@ -253,3 +253,16 @@ fn a_storage_layout_error_names_the_slots_given_and_what_the_cpus_need() {
     );
     assert!(Engine::new(NoCpus, Truncated::new(18, 6)).is_ok());
 }
+
+/// More foreign rows than the engine can track are refused, not silently ignored. Before:
+/// `HeapStorage::with_layout` cut them to 64 and `Engine::new` used at most 64.
+#[test]
+fn too_many_foreign_rows_are_refused_with_the_maximum() {
+    let e = Engine::new(NoCpus, HeapStorage::with_layout(2, 1, 65)).unwrap_err();
+    assert_eq!(
+        e,
+        Error::InvalidConfig(ConfigError::ForeignRows { rows: 65, max: 64 })
+    );
+    names(&e, &["65 rows", "at most 64"]);
+    assert!(Engine::new(NoCpus, HeapStorage::with_layout(2, 1, 64)).is_ok());
+}

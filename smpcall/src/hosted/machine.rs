@@ -22,7 +22,7 @@ const MAX_NO_WAIT_SLOTS: usize = 64;
 
 /// The most foreign rows ([`MachineBuilder::foreign_senders`]): the engine tracks which are
 /// busy in one 64-bit word.
-const MAX_FOREIGN_SENDERS: usize = 64;
+const MAX_FOREIGN_SENDERS: usize = crate::foreign::MAX_FOREIGN_ROWS;
 
 pub(super) struct Inner {
     pub(super) engine: HostEngine,
