@@ -324,14 +324,11 @@ unsafe impl Storage for HeapStorage {
 /// in a call's function).
 #[must_use = "interrupts are unmasked again when the guard is dropped"]
 pub struct IrqGuard<'a, P: Platform> {
-    platform: &'a P,
-    state: P::IrqState,
-    /// For a guard made through [`Engine::irq_save`] on one of the engine's CPUs: that CPU's
-    /// handler-depth counter and its value then (the engine's own guards are not checked:
-    /// they end in order by construction).
+    /// Restores the mask when dropped; not dropped (the CPU stays masked) if the check fails.
+    mask: core::mem::ManuallyDrop<Masked<'a, P>>,
+    /// On one of the engine's CPUs: that CPU's handler-depth counter and its value when the
+    /// guard was made.
     made_at: Option<(&'a AtomicU32, u32)>,
-    /// Must be dropped on the CPU that made it.
-    _not_send: PhantomData<*const ()>,
 }
 
 impl<P: Platform> core::fmt::Debug for IrqGuard<'_, P> {
@@ -352,9 +349,28 @@ impl<P: Platform> Drop for IrqGuard<'_, P> {
                 );
             }
         }
-        // SAFETY: the state our `irq_save` returned; engine guards end in order by
-        // construction, and a user's guard was checked above to end in the handler context
-        // (none, or the same) that made it, so it cannot end a masked region begun after it.
+        // SAFETY: dropped once, here; the check above made sure this guard ends in the handler
+        // context (none, or the same) that made it, so it cannot end a masked region that
+        // began after it.
+        unsafe { core::mem::ManuallyDrop::drop(&mut self.mask) };
+    }
+}
+
+/// The engine's own masked regions ([`Engine::mask`]): unchecked, they end in order by
+/// construction (no user code runs in them but call functions, which run in flushes with
+/// masks of their own).
+pub(crate) struct Masked<'a, P: Platform> {
+    platform: &'a P,
+    state: P::IrqState,
+    /// Must be dropped on the CPU that made it.
+    _not_send: PhantomData<*const ()>,
+}
+
+impl<P: Platform> Drop for Masked<'_, P> {
+    fn drop(&mut self) {
+        // SAFETY: the state our `irq_save` returned, restored when the region ends; the
+        // engine's regions nest properly, and a user's `IrqGuard` is checked not to end one
+        // begun after it.
         unsafe { self.platform.irq_restore(self.state) };
     }
 }
@@ -735,21 +751,21 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// The guard must be dropped where it was made: dropping one made outside a call handler
     /// inside one (or the reverse) panics rather than unmask the handler's queue flush.
     pub fn irq_save(&self) -> IrqGuard<'_, P> {
-        let mut guard = self.mask();
-        guard.made_at = self
-            .current_cpu()
-            .map(|me| &self.per_cpu(me).handler_depth)
-            // Relaxed: this CPU's own counter.
-            .map(|depth| (depth, depth.load(Ordering::Relaxed)));
-        guard
+        IrqGuard {
+            mask: core::mem::ManuallyDrop::new(self.mask()),
+            made_at: self
+                .current_cpu()
+                .map(|me| &self.per_cpu(me).handler_depth)
+                // Relaxed: this CPU's own counter.
+                .map(|depth| (depth, depth.load(Ordering::Relaxed))),
+        }
     }
 
     /// The engine's own masked regions (unchecked: they end in order by construction).
-    pub(crate) fn mask(&self) -> IrqGuard<'_, P> {
-        IrqGuard {
+    pub(crate) fn mask(&self) -> Masked<'_, P> {
+        Masked {
             platform: &self.platform,
             state: self.platform.irq_save(),
-            made_at: None,
             _not_send: PhantomData,
         }
     }
@@ -1511,7 +1527,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     )]
     pub(crate) fn queue_call(
         &self,
-        _masked: &IrqGuard<'_, P>,
+        _masked: &Masked<'_, P>,
         me: CpuId,
         target: CpuId,
         csds: &[Csd],
