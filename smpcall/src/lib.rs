@@ -82,7 +82,6 @@ pub use error::{
     ConfigError, DeadlockReason, Error, HotplugReason, IpiFault, OsRequest, SignalRole, WaitedFor,
 };
 pub use platform::Platform;
-pub use queue::CallQueue;
 pub use rcu::{RcuReadGuard, RcuStats};
 pub use stop::{HotplugStats, StopStage};
 
