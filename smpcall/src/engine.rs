@@ -326,9 +326,9 @@ unsafe impl Storage for HeapStorage {
 pub struct IrqGuard<'a, P: Platform> {
     /// Restores the mask when dropped; not dropped (the CPU stays masked) if the check fails.
     mask: core::mem::ManuallyDrop<Masked<'a, P>>,
-    /// On one of the engine's CPUs: that CPU's handler-depth counter and its value when the
-    /// guard was made.
-    made_at: Option<(&'a AtomicU32, u32)>,
+    /// On one of the engine's CPUs: that CPU's state, and its call-handler and NMI depths
+    /// when the guard was made.
+    made_at: Option<(&'a PerCpu, u32, u32)>,
 }
 
 impl<P: Platform> core::fmt::Debug for IrqGuard<'_, P> {
@@ -339,19 +339,24 @@ impl<P: Platform> core::fmt::Debug for IrqGuard<'_, P> {
 
 impl<P: Platform> Drop for IrqGuard<'_, P> {
     fn drop(&mut self) {
-        if let Some((depth, made_at)) = self.made_at {
-            // Relaxed: this CPU's own counter (handlers restore it before they return).
-            let now = depth.load(Ordering::Relaxed);
-            if now != made_at {
+        if let Some((pc, handlers, nmis)) = self.made_at {
+            // Relaxed: this CPU's own counters (handlers and NMIs restore them on return).
+            let now = pc.handler_depth.load(Ordering::Relaxed);
+            let nmis_now = pc.nmi_depth.load(Ordering::Relaxed);
+            if (now, nmis_now) != (handlers, nmis) {
                 panic!(
-                    "smpcall: an IrqGuard made at call-handler depth {made_at} was dropped at \
-                     depth {now}; restoring its state there would unmask a running queue flush"
+                    "smpcall: an IrqGuard made at call-handler depth {handlers} (NMI depth \
+                     {nmis}) was dropped at depth {now} (NMI depth {nmis_now}); restoring its \
+                     state there would unmask a running queue flush or an NMI handler"
                 );
             }
         }
-        // SAFETY: dropped once, here; the check above made sure this guard ends in the handler
-        // context (none, or the same) that made it, so it cannot end a masked region that
-        // began after it.
+        // SAFETY: dropped once, here. The check above made sure this guard ends in the handler
+        // and NMI context that made it, so it cannot end a flush's (or an NMI handler's)
+        // masked region. Within one context it may still end out of order — inside a region
+        // the engine began later at the same depth — but the only such regions that run user
+        // code (`run_local`: a call to the calling CPU itself) do not rely on their mask;
+        // those that do (a slot claim, a flush's list edits) run none.
         unsafe { core::mem::ManuallyDrop::drop(&mut self.mask) };
     }
 }
@@ -753,11 +758,12 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     pub fn irq_save(&self) -> IrqGuard<'_, P> {
         IrqGuard {
             mask: core::mem::ManuallyDrop::new(self.mask()),
-            made_at: self
-                .current_cpu()
-                .map(|me| &self.per_cpu(me).handler_depth)
-                // Relaxed: this CPU's own counter.
-                .map(|depth| (depth, depth.load(Ordering::Relaxed))),
+            made_at: self.current_cpu().map(|me| {
+                let pc = self.per_cpu(me);
+                // Relaxed: this CPU's own counters.
+                let handlers = pc.handler_depth.load(Ordering::Relaxed);
+                (pc, handlers, pc.nmi_depth.load(Ordering::Relaxed))
+            }),
         }
     }
 
@@ -823,26 +829,22 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             // Small closure and result: keep them in the call data itself, so the result comes
             // back in the cache line the caller spins on.
             let mut f = Some(f);
-            self.queue_call(
-                &masked,
-                me,
-                cpu,
-                core::slice::from_ref(&csd),
-                Target::Refuse,
-                &mut ipis,
-                |csd| {
-                    let call: OnceCall<F, R> = OnceCall {
-                        f: f.take(),
-                        ret: None,
-                    };
-                    // SAFETY: `fits` holds (checked above); the payload matches
-                    // `run_once_inline::<F, R>`.
-                    let payload = unsafe { Payload::inline_unchecked(call) };
-                    // SAFETY: `queue_call` hands us the csd claimed.
-                    unsafe { csd.set_call(run_once_inline::<F, R>, payload, true) };
-                    self.note_call::<F>(csd, me, cpu);
-                },
-            )?;
+            let fill = |csd: &Csd| {
+                let call: OnceCall<F, R> = OnceCall {
+                    f: f.take(),
+                    ret: None,
+                };
+                // SAFETY: `fits` holds (checked above); the payload matches
+                // `run_once_inline::<F, R>`.
+                let payload = unsafe { Payload::inline_unchecked(call) };
+                // SAFETY: `queue_call` hands us the csd claimed.
+                unsafe { csd.set_call(run_once_inline::<F, R>, payload, true) };
+                self.note_call::<F>(csd, me, cpu);
+            };
+            let one = core::slice::from_ref(&csd);
+            // SAFETY: `csd` is on this frame, which waits below until it is released
+            // (unwinding aborts); nobody else can claim it.
+            unsafe { self.queue_call(&masked, me, cpu, one, Target::Refuse, &mut ipis, fill) }?;
             // From here the fresh csd is in flight: it lives on this frame until `wait_csd` saw
             // it released (unwinding out of here aborts).
             let in_flight = AbortOnUnwind;
@@ -864,20 +866,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             ret: None,
         };
         let payload = Payload::from_ptr(&mut call as *mut OnceCall<F, R>);
-        self.queue_call(
-            &masked,
-            me,
-            cpu,
-            core::slice::from_ref(&csd),
-            Target::Refuse,
-            &mut ipis,
-            |csd| {
-                // SAFETY: `queue_call` hands us the csd claimed; `call` outlives the wait below and
-                // nothing else touches it until the target released the csd.
-                unsafe { csd.set_call(run_once::<F, R>, payload, true) };
-                self.note_call::<F>(csd, me, cpu);
-            },
-        )?;
+        let fill = |csd: &Csd| {
+            // SAFETY: `queue_call` hands us the csd claimed; `call` outlives the wait below and
+            // nothing else touches it until the target released the csd.
+            unsafe { csd.set_call(run_once::<F, R>, payload, true) };
+            self.note_call::<F>(csd, me, cpu);
+        };
+        let one = core::slice::from_ref(&csd);
+        // SAFETY: `csd` is on this frame, which waits below until it is released (unwinding
+        // aborts); nobody else can claim it.
+        unsafe { self.queue_call(&masked, me, cpu, one, Target::Refuse, &mut ipis, fill) }?;
         // In flight: `csd` and `call` live on this frame until `wait_csd` saw the csd released
         // (unwinding out of here aborts).
         let in_flight = AbortOnUnwind;
@@ -950,19 +948,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // Masked from the first push to the IPI send: an interrupt nested in between could
         // wait for one of our targets before we signalled it (found by the simulator).
         let masked = self.mask();
-        let result = self.queue_call(
-            &masked,
-            me,
-            cpu,
-            self.no_wait_slots(me, cpu),
-            Target::Refuse,
-            &mut ipis,
-            |slot| {
-                let f = f.take().expect("filled once");
-                // SAFETY: `queue_call` hands us the slot claimed, not yet pushed.
-                unsafe { self.fill_no_wait(slot, f, me, cpu, deferrable) };
-            },
-        );
+        let fill = |slot: &Csd| {
+            let f = f.take().expect("filled once");
+            // SAFETY: `queue_call` hands us the slot claimed, not yet pushed.
+            unsafe { self.fill_no_wait(slot, f, me, cpu, deferrable) };
+        };
+        let slots = self.no_wait_slots(me, cpu);
+        // SAFETY: this CPU's own slots for `cpu` (live as long as the engine; only this CPU
+        // claims them).
+        let result =
+            unsafe { self.queue_call(&masked, me, cpu, slots, Target::Refuse, &mut ipis, fill) };
         ipis.send(&self.platform);
         drop(masked);
         result.map(|_| ())
@@ -1014,20 +1009,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         // Masked from the first push to the IPI send: an interrupt nested in between could
         // wait for one of our targets before we signalled it (found by the simulator).
         let masked = self.mask();
-        // Pinned, and its `Drop` waits while it is busy, so it outlives the call.
-        let result = self.queue_call(
-            &masked,
-            me,
-            cpu,
-            core::slice::from_ref(csd),
-            Target::RefuseBusy,
-            &mut ipis,
-            |csd| {
-                let f = f.take().expect("filled once");
-                // SAFETY: claimed by `queue_call`, not yet pushed.
-                unsafe { self.fill_no_wait(csd, f, me, cpu, false) };
-            },
-        );
+        let fill = |csd: &Csd| {
+            let f = f.take().expect("filled once");
+            // SAFETY: claimed by `queue_call`, not yet pushed.
+            unsafe { self.fill_no_wait(csd, f, me, cpu, false) };
+        };
+        let one = core::slice::from_ref(csd);
+        // SAFETY: pinned, and its `Drop` waits while it is busy, so it outlives the call;
+        // `RefuseBusy` claims it with a compare-and-swap (others may share it).
+        let result =
+            unsafe { self.queue_call(&masked, me, cpu, one, Target::RefuseBusy, &mut ipis, fill) };
         ipis.send(&self.platform);
         drop(masked);
         result.map(|_| ())
@@ -1127,12 +1118,16 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 let masked = self.mask();
                 let mut ipis = OneIpi::default();
                 let slots = self.no_wait_slots(me, t);
-                let result =
-                    self.queue_call(&masked, me, t, slots, Target::Prune, &mut ipis, |slot| {
-                        let g = g.take().expect("filled once");
-                        // SAFETY: we hold the slot, not yet pushed.
-                        unsafe { self.fill_no_wait(slot, g, me, t, false) };
-                    });
+                let fill = |slot: &Csd| {
+                    let g = g.take().expect("filled once");
+                    // SAFETY: we hold the slot, not yet pushed.
+                    unsafe { self.fill_no_wait(slot, g, me, t, false) };
+                };
+                // SAFETY: this CPU's own slots for `t` (live as long as the engine; only this
+                // CPU claims them).
+                let result = unsafe {
+                    self.queue_call(&masked, me, t, slots, Target::Prune, &mut ipis, fill)
+                };
                 ipis.send(&self.platform);
                 result
             };
@@ -1448,6 +1443,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             Err(Error::WouldDeadlock(DeadlockReason::InHandler))
         } else if self.platform.irqs_masked() {
             Err(Error::WouldDeadlock(DeadlockReason::InterruptsMasked))
+        } else if self.per_cpu(me).nmi_depth.load(Ordering::Relaxed) > 0 {
+            // Relaxed: our own depth. (Calls are refused in NMI context by `enter` already;
+            // this also covers the waits that do not start with it, such as `cpu_leave`.)
+            Err(Error::WouldDeadlock(DeadlockReason::InNmi))
         } else {
             Ok(())
         }
@@ -1490,9 +1489,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut refused = None;
         for t in others {
             let slot = core::slice::from_ref(self.slot(me, t));
-            match self.queue_call(&masked, me, t, slot, Target::Prune, &mut ipis, |s| {
-                fill(s, t)
-            }) {
+            // SAFETY: this CPU's own first slot for `t` (live as long as the engine; only this
+            // CPU claims it).
+            match unsafe {
+                self.queue_call(&masked, me, t, slot, Target::Prune, &mut ipis, |s| {
+                    fill(s, t)
+                })
+            } {
                 Ok(true) => queued.set(t),
                 Ok(false) => {}
                 Err(e) => {
@@ -1521,11 +1524,19 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     ///
     /// `_masked` is the caller's proof that it holds that masked region (every caller masks
     /// from its first push to its IPI send), so this function masks nothing itself.
+    ///
+    /// # Safety
+    /// Every call data of `csds` stays alive until its target releases it (the engine's slots;
+    /// call data on the caller's stack, waited for before the frame ends; pinned caller-owned
+    /// call data, whose `Drop` waits). With [`Target::Refuse`] or [`Target::Prune`], nobody but
+    /// this CPU may ever claim them — its own slots, or its stack — since they are claimed
+    /// without a compare-and-swap ([`Target::exclusive`]); shared call data goes with
+    /// `RefuseBusy` or `Force`.
     #[allow(
         clippy::too_many_arguments,
         reason = "the mask proof, the route, the call data, the policy and its two outputs"
     )]
-    pub(crate) fn queue_call(
+    pub(crate) unsafe fn queue_call(
         &self,
         _masked: &Masked<'_, P>,
         me: CpuId,
@@ -1569,7 +1580,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                     // would stall on the line the target released it in).
                     .find(|&i| {
                         if exclusive {
-                            // SAFETY: `Target::exclusive`: no other claimer can run.
+                            // SAFETY: only this CPU claims them (this function's contract),
+                            // masked (`_masked`), never from NMI context (`enter`).
                             unsafe { csds[i].claim_exclusive() }
                         } else {
                             !csds[i].is_busy() && csds[i].try_lock()
@@ -1587,9 +1599,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                     // before the masked region, never while a slot is held.
                     fill(csd);
                     self.platform.preempt_point();
-                    // SAFETY: claimed and filled; the caller guarantees `csd` outlives the
-                    // call (engine slots live as long as the engine; stack csds are waited
-                    // for; caller-owned csds are pinned and wait in `Drop`).
+                    // SAFETY: claimed and filled; alive until released (this function's
+                    // contract).
                     if unsafe { self.enqueue(target, csd) } {
                         ipis.add(target);
                     }
@@ -1616,8 +1627,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 }
             }
             // Busy: make sure what we queued so far is signalled before we wait on anyone.
-            // Round robin makes the slot at the cursor the oldest of the group: the target
-            // takes its queue in arrival order, so that one frees first.
+            // Round robin makes the slot at the cursor the likeliest oldest of the group (the
+            // cursor is this CPU's, shared by its groups): the target takes its queue in
+            // arrival order, so that one tends to free first.
             ipis.send(&self.platform);
             self.wait_csd(me, target, &csds[oldest]);
         }

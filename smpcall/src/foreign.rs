@@ -194,8 +194,10 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: FnOnce(CpuId) + Send + 'static,
     {
-        let row = self.claim_foreign_row()?;
+        // Declared before the row: if the call is refused, `f` (user code in its `Drop`) is
+        // dropped after the row is given back.
         let mut f = Some(f);
+        let row = self.claim_foreign_row()?;
         let mut ipis = OneIpi::default();
         let fill = |slot: &Csd| {
             let f = f.take().expect("filled once");
@@ -261,35 +263,41 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         Ok(queued)
     }
 
-    /// [`call_many_async`](Engine::call_many_async) from a foreign thread: a foreign row, held
-    /// while it queues.
+    /// [`call_many_async`](Engine::call_many_async) from a foreign thread, one target at a
+    /// time: the clone of `f` for a target is made (and, if not queued, dropped) holding
+    /// nothing — no foreign row, no pending IPI — since a `Clone` is user code that may make
+    /// calls of its own; then a row is claimed for the push, the target signalled, the row
+    /// given back.
     pub(crate) fn call_many_async_foreign<F>(&self, mask: &CpuMask, f: F) -> Result<CpuMask, Error>
     where
         F: Fn(CpuId) + Clone + Send + 'static,
     {
-        let row = self.claim_foreign_row()?;
         let targets = mask.and(&self.accepting.load());
         let mut queued = CpuMask::new();
-        let mut ipis = CpuMask::new();
         for t in &targets {
-            // Cloned before the push starts: a `Clone` is user code, which must not run while
-            // this thread counts as a foreign pusher (a `cpu_down` it made would wait for it)
-            // or holds the slot.
             let mut g = Some(f.clone());
-            let fill = |slot: &Csd| {
-                let g = g.take().expect("filled once");
-                // SAFETY: claimed by `push_foreign`, not yet pushed.
-                unsafe { self.fill_no_wait(slot, g, FOREIGN, t, false) };
+            let pushed = {
+                // Fails only for storage without foreign rows: on the first target, before
+                // anything was queued.
+                let row = self.claim_foreign_row()?;
+                let mut ipis = OneIpi::default();
+                let fill = |slot: &Csd| {
+                    let g = g.take().expect("filled once");
+                    // SAFETY: claimed by `push_foreign`, not yet pushed.
+                    unsafe { self.fill_no_wait(slot, g, FOREIGN, t, false) };
+                };
+                let slot = self.foreign_slot(&row, t);
+                // SAFETY: a storage slot, alive as long as the engine.
+                let pushed = unsafe { self.push_foreign(t, slot, Target::Prune, &mut ipis, fill) };
+                drop(row);
+                ipis.send(&self.platform);
+                pushed
             };
-            let slot = self.foreign_slot(&row, t);
-            // SAFETY: a storage slot, alive as long as the engine.
-            let pushed = unsafe { self.push_foreign(t, slot, Target::Prune, &mut ipis, fill) };
+            drop(g);
             if pushed == Ok(true) {
                 queued.set(t);
             }
         }
-        drop(row);
-        ipis.send(&self.platform);
         Ok(queued)
     }
 

@@ -14,7 +14,7 @@ use core::sync::atomic::Ordering;
 use crate::cpumask::{CpuId, CpuMask};
 use crate::csd::{shared_call, Csd};
 use crate::engine::{AbortOnUnwind, Engine, Storage};
-use crate::error::{DeadlockReason, Error};
+use crate::error::Error;
 use crate::platform::Platform;
 
 impl<P: Platform, S: Storage> Engine<P, S> {
@@ -87,10 +87,8 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         if !self.platform.has_nmi() {
             return Err(Error::Unsupported("NMIs"));
         }
+        // Refused in NMI context (`enter`: no call starts there).
         let me = self.enter()?;
-        if self.per_cpu(me).nmi_depth.load(Ordering::Relaxed) > 0 {
-            return Err(Error::WouldDeadlock(DeadlockReason::InNmi));
-        }
         let targets = mask.and(&self.online_mask());
         let mut ran = CpuMask::new();
         for t in &targets {

@@ -655,8 +655,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
                 // Force: a CPU going down no longer accepts calls, but must take part.
                 Some(me) => {
                     let one = core::slice::from_ref(csd);
-                    let queued =
-                        self.queue_call(&masked, me, t, one, Target::Force, &mut ipis, fill);
+                    // SAFETY: a per-target stop csd, alive as long as the engine; `Force`
+                    // claims it with a compare-and-swap.
+                    let queued = unsafe {
+                        self.queue_call(&masked, me, t, one, Target::Force, &mut ipis, fill)
+                    };
                     debug_assert_eq!(queued, Ok(true));
                 }
                 // SAFETY: `csd` (a per-target stop csd: stop_machines are serialised, so it is

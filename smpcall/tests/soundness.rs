@@ -831,3 +831,141 @@ fn an_irq_guard_dropped_inside_a_handler_it_did_not_enclose_aborts() {
         "{stderr}"
     );
 }
+
+/// A `Clone` of a no-wait many-call's function made on a thread that is not a CPU may itself
+/// make a call from that thread: the clone runs holding no foreign row. Before: it ran while
+/// the many-call held the only row, and its own call waited for that row for ever.
+#[test]
+fn a_foreign_many_calls_clone_may_call_from_the_same_thread() {
+    struct ForeignCalls(Arc<AtomicUsize>, &'static Machine);
+    impl Clone for ForeignCalls {
+        fn clone(&self) -> Self {
+            let ran = Arc::clone(&self.0);
+            self.1
+                .engine()
+                .call_single_async(0, move |_| {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                })
+                .unwrap();
+            ForeignCalls(Arc::clone(&self.0), self.1)
+        }
+    }
+    let m: &'static Machine = Box::leak(Box::new(
+        Machine::builder()
+            .cpus(2)
+            .foreign_senders(1)
+            .idle(IdlePolicy::Sleep)
+            .build()
+            .unwrap(),
+    ));
+    let ran = Arc::new(AtomicUsize::new(0));
+    let f = ForeignCalls(Arc::clone(&ran), m);
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = Arc::clone(&done);
+    // From a thread of the test's own (not a CPU), bounded by the wait below.
+    std::thread::spawn(move || {
+        let queued = m
+            .engine()
+            .call_many_async(&CpuMask::first_n(2), move |_| {
+                let _ = &f;
+            })
+            .unwrap();
+        assert_eq!(queued, CpuMask::first_n(2));
+        done2.store(true, Ordering::SeqCst);
+    });
+    wait_until(LIMIT, "the foreign many-call to return", || {
+        done.load(Ordering::SeqCst)
+    });
+    wait_until(LIMIT, "the clones' calls to run", || {
+        ran.load(Ordering::SeqCst) == 2
+    });
+}
+
+/// From a thread that is not a CPU, a no-wait many-call signals each target before it clones
+/// the function for the next: a `Clone` that waits for a target already queued to is not left
+/// waiting for a CPU nobody woke (the watchdog, which would re-send the IPI, is off here).
+/// Before: the IPIs went out after the loop, and this waited for ever.
+#[test]
+fn a_foreign_many_calls_clone_may_wait_for_a_target_already_queued() {
+    struct WaitsForCpu0(&'static Machine);
+    impl Clone for WaitsForCpu0 {
+        fn clone(&self) -> Self {
+            self.0.engine().call_single(0, |_| ()).unwrap();
+            WaitsForCpu0(self.0)
+        }
+    }
+    let m: &'static Machine = Box::leak(Box::new(
+        Machine::builder()
+            .cpus(2)
+            .idle(IdlePolicy::Sleep)
+            .stall_threshold(Duration::ZERO)
+            .build()
+            .unwrap(),
+    ));
+    let f = WaitsForCpu0(m);
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = Arc::clone(&done);
+    std::thread::spawn(move || {
+        m.engine()
+            .call_many_async(&CpuMask::first_n(2), move |_| {
+                let _ = &f;
+            })
+            .unwrap();
+        done2.store(true, Ordering::SeqCst);
+    });
+    wait_until(LIMIT, "the foreign many-call to return", || {
+        done.load(Ordering::SeqCst)
+    });
+}
+
+/// The same from an NMI handler: a guard made by a task and dropped by an NMI function on the
+/// same CPU would unmask it from NMI context (letting user calls run inside the NMI's signal
+/// handler). The drop panics, and in the NMI handler that aborts. Before: only the call-handler
+/// depth was compared, and the drop unmasked. In a child process, which must die by SIGABRT.
+#[test]
+fn an_irq_guard_dropped_in_an_nmi_handler_aborts() {
+    const TEST: &str = "an_irq_guard_dropped_in_an_nmi_handler_aborts";
+    if std::env::var_os("SMPCALL_TEST_CHILD").is_some() {
+        let m: &'static Machine = Box::leak(Box::new(common::sleeping_machine(2)));
+        let stashed = Arc::new(AtomicBool::new(false));
+        let stashed2 = Arc::clone(&stashed);
+        let _spinner = m.run_on(1, move |_| {
+            STASHED_GUARD.with(|s| *s.borrow_mut() = Some(m.engine().irq_save()));
+            stashed2.store(true, Ordering::SeqCst);
+            // Masked, spinning: only an NMI reaches this CPU now.
+            let end = Instant::now() + LIMIT;
+            while Instant::now() < end {
+                std::hint::spin_loop();
+            }
+        });
+        spin_until(LIMIT, "CPU 1 to keep its guard", || {
+            stashed.load(Ordering::SeqCst)
+        });
+        let _ = m
+            .run_on(0, |e| {
+                common::nmi_call_many(e, &CpuMask::single(1), |_| {
+                    STASHED_GUARD.with(|s| drop(s.borrow_mut().take()));
+                })
+            })
+            .join_timeout(LIMIT);
+        std::thread::sleep(LIMIT);
+        std::process::exit(3);
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env("SMPCALL_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "the child was not aborted: {:?}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("(NMI depth 0) was dropped at depth 0 (NMI depth 1)"),
+        "{stderr}"
+    );
+}
