@@ -425,6 +425,11 @@ impl Machine {
     /// Gives up on threads that did not stop: they keep their `Arc`, so nothing is freed under
     /// them.
     fn detach(&mut self) {
+        // Threads left running may still be signalled (a re-sent IPI, an NMI): their handlers
+        // stay, even if this is a failed build whose clean-up would otherwise put them back.
+        let platform = self.inner.engine.platform();
+        signals::keep_for_ever(platform.signo);
+        signals::keep_for_ever(platform.nmi_signo);
         self.threads.clear();
         self.inner.watchdog_exit.store(true, Ordering::SeqCst);
         if let Some(w) = self.watchdog.take() {

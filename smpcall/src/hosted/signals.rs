@@ -166,8 +166,17 @@ fn install(signal: i32, role: SignalRole) -> Result<(), Error> {
 /// Ends a successful build's claim: the machine uses `signal` from now on, and its handler
 /// stays (a running machine's signal is never put back to its default).
 pub(super) fn keep(signal: i32) {
+    DISPOSITIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .end_claim(signal);
+    keep_for_ever(signal);
+}
+
+/// Keeps `signal`'s handler for the process's lifetime, whatever claims end later (a machine
+/// whose threads were left running may still be signalled).
+pub(super) fn keep_for_ever(signal: i32) {
     let mut claims = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
-    claims.end_claim(signal);
     if !claims.kept.contains(&signal) {
         claims.kept.push(signal);
     }
@@ -263,6 +272,18 @@ mod tests {
             disposition(s),
             Some(handler(SignalRole::Ipi)),
             "kept for B's machine"
+        );
+
+        // A failed build whose threads were left running keeps its handler too.
+        let u = s - 2;
+        assert_eq!(disposition(u), Some(libc::SIG_DFL), "signal {u} is free");
+        claim(u, SignalRole::Nmi).unwrap();
+        keep_for_ever(u); // its machine detached its threads
+        release(u, SignalRole::Nmi);
+        assert_eq!(
+            disposition(u),
+            Some(handler(SignalRole::Nmi)),
+            "kept for its threads"
         );
 
         // Alone, a failed build leaves nothing behind.
