@@ -295,6 +295,15 @@ pub enum Error {
         /// The largest count allowed.
         max: usize,
     },
+    /// Every attach slot of the hosted machine is taken by a thread
+    /// (`MachineBuilder::attach_slots`): nothing was attached.
+    NoFreeAttachSlot {
+        /// How many attach slots the machine has.
+        slots: usize,
+    },
+    /// A task was submitted to an attach slot, which has no task loop: the thread attached
+    /// there runs calls itself (call it instead).
+    NoTaskLoop(CpuId),
     /// A bounded wait of the hosted backend expired.
     TimedOut {
         /// What was waited for.
@@ -376,6 +385,18 @@ impl fmt::Display for Error {
                 write!(f, "CPU {cpu} cannot {}: {reason}", reason.refused())
             }
             Error::Unsupported(what) => write!(f, "not supported by this platform: {what}"),
+            Error::NoFreeAttachSlot { slots: 0 } => f.write_str(
+                "the machine has no attach slots (MachineBuilder::attach_slots adds them)",
+            ),
+            Error::NoFreeAttachSlot { slots } => write!(
+                f,
+                "all {slots} attach slots are taken (MachineBuilder::attach_slots sets how many)"
+            ),
+            Error::NoTaskLoop(cpu) => write!(
+                f,
+                "CPU {cpu} is an attach slot, which runs no tasks (call the thread attached \
+                 there instead)"
+            ),
             Error::TimedOut { what, limit } => {
                 write!(f, "timed out after {limit:?} waiting for {what}")
             }
@@ -572,6 +593,12 @@ mod tests {
             &["65 rows", "at most 64"],
         );
         names(config(ConfigError::ZeroTimeout), &["timeout is zero"]);
+        names(
+            Error::NoFreeAttachSlot { slots: 3 },
+            &["all 3 attach slots"],
+        );
+        names(Error::NoFreeAttachSlot { slots: 0 }, &["no attach slots"]);
+        names(Error::NoTaskLoop(5), &["CPU 5 is an attach slot"]);
         names(
             config(ConfigError::FaultProbability {
                 fault: IpiFault::Delay,

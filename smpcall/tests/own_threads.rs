@@ -358,7 +358,9 @@ fn leaving_inside_an_rcu_reader_is_refused_and_happens_at_thread_exit() {
 fn attach_errors_change_nothing() {
     let _serial = serial();
     let m = machine(1, 0);
-    assert!(matches!(m.attach(), Err(Error::Unsupported(_))), "no slot");
+    let e = m.attach().expect_err("no slot");
+    assert_eq!(e, Error::NoFreeAttachSlot { slots: 0 });
+    assert!(e.to_string().contains("no attach slots"), "{e}");
     let m = machine(1, 1);
     // A spawned CPU thread is a CPU already (of `m`), so it cannot attach to another machine.
     let mut inner = Machine::builder().cpus(1).attach_slots(1).build().unwrap();
@@ -376,6 +378,15 @@ fn attach_errors_change_nothing() {
         "a CPU of another machine cannot attach"
     );
     let g = m.attach().unwrap();
+    // The one slot is taken: another thread is refused, with the slot count.
+    let e = std::thread::scope(|s| s.spawn(|| m.attach().err()).join().unwrap());
+    assert_eq!(e, Some(Error::NoFreeAttachSlot { slots: 1 }));
+    assert!(
+        e.unwrap()
+            .to_string()
+            .contains("all 1 attach slots are taken"),
+        "{e:?}"
+    );
     drop(g);
     m.shutdown().unwrap();
     // After shutdown: refused, nothing attached.
@@ -431,10 +442,7 @@ fn a_guard_dropped_after_shutdown_leaves_at_once() {
     let _serial = serial();
     use std::sync::mpsc::channel;
     let m = Arc::new(machine(1, 1));
-    assert!(matches!(
-        m.run_on(1, |_| ()).join(),
-        Err(Error::Unsupported(_))
-    ));
+    assert_eq!(m.run_on(1, |_| ()).join().err(), Some(Error::NoTaskLoop(1)));
     let (attached_tx, attached) = channel();
     let (go_tx, go) = channel::<()>();
     let (left_tx, left) = channel();

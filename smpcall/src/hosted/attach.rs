@@ -123,7 +123,7 @@ impl super::Machine {
     ///
     /// Dropping the returned guard leaves (see [`CpuGuard`]); a thread that exits without
     /// dropping it leaves at exit. CPU ids are reused. Errors — [`Error::Busy`] (this thread
-    /// is a CPU already), [`Error::Unsupported`] (no free slot), [`Error::ShutDown`] — change
+    /// is a CPU already), [`Error::NoFreeAttachSlot`], [`Error::ShutDown`] — change
     /// nothing.
     ///
     /// ```
@@ -159,9 +159,9 @@ impl super::Machine {
                     .compare_exchange(VACANT, ATTACHED, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             })
-            .ok_or(Error::Unsupported(
-                "a free CPU slot to attach to (MachineBuilder::attach_slots)",
-            ))?;
+            .ok_or(Error::NoFreeAttachSlot {
+                slots: engine.nr_cpus() - self.threads_spawned(),
+            })?;
         become_cpu(engine, cpu);
         if let Err(e) = engine.cpu_attach(cpu) {
             forget_cpu(platform);

@@ -227,6 +227,11 @@ impl Machine {
         Ok(machine)
     }
 
+    /// How many of the CPUs are the machine's own threads (the rest are attach slots).
+    pub(super) fn threads_spawned(&self) -> usize {
+        self.threads_spawned
+    }
+
     pub(super) fn inner(&self) -> &Arc<Inner> {
         &self.inner
     }
@@ -290,9 +295,7 @@ impl Machine {
         }
         if cpu >= self.threads_spawned {
             return Task {
-                state: TaskState::Refused(Error::Unsupported(
-                    "tasks on an attach slot (an attached thread has no task loop; call it)",
-                )),
+                state: TaskState::Refused(Error::NoTaskLoop(cpu)),
             };
         }
         if !self.inner.engine.is_online(cpu) {
