@@ -23,6 +23,39 @@ fn machine(cpus: usize) -> Machine {
     common::sleeping_machine(cpus)
 }
 
+/// Whether this process is the child a test re-ran itself as (see [`run_child`]).
+fn in_child() -> bool {
+    std::env::var_os("SMPCALL_TEST_CHILD").is_some()
+}
+
+/// Re-runs this test binary for the one test `test`, as a child process (`in_child()` true
+/// there), and returns how it ended and what it printed (stdout, then stderr).
+fn run_child(test: &str) -> (std::process::ExitStatus, String) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("SMPCALL_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+/// Runs `test` as a child process that must die by SIGABRT, saying `message`.
+fn child_must_abort(test: &str, message: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let (status, text) = run_child(test);
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "the child was not aborted: {status:?}\n{text}"
+    );
+    assert!(text.contains(message), "{text}");
+}
+
 /// Two CPUs with one no-wait call-data slot per sender and target: a slot left claimed
 /// shows as a wait that never ends.
 fn one_slot_machine() -> Machine {
@@ -629,27 +662,14 @@ fn a_panicking_clone_does_not_leave_call_data_claimed() {
 #[test]
 fn a_panic_in_a_call_to_the_calling_cpu_aborts_the_process() {
     const TEST: &str = "a_panic_in_a_call_to_the_calling_cpu_aborts_the_process";
-    if std::env::var_os("SMPCALL_TEST_CHILD").is_some() {
+    if in_child() {
         let m = machine(2);
         let mut task = m.run_on(0, |e| e.call_single(0, |_| -> () { panic!("boom (test)") }));
         let _ = task.join_timeout(LIMIT);
         // Reaching here means the panic did not abort.
         std::process::exit(3);
     }
-    use std::os::unix::process::ExitStatusExt;
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
-        .env("SMPCALL_TEST_CHILD", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGABRT),
-        "the child was not aborted: {:?}\n{stderr}",
-        out.status
-    );
-    assert!(stderr.contains("boom (test)"), "{stderr}");
+    child_must_abort(TEST, "boom (test)");
 }
 
 /// A build that fails after it spawned its CPU threads (here: they cannot all start within a
@@ -659,7 +679,7 @@ fn a_panic_in_a_call_to_the_calling_cpu_aborts_the_process() {
 #[test]
 fn a_build_failing_after_spawning_its_threads_leaves_nothing_behind() {
     const TEST: &str = "a_build_failing_after_spawning_its_threads_leaves_nothing_behind";
-    if std::env::var_os("SMPCALL_TEST_CHILD").is_some() {
+    if in_child() {
         let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
         let ours = || {
             // SAFETY: querying a disposition writes only into our zeroed struct.
@@ -722,17 +742,8 @@ fn a_build_failing_after_spawning_its_threads_leaves_nothing_behind() {
         println!("child: nothing left behind (build {attempts} failed)");
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
-        .env("SMPCALL_TEST_CHILD", "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{:?}\n{text}", out.status);
+    let (status, text) = run_child(TEST);
+    assert!(status.success(), "{status:?}\n{text}");
     if text.contains("child: not provoked") {
         eprintln!("skipped: every build of the child won the start race");
         return;
@@ -793,7 +804,7 @@ thread_local! {
 #[test]
 fn an_irq_guard_dropped_inside_a_handler_it_did_not_enclose_aborts() {
     const TEST: &str = "an_irq_guard_dropped_inside_a_handler_it_did_not_enclose_aborts";
-    if std::env::var_os("SMPCALL_TEST_CHILD").is_some() {
+    if in_child() {
         let m: &'static Machine = Box::leak(Box::new(common::sleeping_machine(2)));
         let mut task = m.run_on(0, move |_| {
             STASHED_GUARD.with(|s| *s.borrow_mut() = Some(m.engine().irq_save()));
@@ -813,23 +824,7 @@ fn an_irq_guard_dropped_inside_a_handler_it_did_not_enclose_aborts() {
         std::thread::sleep(LIMIT);
         std::process::exit(3);
     }
-    use std::os::unix::process::ExitStatusExt;
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
-        .env("SMPCALL_TEST_CHILD", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGABRT),
-        "the child was not aborted: {:?}\n{stderr}",
-        out.status
-    );
-    assert!(
-        stderr.contains("IrqGuard made at call-handler depth 0"),
-        "{stderr}"
-    );
+    child_must_abort(TEST, "IrqGuard made at call-handler depth 0");
 }
 
 /// A `Clone` of a no-wait many-call's function made on a thread that is not a CPU may itself
@@ -925,7 +920,7 @@ fn a_foreign_many_calls_clone_may_wait_for_a_target_already_queued() {
 #[test]
 fn an_irq_guard_dropped_in_an_nmi_handler_aborts() {
     const TEST: &str = "an_irq_guard_dropped_in_an_nmi_handler_aborts";
-    if std::env::var_os("SMPCALL_TEST_CHILD").is_some() {
+    if in_child() {
         let m: &'static Machine = Box::leak(Box::new(common::sleeping_machine(2)));
         let stashed = Arc::new(AtomicBool::new(false));
         let stashed2 = Arc::clone(&stashed);
@@ -951,21 +946,5 @@ fn an_irq_guard_dropped_in_an_nmi_handler_aborts() {
         std::thread::sleep(LIMIT);
         std::process::exit(3);
     }
-    use std::os::unix::process::ExitStatusExt;
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
-        .env("SMPCALL_TEST_CHILD", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGABRT),
-        "the child was not aborted: {:?}\n{stderr}",
-        out.status
-    );
-    assert!(
-        stderr.contains("(NMI depth 0) was dropped at depth 0 (NMI depth 1)"),
-        "{stderr}"
-    );
+    child_must_abort(TEST, "(NMI depth 0) was dropped at depth 0 (NMI depth 1)");
 }
