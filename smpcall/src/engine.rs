@@ -943,24 +943,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             run_local(|| f(me));
             return Ok(());
         }
+        // `f` outlives the masked region: if it is not queued, its `Drop` (user code) runs
+        // after it.
         let mut f = Some(f);
-        let mut ipis = OneIpi::default();
-        // Masked from the first push to the IPI send: an interrupt nested in between could
-        // wait for one of our targets before we signalled it (found by the simulator).
-        let masked = self.mask();
-        let fill = |slot: &Csd| {
-            let f = f.take().expect("filled once");
-            // SAFETY: `queue_call` hands us the slot claimed, not yet pushed.
-            unsafe { self.fill_no_wait(slot, f, me, cpu, deferrable) };
-        };
-        let slots = self.no_wait_slots(me, cpu);
-        // SAFETY: this CPU's own slots for `cpu` (live as long as the engine; only this CPU
-        // claims them).
-        let result =
-            unsafe { self.queue_call(&masked, me, cpu, slots, Target::Refuse, &mut ipis, fill) };
-        ipis.send(&self.platform);
-        drop(masked);
-        result.map(|_| ())
+        self.queue_no_wait(me, cpu, &mut f, Target::Refuse, deferrable)
+            .map(|_| ())
     }
 
     /// Queues `f` to run on `cpu` using call data the caller owns (C4), and returns at once.
@@ -1114,23 +1101,7 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut refused = None;
         for t in &others {
             let mut g = Some(f.clone());
-            let result = {
-                let masked = self.mask();
-                let mut ipis = OneIpi::default();
-                let slots = self.no_wait_slots(me, t);
-                let fill = |slot: &Csd| {
-                    let g = g.take().expect("filled once");
-                    // SAFETY: we hold the slot, not yet pushed.
-                    unsafe { self.fill_no_wait(slot, g, me, t, false) };
-                };
-                // SAFETY: this CPU's own slots for `t` (live as long as the engine; only this
-                // CPU claims them).
-                let result = unsafe {
-                    self.queue_call(&masked, me, t, slots, Target::Prune, &mut ipis, fill)
-                };
-                ipis.send(&self.platform);
-                result
-            };
+            let result = self.queue_no_wait(me, t, &mut g, Target::Prune, false);
             drop(g);
             match result {
                 Ok(true) => queued.set(t),
@@ -1634,6 +1605,38 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             ipis.send(&self.platform);
             self.wait_csd(me, target, &csds[oldest]);
         }
+    }
+
+    /// Queues the no-wait call in `f` on `target` through this CPU's own slots for it (taking
+    /// it out of the option once a slot is claimed), masked from the push to the IPI, which is
+    /// sent before this returns: an interrupt nested in between could wait for `target` before
+    /// it was signalled (found by the simulator). Returns what `queue_call` does. A call that
+    /// was not queued stays in `f`, for the caller to drop (user code) unmasked.
+    fn queue_no_wait<F>(
+        &self,
+        me: CpuId,
+        target: CpuId,
+        f: &mut Option<F>,
+        policy: Target,
+        deferrable: bool,
+    ) -> Result<bool, Error>
+    where
+        F: FnOnce(CpuId) + Send + 'static,
+    {
+        let mut ipis = OneIpi::default();
+        let masked = self.mask();
+        let fill = |slot: &Csd| {
+            let f = f.take().expect("filled once");
+            // SAFETY: `queue_call` hands us the slot claimed, not yet pushed.
+            unsafe { self.fill_no_wait(slot, f, me, target, deferrable) };
+        };
+        let slots = self.no_wait_slots(me, target);
+        // SAFETY: this CPU's own slots for `target` (live as long as the engine; only this CPU
+        // claims them).
+        let result =
+            unsafe { self.queue_call(&masked, me, target, slots, policy, &mut ipis, fill) };
+        ipis.send(&self.platform);
+        result
     }
 
     /// Writes a no-wait call running `f` (moved into the call data) into `csd`, optionally

@@ -194,22 +194,40 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     where
         F: FnOnce(CpuId) + Send + 'static,
     {
-        // Declared before the row: if the call is refused, `f` (user code in its `Drop`) is
-        // dropped after the row is given back.
+        // `f` outlives the row: if it is not queued, its `Drop` (user code) runs after the row
+        // is given back.
         let mut f = Some(f);
+        self.queue_no_wait_foreign(cpu, &mut f, Target::Refuse, deferrable)
+            .map(|_| ())
+    }
+
+    /// Queues the no-wait call in `f` on `target` through a foreign row claimed for the push
+    /// (taking it out of the option once the slot is claimed), gives the row back and signals
+    /// `target` before returning. A call that was not queued stays in `f`, for the caller to
+    /// drop (user code) holding nothing.
+    fn queue_no_wait_foreign<F>(
+        &self,
+        target: CpuId,
+        f: &mut Option<F>,
+        policy: Target,
+        deferrable: bool,
+    ) -> Result<bool, Error>
+    where
+        F: FnOnce(CpuId) + Send + 'static,
+    {
         let row = self.claim_foreign_row()?;
         let mut ipis = OneIpi::default();
         let fill = |slot: &Csd| {
             let f = f.take().expect("filled once");
             // SAFETY: claimed by `push_foreign`, not yet pushed.
-            unsafe { self.fill_no_wait(slot, f, FOREIGN, cpu, deferrable) };
+            unsafe { self.fill_no_wait(slot, f, FOREIGN, target, deferrable) };
         };
-        let slot = self.foreign_slot(&row, cpu);
+        let slot = self.foreign_slot(&row, target);
         // SAFETY: a storage slot: alive as long as the engine.
-        unsafe { self.push_foreign(cpu, slot, Target::Refuse, &mut ipis, fill) }?;
+        let pushed = unsafe { self.push_foreign(target, slot, policy, &mut ipis, fill) };
         drop(row);
         ipis.send(&self.platform);
-        Ok(())
+        pushed
     }
 
     /// [`call_async_csd`](Engine::call_async_csd) from a foreign thread.
@@ -276,25 +294,11 @@ impl<P: Platform, S: Storage> Engine<P, S> {
         let mut queued = CpuMask::new();
         for t in &targets {
             let mut g = Some(f.clone());
-            let pushed = {
-                // Fails only for storage without foreign rows: on the first target, before
-                // anything was queued.
-                let row = self.claim_foreign_row()?;
-                let mut ipis = OneIpi::default();
-                let fill = |slot: &Csd| {
-                    let g = g.take().expect("filled once");
-                    // SAFETY: claimed by `push_foreign`, not yet pushed.
-                    unsafe { self.fill_no_wait(slot, g, FOREIGN, t, false) };
-                };
-                let slot = self.foreign_slot(&row, t);
-                // SAFETY: a storage slot, alive as long as the engine.
-                let pushed = unsafe { self.push_foreign(t, slot, Target::Prune, &mut ipis, fill) };
-                drop(row);
-                ipis.send(&self.platform);
-                pushed
-            };
+            // Fails only for storage without foreign rows (`Prune` never refuses): on the first
+            // target, before anything was queued.
+            let pushed = self.queue_no_wait_foreign(t, &mut g, Target::Prune, false)?;
             drop(g);
-            if pushed == Ok(true) {
+            if pushed {
                 queued.set(t);
             }
         }
