@@ -99,6 +99,13 @@ impl Claims {
         }
         !self.building.contains(&signal) && !self.kept.contains(&signal)
     }
+
+    /// Keeps `signal`'s handler for the process's lifetime.
+    fn keep(&mut self, signal: i32) {
+        if !self.kept.contains(&signal) {
+            self.kept.push(signal);
+        }
+    }
 }
 
 /// The current disposition's handler of `signo`, or `None` if it is not a valid signal.
@@ -166,20 +173,20 @@ fn install(signal: i32, role: SignalRole) -> Result<(), Error> {
 /// Ends a successful build's claim: the machine uses `signal` from now on, and its handler
 /// stays (a running machine's signal is never put back to its default).
 pub(super) fn keep(signal: i32) {
-    DISPOSITIONS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .end_claim(signal);
-    keep_for_ever(signal);
+    // One lock for both steps: between them a failed build's `release` would see the signal
+    // neither claimed nor kept, and put it back to its default under this machine.
+    let mut claims = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
+    claims.end_claim(signal);
+    claims.keep(signal);
 }
 
 /// Keeps `signal`'s handler for the process's lifetime, whatever claims end later (a machine
 /// whose threads were left running may still be signalled).
 pub(super) fn keep_for_ever(signal: i32) {
-    let mut claims = DISPOSITIONS.lock().unwrap_or_else(|e| e.into_inner());
-    if !claims.kept.contains(&signal) {
-        claims.kept.push(signal);
-    }
+    DISPOSITIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .keep(signal);
 }
 
 /// Ends a failed build's claim: puts back the default disposition of `signo` if it carries our
