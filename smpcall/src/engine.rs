@@ -1409,14 +1409,9 @@ impl<P: Platform, S: Storage> Engine<P, S> {
 
     /// C7: a caller that cannot serve its own queue while waiting must not wait.
     pub(crate) fn check_can_wait(&self, me: CpuId) -> Result<(), Error> {
-        let pc = self.per_cpu(me);
         // Relaxed: only this CPU (and its nested handlers, which restore it) writes it.
-        if pc.handler_depth.load(Ordering::Relaxed) > 0 {
+        if self.per_cpu(me).handler_depth.load(Ordering::Relaxed) > 0 {
             Err(Error::WouldDeadlock(DeadlockReason::InHandler))
-        } else if pc.nmi_depth.load(Ordering::Relaxed) > 0 {
-            // Relaxed: our own depth. (Calls are refused in NMI context by `enter` already;
-            // this also covers the waits that do not start with it, such as `cpu_leave`.)
-            Err(Error::WouldDeadlock(DeadlockReason::InNmi))
         } else if self.platform.irqs_masked() {
             Err(Error::WouldDeadlock(DeadlockReason::InterruptsMasked))
         } else {

@@ -466,6 +466,13 @@ impl<P: Platform, S: Storage> Engine<P, S> {
     /// first, through stop_machine with `me` as the active CPU — but driven from `me`'s own
     /// task context, and allowed for the last online CPU. `Ok` if `me` is offline already.
     pub(crate) fn cpu_leave(&self, me: CpuId) -> Result<(), Error> {
+        // Not from an NMI function (a guard kept in a thread-local): the leave waits for its
+        // own flush, which serves nothing in NMI context. (Every other wait starts with
+        // `enter`, which refuses there already.)
+        // Relaxed: this CPU's own depth.
+        if self.per_cpu(me).nmi_depth.load(Ordering::Relaxed) > 0 {
+            return Err(Error::WouldDeadlock(crate::error::DeadlockReason::InNmi));
+        }
         self.check_can_wait(me)?;
         if self.per_cpu(me).quiet.load(Ordering::Relaxed) {
             // Relaxed: our own flag. The region's end would touch the slot after we left.
