@@ -8,6 +8,25 @@ pub const MAX_CPUS: usize = 64;
 /// Each CPU's task stack.
 pub const KERNEL_STACK_BYTES: usize = 128 * 1024;
 
+/// Every CPU's task stack, `KERNEL_STACK_BYTES` each, in `.bss`. Each architecture's boot code
+/// points its stack pointer into it by the symbol's name (`kernel_stacks`).
+#[repr(C, align(4096))]
+pub struct KernelStacks([u8; KERNEL_STACK_BYTES * MAX_CPUS]);
+
+/// The stacks themselves; only their addresses are taken from Rust.
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+static mut kernel_stacks: KernelStacks = KernelStacks([0; KERNEL_STACK_BYTES * MAX_CPUS]);
+
+/// `[bottom, top)` of CPU `cpu`'s kernel stack (where its call handlers run, on the
+/// architectures without separate interrupt stacks; x86_64 runs them on IST stacks).
+#[cfg(not(target_arch = "x86_64"))]
+pub fn kernel_stack(cpu: usize) -> (usize, usize) {
+    // Only the static's address is taken.
+    let bottom = &raw const kernel_stacks as usize + cpu * KERNEL_STACK_BYTES;
+    (bottom, bottom + KERNEL_STACK_BYTES)
+}
+
 /// The kernel's IPIs. Each architecture maps them to its own vectors / SGIs / software
 /// interrupt bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

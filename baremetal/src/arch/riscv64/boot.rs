@@ -143,12 +143,6 @@ trap_entry:
     ld x31, 248(sp)
     addi sp, sp, {FRAME}
     sret
-
-    .section .bss
-    .p2align 12
-    .global kernel_stacks
-kernel_stacks:
-    .skip {KSTACK} * {MAX_CPUS}
 "#,
     KSTACK = const KERNEL_STACK_BYTES,
     MAX_CPUS = const MAX_CPUS,
@@ -157,14 +151,6 @@ kernel_stacks:
 
 unsafe extern "C" {
     static secondary_entry: u8;
-    static kernel_stacks: u8;
-}
-
-/// `[bottom, top)` of CPU `cpu`'s kernel stack (`KERNEL_STACK_BYTES` of `kernel_stacks`).
-pub fn kernel_stack(cpu: usize) -> (usize, usize) {
-    // Only the label's address is taken.
-    let bottom = &raw const kernel_stacks as usize + cpu * KERNEL_STACK_BYTES;
-    (bottom, bottom + KERNEL_STACK_BYTES)
 }
 
 /// Physical address of the other harts' entry.

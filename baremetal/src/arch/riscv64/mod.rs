@@ -152,7 +152,7 @@ pub fn current_sp() -> u64 {
 /// stack here, the handler runs on the interrupted stack (sp), which is CPU `cpu`'s kernel
 /// stack (`KERNEL_STACK_BYTES`), shared with the task code it interrupted.
 pub fn call_handler_stack(cpu: usize) -> (usize, usize) {
-    boot::kernel_stack(cpu)
+    crate::config::kernel_stack(cpu)
 }
 
 // ---- SBI ----

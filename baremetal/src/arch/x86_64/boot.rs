@@ -175,9 +175,6 @@ boot_pdpt:
     .skip 4096
 boot_pd:
     .skip 4 * 4096
-    .global kernel_stacks
-kernel_stacks:
-    .skip {KSTACK} * {MAX_CPUS}
     .global ist_stacks
 ist_stacks:
     .skip {IST} * {MAX_CPUS}
