@@ -28,15 +28,43 @@ use super::solo::{self, ServeOnRelax};
 /// Measured calls per path.
 pub const CALLS: usize = 200;
 
-/// The paths accounted, in order: (segment prefix, description).
-pub const PATHS: [(&str, &str); 3] = [
-    ("sync_single", "a waiting call_single to a polling CPU"),
-    (
-        "sync_single_nodiag",
-        "the same with per-call diagnostics off (set_call_diagnostics(false))",
-    ),
-    ("async_single", "a call_single_async to a polling CPU"),
+/// One accounted path.
+pub struct CallPath {
+    /// Segment name prefix (callgrind labels `<label> sender` / `<label> target`).
+    pub label: &'static str,
+    /// What is measured, in words.
+    pub what: &'static str,
+    /// Per-call diagnostics on.
+    pub diagnostics: bool,
+    /// A no-wait call (`call_single_async`) rather than a waiting one.
+    pub no_wait: bool,
+}
+
+/// The paths accounted, in order.
+pub const PATHS: [CallPath; 3] = [
+    CallPath {
+        label: "sync_single",
+        what: "a waiting call_single to a polling CPU",
+        diagnostics: true,
+        no_wait: false,
+    },
+    CallPath {
+        label: "sync_single_nodiag",
+        what: "the same with per-call diagnostics off (set_call_diagnostics(false))",
+        diagnostics: false,
+        no_wait: false,
+    },
+    CallPath {
+        label: "async_single",
+        what: "a call_single_async to a polling CPU",
+        diagnostics: true,
+        no_wait: true,
+    },
 ];
+
+/// The [`PATHS`] the diagnostics target compares: the same waiting call with them on, and off.
+const DIAGNOSTICS_ON: usize = 0;
+const DIAGNOSTICS_OFF: usize = 1;
 
 /// The per-call diagnostics target: instructions per call (both sides) with diagnostics on,
 /// at most this many times those with them off. Counted, so the method has no noise.
@@ -89,10 +117,10 @@ fn one_async_call(e: &solo::SoloEngine) -> Result<(), String> {
 /// measured calls.
 pub fn probe() -> Result<(), String> {
     let e = solo::engine(2).map_err(|err| format!("engine: {err}"))?;
-    for (path, _) in PATHS {
-        e.set_call_diagnostics(path != "sync_single_nodiag");
-        let labels = Labels::new(path);
-        if path == "async_single" {
+    for path in &PATHS {
+        e.set_call_diagnostics(path.diagnostics);
+        let labels = Labels::new(path.label);
+        if path.no_wait {
             probe_async(&e, &labels)?;
         } else {
             probe_sync(&e, &labels)?;
@@ -182,7 +210,7 @@ pub struct Side {
 /// The accounting of one path: both sides of a call.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PathCost {
-    /// Segment name ([`PATHS`]).
+    /// Segment name ([`CallPath::label`]).
     pub path: String,
     /// What is measured, in words.
     pub what: String,
@@ -229,16 +257,16 @@ pub fn measure(exe: &Path) -> Result<Cost, String> {
     };
     let paths = PATHS
         .iter()
-        .map(|(path, what)| {
+        .map(|p| {
             Ok(PathCost {
-                path: path.to_string(),
-                what: what.to_string(),
-                sender: side(format!("{path} sender"))?,
-                target: side(format!("{path} target"))?,
+                path: p.label.to_string(),
+                what: p.what.to_string(),
+                sender: side(format!("{} sender", p.label))?,
+                target: side(format!("{} target", p.label))?,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let diagnostics_ratio = paths[0].total() / paths[1].total();
+    let diagnostics_ratio = paths[DIAGNOSTICS_ON].total() / paths[DIAGNOSTICS_OFF].total();
     Ok(Cost {
         calls: CALLS,
         diagnostics_target_met: diagnostics_ratio <= DIAGNOSTICS_LIMIT,
@@ -398,8 +426,8 @@ impl fmt::Display for Cost {
              ({:.1} vs {:.1}, both sides; target ≤ {DIAGNOSTICS_LIMIT}×, counted, so without noise)",
             if self.diagnostics_target_met { "PASS" } else { "MISS" },
             self.diagnostics_ratio,
-            self.paths[0].total(),
-            self.paths[1].total(),
+            self.paths[DIAGNOSTICS_ON].total(),
+            self.paths[DIAGNOSTICS_OFF].total(),
         )
     }
 }
