@@ -411,13 +411,18 @@ impl<P: Platform, S: Storage> Engine<P, S> {
             self.check_can_wait(me)?;
         }
         let cpu = self.check_cpu(cpu)?;
+        self.lock_stop(me)?;
+        // Under the lock: an attached thread's leave (`cpu_leave`) clears `possible` holding
+        // it, and its thread is gone once it released it. Checked before taking the lock, a
+        // leave in between was undone here — a CPU online with no thread to serve it, which
+        // every later call to it, stop_machine and grace period waited for (found by probing).
         if !self.possible.test(cpu) {
+            self.unlock_stop();
             return Err(Error::Hotplug {
                 cpu,
                 reason: HotplugReason::NeverBroughtUp,
             });
         }
-        self.lock_stop(me)?;
         if !self.online.test(cpu) {
             self.online.set(cpu);
             self.accepting.set(cpu);
