@@ -221,3 +221,68 @@ fn a_many_call_that_must_stop_at_a_busy_slot_says_why() {
     }
     m.shutdown().unwrap();
 }
+
+/// Whether this process is the child a test re-ran itself as (see [`run_child`]).
+fn in_child() -> bool {
+    std::env::var_os("SMPCALL_TEST_CHILD").is_some()
+}
+
+/// Re-runs this test binary for the one test `test` as a child process, and returns what it
+/// printed (stdout, then stderr). The child must end by itself (it bounds its own waits).
+fn run_child(test: &str) -> String {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            test,
+            "--nocapture",
+            "--test-threads=1",
+            "--include-ignored",
+        ])
+        .env("SMPCALL_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Found by probing: a CPU of one machine is a foreign sender to another, and a foreign
+/// sender's waits serve nothing — "such a thread has no queue … cannot deadlock" does not
+/// hold for it: it has a queue, in its own machine. CPU 0 of B calls CPU 0 of A and waits;
+/// A's CPU 0 calls B's CPU 0 back and waits: both wait for ever (C7 holds within one machine
+/// only). Runs in a child process: the deadlocked threads spin for ever.
+#[test]
+#[ignore = "not fixed: a foreign wait would have to serve the waiter's own machine (or the \
+            README say that cross-machine call cycles deadlock)"]
+fn two_machines_calling_each_other_synchronously_complete() {
+    const TEST: &str = "two_machines_calling_each_other_synchronously_complete";
+    if !in_child() {
+        let text = run_child(TEST);
+        assert!(text.contains("RESULT: completed"), "{text}");
+        return;
+    }
+    let build = || {
+        Arc::new(
+            Machine::builder()
+                .cpus(2)
+                .idle(IdlePolicy::Sleep)
+                .timeout(Duration::from_secs(1))
+                .build()
+                .unwrap(),
+        )
+    };
+    let (a, b) = (build(), build());
+    let (a2, b2) = (Arc::clone(&a), Arc::clone(&b));
+    let mut task = b.run_on(0, move |_| {
+        // From B's CPU 0: a foreign call to A's CPU 0, which calls B's CPU 0 back.
+        a2.engine()
+            .call_single(0, |_| b2.engine().call_single(0, |cpu| cpu + 40))
+    });
+    match task.join_timeout(Duration::from_secs(3)) {
+        Ok(r) => println!("RESULT: completed {r:?}"),
+        Err(e) => println!("RESULT: deadlock ({e})"),
+    }
+    std::process::exit(0);
+}
