@@ -286,3 +286,50 @@ fn two_machines_calling_each_other_synchronously_complete() {
     }
     std::process::exit(0);
 }
+
+/// Found by probing: dropping a caller-owned `Csd` on the very CPU it is queued to, outside a
+/// safe point, spins for ever: `Csd::drop` waits until the call is taken, and the only CPU that
+/// can take it is the one spinning (a hosted CPU busy outside safe points keeps user calls —
+/// and their call data — for its next safe point). The docs say "dropping it waits until it is
+/// free", not that this wait can never end. Runs in a child process.
+#[test]
+#[ignore = "not fixed: Csd::drop would have to serve the current CPU's queue (it knows no \
+            engine), or the docs warn"]
+fn dropping_a_csd_on_its_own_target_cpu_does_not_hang() {
+    const TEST: &str = "dropping_a_csd_on_its_own_target_cpu_does_not_hang";
+    if !in_child() {
+        let text = run_child(TEST);
+        assert!(text.contains("RESULT: dropped"), "{text}");
+        return;
+    }
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(3));
+        println!("RESULT: hang (Csd::drop still spinning after 3 s)");
+        std::process::exit(0);
+    });
+    let m = Machine::builder()
+        .cpus(2)
+        .idle(IdlePolicy::Sleep)
+        .build()
+        .unwrap();
+    let csd = Arc::pin(smpcall::Csd::new());
+    let (go, busy) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (go2, busy2, csd2) = (Arc::clone(&go), Arc::clone(&busy), csd.clone());
+    let task = m.run_on(1, move |_| {
+        busy2.store(true, Ordering::SeqCst);
+        common::spin_until(LIMIT, "the call to be queued", || {
+            go2.load(Ordering::SeqCst)
+        });
+        drop(csd2); // the last reference: Csd::drop, on CPU 1, with the call queued to CPU 1
+    });
+    common::spin_until(LIMIT, "CPU 1 busy", || busy.load(Ordering::SeqCst));
+    m.engine().call_async_csd(csd.as_ref(), 1, |_| {}).unwrap();
+    drop(csd);
+    go.store(true, Ordering::SeqCst);
+    task.join().unwrap();
+    println!("RESULT: dropped");
+    std::process::exit(0);
+}
