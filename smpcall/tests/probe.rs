@@ -333,3 +333,17 @@ fn dropping_a_csd_on_its_own_target_cpu_does_not_hang() {
     println!("RESULT: dropped");
     std::process::exit(0);
 }
+
+/// Found by probing: a task submitted after a successful `try_shutdown` was refused with
+/// `Offline(cpu)` (the shutdown retires the CPUs) rather than `ShutDown`.
+#[test]
+fn a_task_after_shutdown_is_refused_as_shut_down() {
+    let mut m = Machine::builder()
+        .cpus(2)
+        .idle(IdlePolicy::Sleep)
+        .build()
+        .unwrap();
+    m.try_shutdown(LIMIT).unwrap();
+    assert_eq!(m.run_on(0, |_| ()).join(), Err(Error::ShutDown));
+    assert_eq!(m.run_on(9, |_| ()).join(), Err(Error::UnknownCpu(9)));
+}

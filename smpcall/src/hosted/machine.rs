@@ -290,7 +290,8 @@ impl Machine {
 
     /// Runs `f` in CPU `cpu`'s task context (after the tasks submitted before it). Only the
     /// machine's own (spawned) CPUs run tasks: for an attach slot this is refused with
-    /// [`Error::Unsupported`] (call that CPU instead).
+    /// [`Error::NoTaskLoop`] (call that CPU instead); after a completed shutdown with
+    /// [`Error::ShutDown`].
     pub fn run_on<F, R>(&self, cpu: CpuId, f: F) -> Task<R>
     where
         F: FnOnce(&HostEngine) -> R + Send + 'static,
@@ -304,6 +305,13 @@ impl Machine {
         if cpu >= self.threads_spawned {
             return Task {
                 state: TaskState::Refused(Error::NoTaskLoop(cpu)),
+            };
+        }
+        // Before the online check: a shutdown takes every spawned CPU offline at its end, and
+        // "offline" would name the wrong problem.
+        if self.down {
+            return Task {
+                state: TaskState::Refused(Error::ShutDown),
             };
         }
         if !self.inner.engine.is_online(cpu) {
