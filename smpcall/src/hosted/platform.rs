@@ -27,6 +27,11 @@ pub(super) struct HostCpu {
     pub(super) masked: AtomicBool,
     /// A signal arrived while masked.
     pub(super) pending: AtomicBool,
+    /// An unmask is replaying pending signals on this CPU: an unmask nested in that replay
+    /// leaves what is pending to it (a loop) instead of replaying again one level deeper —
+    /// under a steady stream of IPIs each replayed flush's own unmask found a new pending
+    /// signal and recursed until the stack overflowed.
+    pub(super) replaying: AtomicBool,
     /// Depth of `interruptible` regions (and `sleep`s) the thread is in: the IPI handler may
     /// run every call there. Only this CPU's thread writes it.
     pub(super) interruptible: AtomicU32,
@@ -50,6 +55,7 @@ impl HostCpu {
             state: AtomicU32::new(AWAKE),
             masked: AtomicBool::new(false),
             pending: AtomicBool::new(false),
+            replaying: AtomicBool::new(false),
             interruptible: AtomicU32::new(0),
             has_tasks: AtomicBool::new(false),
             tasks: Mutex::new(VecDeque::new()),
@@ -323,11 +329,21 @@ unsafe impl Platform for HostPlatform {
         // restricted handler restricts everything nested in it) decides what may run.
         // SAFETY: `engine` is this machine's engine, alive while this CPU thread runs.
         let engine = unsafe { &*c.engine };
-        while hc.pending.load(Ordering::Relaxed) && hc.pending.swap(false, Ordering::Relaxed) {
-            // SAFETY: this CPU's thread, at the end of a masked region: running any call here
-            // is like calling a function from the code that unmasked (or the engine restricts
-            // it, if this unmask is nested in a restricted handler).
-            unsafe { engine.handle_ipi() };
+        // Relaxed throughout: this thread's own flags (written by it and its handlers only).
+        while hc.pending.load(Ordering::Relaxed) {
+            if hc.replaying.swap(true, Ordering::Relaxed) {
+                // An outer unmask of this CPU is replaying: its loop takes this one.
+                break;
+            }
+            while hc.pending.swap(false, Ordering::Relaxed) {
+                // SAFETY: this CPU's thread, at the end of a masked region: running any call
+                // here is like calling a function from the code that unmasked (or the engine
+                // restricts it, if this unmask is nested in a restricted handler).
+                unsafe { engine.handle_ipi() };
+            }
+            hc.replaying.store(false, Ordering::Relaxed);
+            // A signal handler that ran between the loop's last check and the store above may
+            // have left one pending (its unmask saw `replaying`): the outer `while` takes it.
         }
         // Calls a restricted handler deferred: unmasking is a safe point.
         if engine.deferred_calls(c.cpu) > 0 {
