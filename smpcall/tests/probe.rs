@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::LIMIT;
+use common::{in_child, run_child, LIMIT};
 use smpcall::hosted::{IdlePolicy, Machine};
 use smpcall::Error;
 
@@ -177,16 +177,7 @@ fn a_many_call_that_must_stop_at_a_busy_slot_says_why() {
         .build()
         .unwrap();
     // CPU 2 busy outside safe points: a user call queued to it stays there (its slot busy).
-    let release = Arc::new(AtomicBool::new(false));
-    let busy = Arc::new(AtomicBool::new(false));
-    let (r2, b2) = (Arc::clone(&release), Arc::clone(&busy));
-    let mut spinner = m.run_on(2, move |_| {
-        b2.store(true, Ordering::SeqCst);
-        common::spin_until(LIMIT, "the test to release CPU 2", || {
-            r2.load(Ordering::SeqCst)
-        });
-    });
-    common::spin_until(LIMIT, "CPU 2 busy", || busy.load(Ordering::SeqCst));
+    let busy = common::BusyCpu::hold(&m, 2);
     let ran = Arc::new(AtomicU64::new(0));
     let ran2 = Arc::clone(&ran);
     let result = m
@@ -202,8 +193,7 @@ fn a_many_call_that_must_stop_at_a_busy_slot_says_why() {
             })
         })
         .join_timeout(LIMIT);
-    release.store(true, Ordering::SeqCst);
-    spinner.join_timeout(LIMIT).unwrap();
+    busy.release();
     let result = result.expect("the task ended").expect("stop_machine ran");
     match result {
         Err(Error::WouldDeadlock(DeadlockReason::StopMachine)) => {}
@@ -222,32 +212,6 @@ fn a_many_call_that_must_stop_at_a_busy_slot_says_why() {
     m.shutdown().unwrap();
 }
 
-/// Whether this process is the child a test re-ran itself as (see [`run_child`]).
-fn in_child() -> bool {
-    std::env::var_os("SMPCALL_TEST_CHILD").is_some()
-}
-
-/// Re-runs this test binary for the one test `test` as a child process, and returns what it
-/// printed (stdout, then stderr). The child must end by itself (it bounds its own waits).
-fn run_child(test: &str) -> String {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            test,
-            "--nocapture",
-            "--test-threads=1",
-            "--include-ignored",
-        ])
-        .env("SMPCALL_TEST_CHILD", "1")
-        .output()
-        .unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Found by probing: a CPU of one machine is a foreign sender to another, and a foreign
 /// sender's waits serve nothing — "such a thread has no queue … cannot deadlock" does not
 /// hold for it: it has a queue, in its own machine. CPU 0 of B calls CPU 0 of A and waits;
@@ -259,7 +223,7 @@ fn run_child(test: &str) -> String {
 fn two_machines_calling_each_other_synchronously_complete() {
     const TEST: &str = "two_machines_calling_each_other_synchronously_complete";
     if !in_child() {
-        let text = run_child(TEST);
+        let (_, text) = run_child(TEST);
         assert!(text.contains("RESULT: completed"), "{text}");
         return;
     }
@@ -298,7 +262,7 @@ fn two_machines_calling_each_other_synchronously_complete() {
 fn dropping_a_csd_on_its_own_target_cpu_does_not_hang() {
     const TEST: &str = "dropping_a_csd_on_its_own_target_cpu_does_not_hang";
     if !in_child() {
-        let text = run_child(TEST);
+        let (_, text) = run_child(TEST);
         assert!(text.contains("RESULT: dropped"), "{text}");
         return;
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{spin_until, wait_until, LIMIT};
+use common::{in_child, run_child, spin_until, wait_until, BusyCpu, LIMIT};
 use smpcall::hosted::{Delivery, IdlePolicy, Machine};
 use smpcall::{CpuMask, DeadlockReason, Error, Platform, WaitedFor};
 
@@ -21,27 +21,6 @@ thread_local! {
 
 fn machine(cpus: usize) -> Machine {
     common::sleeping_machine(cpus)
-}
-
-/// Whether this process is the child a test re-ran itself as (see [`run_child`]).
-fn in_child() -> bool {
-    std::env::var_os("SMPCALL_TEST_CHILD").is_some()
-}
-
-/// Re-runs this test binary for the one test `test`, as a child process (`in_child()` true
-/// there), and returns how it ended and what it printed (stdout, then stderr).
-fn run_child(test: &str) -> (std::process::ExitStatus, String) {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env("SMPCALL_TEST_CHILD", "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status, text)
 }
 
 /// Runs `test` as a child process that must die by SIGABRT, saying `message`.
@@ -126,16 +105,7 @@ fn user_functions_never_run_inside_a_signal_handler_that_interrupted_user_code()
 #[test]
 fn a_grace_period_completes_while_a_cpu_is_busy_outside_safe_points() {
     let m = machine(3);
-    let release = Arc::new(AtomicBool::new(false));
-    let started = Arc::new(AtomicBool::new(false));
-    let (r2, s2) = (Arc::clone(&release), Arc::clone(&started));
-    let mut worker = m.run_on(2, move |_| {
-        s2.store(true, Ordering::SeqCst);
-        spin_until(LIMIT, "the grace periods to finish", || {
-            r2.load(Ordering::SeqCst)
-        });
-    });
-    wait_until(LIMIT, "CPU 2 to be busy", || started.load(Ordering::SeqCst));
+    let busy = BusyCpu::hold(&m, 2);
     let gps = m
         .run_on(0, |e| {
             for _ in 0..20 {
@@ -147,8 +117,7 @@ fn a_grace_period_completes_while_a_cpu_is_busy_outside_safe_points() {
         .unwrap()
         .unwrap();
     assert_eq!(gps, 20);
-    release.store(true, Ordering::SeqCst);
-    worker.join_timeout(LIMIT).unwrap();
+    busy.release();
     m.shutdown().unwrap();
 }
 
@@ -448,19 +417,7 @@ fn a_many_call_naming_an_unknown_cpu_is_refused() {
 #[test]
 fn a_timed_out_shutdown_can_be_retried() {
     let mut m = machine(2);
-    let release = Arc::new(AtomicBool::new(false));
-    let r2 = Arc::clone(&release);
-    let started = Arc::new(AtomicBool::new(false));
-    let s2 = Arc::clone(&started);
-    let _task = m.run_on(1, move |_| {
-        s2.store(true, Ordering::SeqCst);
-        spin_until(LIMIT, "the test to end the task", || {
-            r2.load(Ordering::SeqCst)
-        });
-    });
-    wait_until(LIMIT, "the task to start", || {
-        started.load(Ordering::SeqCst)
-    });
+    let busy = BusyCpu::hold(&m, 1);
     assert_eq!(
         m.try_shutdown(Duration::from_millis(20)),
         Err(Error::TimedOut {
@@ -470,7 +427,7 @@ fn a_timed_out_shutdown_can_be_retried() {
     );
     // Still whole: refusing calls, its task still running; retry once the task can end.
     assert!(m.engine().is_shutdown());
-    release.store(true, Ordering::SeqCst);
+    busy.let_go();
     assert_eq!(m.try_shutdown(LIMIT), Ok(()));
     assert_eq!(m.try_shutdown(LIMIT), Ok(()), "idempotent");
 }

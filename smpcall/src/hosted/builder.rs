@@ -199,8 +199,8 @@ impl MachineBuilder {
     /// How many no-wait calls one CPU can have in flight to another (call-data slots per
     /// sender and target). A no-wait call waits only when all of them are still queued, not
     /// yet taken. Default: as many as fit in 1 MiB (memory: `k × n² × 64` bytes), between 1 and
-    /// 64 — 64 up to 16 CPUs, 16 at 32, 4 at 64, 1 from 91. With `k > 1` the first slot is kept for waiting many-calls and
-    /// no-wait calls use the other `k − 1`.
+    /// 64 — 64 up to 16 CPUs, 16 at 32, 4 at 64, 1 from 91. With `k > 1` the first slot is kept
+    /// for waiting many-calls and no-wait calls use the other `k − 1`.
     ///
     /// `k` must be in `1..=64`: [`build`](MachineBuilder::build) refuses any other, before
     /// anything is built, with [`ConfigError::NoWaitSlots`](crate::ConfigError::NoWaitSlots).

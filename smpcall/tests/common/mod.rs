@@ -40,6 +40,37 @@ pub fn spin_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Runs `hold` as a task on `cpu` of `m` and returns once it started (having waited, at most
+/// [`LIMIT`], for the CPU `becoming`); `hold` gets the engine and a check of the returned
+/// release flag, and must return once it is set.
+fn hold_in_task(
+    m: &smpcall::hosted::Machine,
+    cpu: usize,
+    becoming: &str,
+    hold: impl FnOnce(&smpcall::hosted::HostEngine, &dyn Fn() -> bool) + Send + 'static,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    smpcall::hosted::Task<()>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let started = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
+    let (s2, r2) = (Arc::clone(&started), Arc::clone(&release));
+    let task = m.run_on(cpu, move |e| {
+        // Started only inside `hold`'s own setup: it runs first below, then says so.
+        let released = || r2.load(Ordering::SeqCst);
+        hold(e, &|| {
+            s2.store(true, Ordering::SeqCst);
+            released()
+        })
+    });
+    spin_until(LIMIT, &format!("CPU {cpu} {becoming}"), || {
+        started.load(Ordering::SeqCst)
+    });
+    (release, task)
+}
+
 /// A CPU held busy in a task with interrupts masked; [`MaskedCpu::release`] lets it go.
 pub struct MaskedCpu {
     release: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -54,20 +85,9 @@ impl MaskedCpu {
 
     /// Holds `cpu` of `m` masked (returns once it is), for at most `limit`.
     pub fn hold_for(m: &smpcall::hosted::Machine, cpu: usize, limit: Duration) -> MaskedCpu {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
-        let ready = Arc::new(AtomicBool::new(false));
-        let release = Arc::new(AtomicBool::new(false));
-        let (r2, rel2) = (Arc::clone(&ready), Arc::clone(&release));
-        let task = m.run_on(cpu, move |e| {
+        let (release, task) = hold_in_task(m, cpu, "to mask interrupts", move |e, released| {
             let _masked = e.irq_save();
-            r2.store(true, Ordering::SeqCst);
-            wait_until(limit, "the test to release the masked CPU", || {
-                rel2.load(Ordering::SeqCst)
-            });
-        });
-        wait_until(LIMIT, &format!("CPU {cpu} to mask interrupts"), || {
-            ready.load(Ordering::SeqCst)
+            wait_until(limit, "the test to release the masked CPU", released)
         });
         MaskedCpu { release, task }
     }
@@ -80,6 +100,66 @@ impl MaskedCpu {
             .join_timeout(LIMIT)
             .expect("the masked CPU's task ended");
     }
+}
+
+/// A CPU held busy in a task outside safe points (user code that never reaches one): calls
+/// that need a safe point wait; [`BusyCpu::release`] lets it go.
+pub struct BusyCpu {
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: smpcall::hosted::Task<()>,
+}
+
+impl BusyCpu {
+    /// Holds `cpu` of `m` busy (returns once its task runs), for at most [`LIMIT`].
+    pub fn hold(m: &smpcall::hosted::Machine, cpu: usize) -> BusyCpu {
+        let (release, task) = hold_in_task(m, cpu, "to be busy", |_, released| {
+            spin_until(LIMIT, "the test to release the busy CPU", released)
+        });
+        BusyCpu { release, task }
+    }
+
+    /// Lets the CPU's task end without waiting for it (a test that still needs the CPU busy
+    /// for a while, e.g. a timed-out shutdown to retry).
+    pub fn let_go(&self) {
+        self.release
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lets the CPU's task end and waits for it.
+    pub fn release(mut self) {
+        self.let_go();
+        self.task
+            .join_timeout(LIMIT)
+            .expect("the busy CPU's task ended");
+    }
+}
+
+/// Whether this process is the child a test re-ran itself as (see [`run_child`]).
+pub fn in_child() -> bool {
+    std::env::var_os("SMPCALL_TEST_CHILD").is_some()
+}
+
+/// Re-runs this test binary for the one test `test` (ignored or not), as a child process
+/// (`in_child()` true there), and returns how it ended and what it printed (stdout, then
+/// stderr). The child must end by itself: it bounds its own waits.
+pub fn run_child(test: &str) -> (std::process::ExitStatus, String) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            test,
+            "--nocapture",
+            "--test-threads=1",
+            "--include-ignored",
+        ])
+        .env("SMPCALL_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
 }
 
 /// Builder helpers for the tests' report sinks.
